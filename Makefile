@@ -1,0 +1,43 @@
+# inferq developer entry points. `make demo` and `make test` work on a fresh Debian machine as root.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+STORE  ?= file
+
+.PHONY: help env broker demo test test-fast lint format clean
+
+help:
+	@echo "make demo   run the end-to-end demo (RabbitMQ + file stores)"
+	@echo "make test   run the whole test suite against the real broker"
+	@echo "make lint   ruff + mypy --strict"
+
+$(STAMP): pyproject.toml
+	scripts/ensure-python.sh $(PYTHON)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --quiet -e '.[dev]'
+	touch $(STAMP)
+
+env: $(STAMP)
+
+broker:
+	scripts/ensure-rabbitmq.sh
+
+demo: env broker
+	$(BIN)/python scripts/demo.py --store $(STORE)
+
+test: env broker
+	$(BIN)/python -m pytest
+
+lint: env
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: env
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

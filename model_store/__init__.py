@@ -1,0 +1,1 @@
+"""Versioned ONNX models: the store interface, its implementations, manifests, export and the registry."""

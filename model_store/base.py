@@ -1,0 +1,125 @@
+"""The model store interface and the logic every implementation shares: names, resolution, publishing."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from model_store.manifest import Manifest, build_manifest
+from shared.errors import InvalidName, UnknownModel, UnknownVersion, VersionExists
+from shared.messages import LATEST, VersionRef, is_valid_alias, is_valid_name
+
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+ALIASES_FILE = "aliases.json"
+MAX_PUBLISH_ATTEMPTS = 20
+
+
+class ModelStore(Protocol):
+    """Immutable model versions and movable aliases, laid out as ``<model>/<N>/{model.onnx,manifest.json}``
+    and ``<model>/aliases.json``."""
+
+    def describe(self) -> str:
+        """Where the store lives, for logs and messages."""
+
+    def list_models(self) -> list[str]:
+        """Names of models with at least one published version."""
+
+    def list_versions(self, name: str) -> list[int]:
+        """Published versions of ``name`` (those with a manifest), ascending."""
+
+    def read_manifest(self, name: str, version: int) -> Manifest:
+        """The manifest of a version; raises :class:`UnknownModel` / :class:`UnknownVersion`."""
+
+    def read_model(self, name: str, version: int) -> bytes:
+        """The ONNX bytes of a version; raises :class:`UnknownVersion` when absent."""
+
+    def read_aliases(self, name: str) -> dict[str, int]:
+        """Alias name → version for ``name``."""
+
+    def write_aliases(self, name: str, aliases: dict[str, int]) -> None:
+        """Replace the aliases of ``name`` atomically."""
+
+    def put_version(self, manifest: Manifest, model_bytes: bytes) -> None:
+        """Publish a version atomically; raises :class:`VersionExists` if the number is taken."""
+
+
+def check_name(name: str) -> str:
+    """``name`` if it can name a model, else :class:`InvalidName`."""
+    if not is_valid_name(name):
+        raise InvalidName(
+            f"invalid model name {name!r}: use letters, digits, '.', '_' or '-', starting with a letter or "
+            "digit, no '..', at most 128 characters"
+        )
+    return name
+
+
+def check_alias(alias: str) -> str:
+    """``alias`` if it can name an alias, else :class:`InvalidName`."""
+    if not is_valid_alias(alias):
+        raise InvalidName(
+            f"invalid alias {alias!r}: start with a letter, then letters, digits, '.', '_' or '-'; 'latest' is reserved"
+        )
+    return alias
+
+
+def resolve_version(store: ModelStore, name: str, ref: VersionRef) -> int:
+    """The concrete version ``ref`` names for model ``name`` right now."""
+    versions = store.list_versions(name)
+    if not versions:
+        raise UnknownModel(f"no model named {name!r} in {store.describe()}")
+    if isinstance(ref, int):
+        if ref not in versions:
+            raise UnknownVersion(f"model {name!r} has no version {ref} (published: {_span(versions)})")
+        return ref
+    if ref == LATEST:
+        return versions[-1]
+    aliases = store.read_aliases(name)
+    if ref not in aliases:
+        known = ", ".join(sorted(aliases)) or "none"
+        raise UnknownVersion(f"model {name!r} has no alias {ref!r} (aliases: {known})")
+    return aliases[ref]
+
+
+def _span(versions: list[int]) -> str:
+    return ", ".join(str(v) for v in versions[-10:])
+
+
+def publish(
+    store: ModelStore,
+    name: str,
+    model_bytes: bytes,
+    *,
+    version: int | None = None,
+    alias: str | None = None,
+    source: str = "onnx",
+    framework: dict[str, str] | None = None,
+) -> Manifest:
+    """Publish ``model_bytes`` as a new immutable version (the next number unless ``version`` is given)."""
+    check_name(name)
+    if alias is not None:
+        check_alias(alias)
+    first = version if version is not None else max(store.list_versions(name), default=0) + 1
+    for number in range(first, first + MAX_PUBLISH_ATTEMPTS):
+        manifest = build_manifest(name, number, model_bytes, source, framework or {})
+        try:
+            store.put_version(manifest, model_bytes)
+            break
+        except VersionExists:
+            if version is not None:
+                raise
+            # Another publisher took that number first: take the next one.
+    else:
+        raise VersionExists(f"could not find a free version number for {name!r}; retry")
+    if alias is not None:
+        set_alias(store, name, alias, manifest.version)
+    return manifest
+
+
+def set_alias(store: ModelStore, name: str, alias: str, version: int) -> None:
+    """Point ``alias`` of model ``name`` at an existing ``version``."""
+    check_name(name)
+    check_alias(alias)
+    resolve_version(store, name, version)  # the version must exist
+    aliases = store.read_aliases(name)
+    aliases[alias] = version
+    store.write_aliases(name, aliases)

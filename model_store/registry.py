@@ -1,0 +1,125 @@
+"""The registry: resolves ``latest`` and aliases with a bounded staleness, and keeps loaded models
+cached by ``(name, version)`` with a bound on how many stay loaded."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from model_store.base import ModelStore
+from model_store.manifest import Manifest, sha256_hex
+from shared.errors import JobError, ModelLoadError, UnknownModel, UnknownVersion
+from shared.messages import LATEST, VersionRef
+
+M = TypeVar("M")
+FORCED_REFRESH_MIN_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Catalog:
+    versions: frozenset[int]
+    latest: int | None
+    aliases: dict[str, int]
+    fetched_at: float
+
+
+class Registry(Generic[M]):
+    """Version resolution and a bounded LRU of loaded models, over any :class:`ModelStore`.
+
+    ``loader`` turns a verified manifest and model bytes into a runnable model (the worker passes
+    its onnxruntime loader), so this module never imports the runtime.
+    """
+
+    def __init__(
+        self,
+        store: ModelStore,
+        loader: Callable[[Manifest, bytes], M],
+        *,
+        max_loaded: int = 8,
+        refresh_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self._loader = loader
+        self._max_loaded = max_loaded
+        self._refresh_s = refresh_s
+        self._clock = clock
+        self._catalogs: dict[str, _Catalog] = {}
+        self._loaded: OrderedDict[tuple[str, int], tuple[Manifest, M]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def resolve(self, name: str, ref: VersionRef) -> int:
+        """The concrete version ``ref`` names, from a view of the store no older than ``refresh_s``."""
+        catalog = self._catalog(name, max_age_s=self._refresh_s)
+        try:
+            return self._lookup(catalog, name, ref)
+        except (UnknownModel, UnknownVersion):
+            # Perhaps published since the last look: look again before failing the job, but at most
+            # once a second, so a flood of jobs for a missing model does not hammer the store.
+            fresher = self._catalog(name, max_age_s=min(self._refresh_s, FORCED_REFRESH_MIN_S))
+            if fresher is catalog:
+                raise
+            return self._lookup(fresher, name, ref)
+
+    def _catalog(self, name: str, *, max_age_s: float) -> _Catalog:
+        cached = self._catalogs.get(name)
+        now = self._clock()
+        if cached is not None and now - cached.fetched_at < max_age_s:
+            return cached
+        versions = self.store.list_versions(name)
+        aliases = self.store.read_aliases(name) if versions else {}
+        catalog = _Catalog(frozenset(versions), versions[-1] if versions else None, aliases, now)
+        self._catalogs[name] = catalog
+        return catalog
+
+    def _lookup(self, catalog: _Catalog, name: str, ref: VersionRef) -> int:
+        if catalog.latest is None:
+            raise UnknownModel(f"no model named {name!r} in {self.store.describe()}")
+        if isinstance(ref, int):
+            if ref not in catalog.versions:
+                raise UnknownVersion(f"model {name!r} has no version {ref} (latest is {catalog.latest})")
+            return ref
+        if ref == LATEST:
+            return catalog.latest
+        if ref not in catalog.aliases:
+            known = ", ".join(sorted(catalog.aliases)) or "none"
+            raise UnknownVersion(f"model {name!r} has no alias {ref!r} (aliases: {known})")
+        return catalog.aliases[ref]
+
+    def get(self, name: str, version: int) -> tuple[Manifest, M]:
+        """The loaded model, loading and verifying it on first use; evicts the least recently used."""
+        key = (name, version)
+        with self._lock:
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
+        loaded = self._load(name, version)
+        with self._lock:
+            self._loaded[key] = loaded
+            while len(self._loaded) > self._max_loaded:
+                self._loaded.popitem(last=False)
+        return loaded
+
+    def loaded(self) -> list[tuple[str, int]]:
+        """Keys of the models loaded now, least recently used first."""
+        with self._lock:
+            return list(self._loaded)
+
+    def _load(self, name: str, version: int) -> tuple[Manifest, M]:
+        manifest = self.store.read_manifest(name, version)
+        data = self.store.read_model(name, version)
+        if len(data) != manifest.size_bytes or sha256_hex(data) != manifest.sha256:
+            raise ModelLoadError(
+                f"model {name!r} version {version}: file does not match its manifest "
+                f"({len(data)} bytes, expected {manifest.size_bytes} with sha256 {manifest.sha256[:12]}…)"
+            )
+        try:
+            return manifest, self._loader(manifest, data)
+        except JobError:
+            raise
+        except Exception as exc:  # the runtime rejects bad graphs with many error types
+            raise ModelLoadError(f"model {name!r} version {version} failed to load: {exc}") from None

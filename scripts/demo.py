@@ -1,0 +1,143 @@
+"""The end-to-end demo, through the real CLI: train, publish two versions, backfill, drain with two
+workers, show results and throughput. Uses the local RabbitMQ and file stores under var/demo."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import joblib
+import numpy as np
+import orjson
+import pika
+from sklearn.datasets import make_classification
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "var" / "demo"
+INFERQ = [sys.executable, "-m", "inferq"]
+FEATURES = 8
+ROWS_V1 = 4000  # one row per job, on the "champion" alias (version 1)
+ROWS_V2 = 2000  # ten rows per job, on "latest" (version 2)
+
+
+def step(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def inferq(*args: str, env: dict[str, str], quiet: bool = False) -> str:
+    done = subprocess.run([*INFERQ, *args], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if done.returncode != 0:
+        raise SystemExit(f"inferq {' '.join(args)} failed:\n{done.stderr.strip()}")
+    if not quiet:
+        print(done.stdout.strip())
+    return done.stdout
+
+
+def purge_queues(env: dict[str, str]) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(env["INFERQ_AMQP_URL"]))
+    channel = connection.channel()
+    for queue in (env["INFERQ_JOBS_QUEUE"], env["INFERQ_RESULTS_QUEUE"], env["INFERQ_JOBS_QUEUE"] + ".dlq"):
+        channel.queue_delete(queue)
+    connection.close()
+
+
+def write_data(path: Path, rows: np.ndarray, id_prefix: str | None) -> None:
+    """A CSV with a header; with ``id_prefix``, a first column ``id`` names each row's job."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        ids = ["id"] if id_prefix else []
+        writer.writerow([*ids, *[f"f{i}" for i in range(rows.shape[1])]])
+        for number, row in enumerate(rows):
+            ids = [f"{id_prefix}-{number:05d}"] if id_prefix else []
+            writer.writerow([*ids, *[f"{v:.6f}" for v in row]])
+
+
+def run_workers(env: dict[str, str], count: int) -> float:
+    """Start ``count`` drain-mode workers; return the seconds from the first job taken to the last ack."""
+    logs = [WORK / f"worker-{i}.log" for i in range(count)]
+    procs = [
+        subprocess.Popen([*INFERQ, "worker", "--drain"], env=env, stderr=log.open("w"), stdout=subprocess.DEVNULL)
+        for log in logs
+    ]
+    for proc in procs:
+        if proc.wait(timeout=600) != 0:
+            raise SystemExit(f"a worker failed; see {WORK}/worker-*.log")
+    firsts, lasts = [], []
+    for log in logs:
+        for line in log.read_text().splitlines():
+            event = orjson.loads(line)
+            if event.get("event") == "worker_stopped" and event.get("first_job_at"):
+                firsts.append(event["first_job_at"])
+                lasts.append(event["last_ack_at"])
+    return max(lasts) - min(firsts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--store", choices=["file"], default="file")
+    parser.parse_args()
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    env = {
+        **os.environ,
+        "INFERQ_AMQP_URL": os.environ.get("INFERQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
+        "INFERQ_MODEL_STORE": str(WORK / "models"),
+        "INFERQ_RESULT_STORE": str(WORK / "results"),
+        "INFERQ_JOBS_QUEUE": "inferq.demo.jobs",
+        "INFERQ_RESULTS_QUEUE": "inferq.demo.results",
+        "INFERQ_LOG_FORMAT": "json",
+    }
+    purge_queues(env)
+
+    step("train two scikit-learn models and publish them as versions 1 and 2 of 'churn'")
+    X, y = make_classification(n_samples=3000, n_features=FEATURES, n_informative=5, random_state=7)
+    forest = RandomForestClassifier(n_estimators=50, max_depth=6, random_state=7).fit(X, y)
+    logistic = LogisticRegression(max_iter=500).fit(X, y)
+    joblib.dump(forest, WORK / "forest.joblib")
+    joblib.dump(logistic, WORK / "logistic.joblib")
+    inferq("models", "publish", "churn", str(WORK / "forest.joblib"), "--alias", "champion", env=env)
+    inferq("models", "publish", "churn", str(WORK / "logistic.joblib"), env=env)
+    inferq("models", "list", env=env)
+
+    step(f"backfill {ROWS_V1} rows on 'champion' (1 row/job) and {ROWS_V2} rows on 'latest' (10 rows/job)")
+    rng = np.random.default_rng(7)
+    write_data(WORK / "v1.csv", rng.normal(size=(ROWS_V1, FEATURES)), "a")
+    write_data(WORK / "v2.csv", rng.normal(size=(ROWS_V2, FEATURES)), None)
+    inferq("backfill", str(WORK / "v1.csv"), "--model", "churn", "--version", "champion", "--id-column", "id", env=env)
+    inferq("backfill", str(WORK / "v2.csv"), "--model", "churn", "--batch-rows", "10", env=env)
+    jobs = ROWS_V1 + ROWS_V2 // 10
+
+    step("run two workers in drain mode")
+    started = time.monotonic()
+    busy_s = run_workers(env, 2)
+    wall_s = time.monotonic() - started
+
+    step("a few results")
+    for job_id in ("a-00000", "a-00001"):
+        result = orjson.loads(inferq("results", "get", job_id, env=env, quiet=True))
+        probabilities = result["outputs"][1]["data"]
+        print(f"{job_id}: version {result['version']} label {result['outputs'][0]['data']} p={probabilities}")
+    stored = len(list((WORK / "results").glob("*.json")))
+
+    step("rerun the backfill: every job already has a result, nothing is published")
+    inferq("backfill", str(WORK / "v1.csv"), "--model", "churn", "--version", "champion", "--id-column", "id", env=env)
+
+    step("throughput")
+    rows = ROWS_V1 + ROWS_V2
+    print(f"{jobs} jobs ({rows} rows), {stored} results stored, 2 workers")
+    print(f"{jobs / busy_s:,.0f} jobs/s ({rows / busy_s:,.0f} rows/s) from first job taken to last ack")
+    print(f"{wall_s:.1f}s wall time including worker start-up")
+    if stored != jobs:
+        raise SystemExit(f"expected {jobs} stored results, found {stored}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""pika plumbing both sides share: connection parameters, backoff, and publisher-confirm tracking."""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pika
+from pika.channel import Channel
+
+from shared.settings import InferqSettings
+from shared.topology import QueueSpec
+
+CONTENT_TYPE = "application/json"
+PERSISTENT = pika.DeliveryMode.Persistent
+PUBLISHED_MS_HEADER = "x-inferq-published-ms"
+"""Milliseconds since the epoch when the producer published the job, for the result's ``queue_ms``."""
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def connection_parameters(settings: InferqSettings, name: str) -> pika.URLParameters:
+    """Parameters for a connection named ``name`` (shown in the management UI)."""
+    params = pika.URLParameters(settings.amqp_url.get_secret_value())
+    params.heartbeat = settings.heartbeat_s
+    params.blocked_connection_timeout = 300
+    params.connection_attempts = 1
+    params.socket_timeout = 10
+    params.client_properties = {"connection_name": name}
+    return params
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    base_s: float = 0.2
+    cap_s: float = 10.0
+    attempt: int = 0
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt."""
+        delay = min(self.cap_s, self.base_s * 2**self.attempt)
+        self.attempt += 1
+        return random.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        """Start again from the base delay after a success."""
+        self.attempt = 0
+
+
+ConfirmCallback = Callable[[bool], None]
+"""Called with ``True`` when the broker confirmed a publish, ``False`` when it refused it."""
+
+
+class ConfirmTracker:
+    """Publisher confirms for one channel: maps delivery tags to callbacks, handles ``multiple`` acks,
+    and reports a message the broker returned as unroutable as refused."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._next_tag = 1
+        self._pending: OrderedDict[int, tuple[str | None, ConfirmCallback]] = OrderedDict()
+        self._returned: set[str] = set()
+        channel.confirm_delivery(ack_nack_callback=self._on_confirm)
+        channel.add_on_return_callback(self._on_return)
+
+    def __len__(self) -> int:
+        """Publishes not yet confirmed."""
+        return len(self._pending)
+
+    def publish(
+        self,
+        routing_key: str,
+        body: bytes,
+        properties: pika.BasicProperties,
+        on_confirm: ConfirmCallback,
+        *,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish on the default exchange; ``on_confirm`` runs once the broker answers."""
+        tag = self._next_tag
+        self._next_tag += 1
+        self._pending[tag] = (properties.message_id if mandatory else None, on_confirm)
+        self._channel.basic_publish("", routing_key, body, properties, mandatory=mandatory)
+
+    def _on_return(self, _channel: Channel, _method: Any, properties: pika.BasicProperties, _body: bytes) -> None:
+        # NOTE: basic.return always arrives before the basic.ack of the same message.
+        if properties.message_id:
+            self._returned.add(properties.message_id)
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        acked = isinstance(method, pika.spec.Basic.Ack)
+        tags = [method.delivery_tag]
+        if method.multiple:
+            tags = [t for t in self._pending if t <= method.delivery_tag]
+        for tag in tags:
+            entry = self._pending.pop(tag, None)
+            if entry is None:
+                continue
+            message_id, callback = entry
+            returned = message_id is not None and message_id in self._returned
+            if returned:
+                self._returned.discard(message_id)
+            callback(acked and not returned)
+
+    def fail_all(self) -> None:
+        """The channel is gone: every unconfirmed publish counts as refused."""
+        pending, self._pending = self._pending, OrderedDict()
+        for _message_id, callback in pending.values():
+            callback(False)
+
+
+def declare_queues(channel: Channel, specs: list[QueueSpec], on_done: Callable[[], None]) -> None:
+    """Declare ``specs`` one after the other (durable, with their arguments), then call ``on_done``."""
+    if not specs:
+        on_done()
+        return
+    first, rest = specs[0], specs[1:]
+    channel.queue_declare(
+        first.name,
+        durable=True,
+        arguments=first.arguments,
+        callback=lambda _frame: declare_queues(channel, rest, on_done),
+    )

@@ -1,0 +1,110 @@
+"""Stable error codes and the typed error tree.
+
+A job-level failure is a value: a :class:`JobError` becomes exactly one ``failed`` (or ``expired``)
+result whose ``error.code`` is one of :class:`ErrorCode`. Everything else here is an operator-facing
+error that the CLI turns into a one-line message and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import ClassVar
+
+
+class ErrorCode(StrEnum):
+    """Stable error codes carried by failed results. Never renumber or rename: clients switch on them."""
+
+    INVALID_PAYLOAD = "invalid_payload"
+    UNKNOWN_MODEL = "unknown_model"
+    UNKNOWN_VERSION = "unknown_version"
+    INPUT_MISMATCH = "input_mismatch"
+    MODEL_LOAD_ERROR = "model_load_error"
+    INFERENCE_ERROR = "inference_error"
+    TOO_LARGE = "too_large"
+    EXPIRED = "expired"
+
+
+class InferqError(Exception):
+    """Base of every error inferq raises on purpose."""
+
+
+class JobError(InferqError):
+    """A failure that belongs to one job (or one batch of jobs) and becomes its result."""
+
+    code: ClassVar[ErrorCode]
+
+
+class InvalidPayload(JobError):
+    """The job message could not be decoded or breaks the contract."""
+
+    code = ErrorCode.INVALID_PAYLOAD
+
+
+class UnknownModel(JobError):
+    """No model of that name exists in the model store."""
+
+    code = ErrorCode.UNKNOWN_MODEL
+
+
+class UnknownVersion(JobError):
+    """The model exists but not that version or alias."""
+
+    code = ErrorCode.UNKNOWN_VERSION
+
+
+class InputMismatch(JobError):
+    """The job's tensors do not match the model's ONNX input signature."""
+
+    code = ErrorCode.INPUT_MISMATCH
+
+
+class ModelLoadError(JobError):
+    """The model version exists but could not be loaded (corrupt file, bad ONNX)."""
+
+    code = ErrorCode.MODEL_LOAD_ERROR
+
+
+class InferenceError(JobError):
+    """onnxruntime raised while running the job."""
+
+    code = ErrorCode.INFERENCE_ERROR
+
+
+class TooLarge(JobError):
+    """The job exceeds a configured size limit."""
+
+    code = ErrorCode.TOO_LARGE
+
+
+class Expired(JobError):
+    """The job's deadline passed before it could run."""
+
+    code = ErrorCode.EXPIRED
+
+
+class ConfigError(InferqError):
+    """The process's configuration is invalid; raised once at start."""
+
+
+class BrokerUnavailable(InferqError):
+    """The broker could not be reached within the connect timeout."""
+
+
+class PublishError(InferqError):
+    """The broker refused a publish (nacked, or returned it as unroutable)."""
+
+
+class InvalidName(InferqError):
+    """A model or alias name that could escape the store or is otherwise malformed."""
+
+
+class StoreError(InferqError):
+    """A model or result store operation failed for a reason the caller can act on."""
+
+
+class VersionExists(StoreError):
+    """Publishing over an existing, immutable model version."""
+
+
+class ResultNotFound(StoreError):
+    """No stored result for that job id."""

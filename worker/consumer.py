@@ -1,0 +1,306 @@
+"""pika, and only pika: the worker's connection, channel, consumer, confirmed publishes and acks.
+
+Everything here runs on the I/O loop's thread (STYLE §8): other threads reach it through
+:meth:`Consumer.call_threadsafe`. A lost connection is re-opened with capped backoff; delivery tags
+belong to one connection *epoch*, and a tag from an older epoch is never acked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pika
+from pika.adapters.select_connection import IOLoop
+from pika.channel import Channel
+from pika.spec import Basic, BasicProperties
+
+from shared.amqp import (
+    CONTENT_TYPE,
+    PERSISTENT,
+    PUBLISHED_MS_HEADER,
+    Backoff,
+    ConfirmCallback,
+    ConfirmTracker,
+    connection_parameters,
+    declare_queues,
+    redacted_url,
+)
+from shared.errors import BrokerUnavailable
+from shared.logging import get_logger
+from shared.settings import WorkerSettings
+from shared.topology import REASON_HEADER, all_queues, jobs_queue
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One job delivery, as much of its AMQP envelope as the worker needs."""
+
+    tag: int
+    epoch: int
+    redelivered: bool
+    message_id: str | None
+    reply_to: str | None
+    correlation_id: str | None
+    published_ms: float | None
+    received_ms: float
+    properties: BasicProperties
+
+
+class DeliveryHandler(Protocol):
+    """What the worker does with the consumer's events."""
+
+    def on_consuming(self) -> None:
+        """The channel is set up and deliveries may arrive."""
+
+    def on_delivery(self, delivery: Delivery, body: bytes) -> None:
+        """A job message arrived."""
+
+    def on_connection_lost(self) -> None:
+        """The connection dropped: every unacked delivery will be redelivered by the broker."""
+
+
+def _published_ms(properties: BasicProperties) -> float | None:
+    headers = properties.headers or {}
+    value = headers.get(PUBLISHED_MS_HEADER)
+    if isinstance(value, int | float):
+        return float(value)
+    if properties.timestamp:
+        return float(properties.timestamp) * 1000
+    return None
+
+
+class Consumer:
+    """The worker's broker side: consume jobs, publish results with confirms, ack."""
+
+    def __init__(self, settings: WorkerSettings, handler: DeliveryHandler, name: str) -> None:
+        self.settings = settings
+        self._handler = handler
+        self._name = name
+        self._ioloop = IOLoop()
+        self._connection: pika.SelectConnection | None = None
+        self._channel: Channel | None = None
+        self._confirms: ConfirmTracker | None = None
+        self._consumer_tag: str | None = None
+        self._epoch = 0
+        self._backoff = Backoff()
+        self._connected_once = False
+        self._connect_deadline = 0.0
+        self._stopping = False
+        self.failure: BaseException | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Connect and serve until :meth:`stop`; raises :class:`BrokerUnavailable` if never connected."""
+        self._connect_deadline = time.monotonic() + self.settings.connect_timeout_s
+        self._connect()
+        self._ioloop.start()
+        if self.failure is not None:
+            raise self.failure
+
+    def stop(self) -> None:
+        """Close the connection (unacked deliveries return to the queue) and leave the I/O loop."""
+        self._stopping = True
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+        else:
+            self._ioloop.stop()
+
+    @property
+    def epoch(self) -> int:
+        """Generation of the current connection; tags of older epochs are dead."""
+        return self._epoch
+
+    @property
+    def ready(self) -> bool:
+        """True while a channel is open and consuming."""
+        return self._channel is not None and self._channel.is_open and self._consumer_tag is not None
+
+    def _connect(self) -> None:
+        url = redacted_url(self.settings.amqp_url.get_secret_value())
+        log.info("broker_connecting", url=url, attempt=self._backoff.attempt + 1)
+        self._connection = pika.SelectConnection(
+            connection_parameters(self.settings, self._name),
+            on_open_callback=self._on_connection_open,
+            on_open_error_callback=self._on_connection_open_error,
+            on_close_callback=self._on_connection_closed,
+            custom_ioloop=self._ioloop,
+        )
+
+    def _on_connection_open(self, connection: pika.SelectConnection) -> None:
+        self._connected_once = True
+        self._backoff.reset()
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_connection_open_error(self, _connection: Any, error: BaseException) -> None:
+        self._retry_connect(f"{type(error).__name__}: {error}")
+
+    def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
+        self._channel = self._confirms = self._consumer_tag = None
+        self._epoch += 1
+        if self._stopping:
+            self._ioloop.stop()
+            return
+        log.warning("broker_connection_lost", reason=str(reason))
+        self._handler.on_connection_lost()
+        self._retry_connect(str(reason))
+
+    def _retry_connect(self, reason: str) -> None:
+        if self._stopping:
+            self._ioloop.stop()
+            return
+        # Before the first success the wait is bounded; a connection we had is retried until stopped.
+        if not self._connected_once and time.monotonic() >= self._connect_deadline:
+            url = redacted_url(self.settings.amqp_url.get_secret_value())
+            self.failure = BrokerUnavailable(
+                f"cannot reach the broker at {url} within {self.settings.connect_timeout_s:g}s ({reason})"
+            )
+            self._ioloop.stop()
+            return
+        delay = self._backoff.next_delay()
+        log.warning("broker_unavailable", reason=reason, retry_in_s=round(delay, 2))
+        self._ioloop.call_later(delay, self._connect)
+
+    def _on_channel_open(self, channel: Channel) -> None:
+        self._channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        self._confirms = ConfirmTracker(channel)
+        declare_queues(channel, all_queues(self.settings), self._on_queues_declared)
+
+    def _on_channel_closed(self, _channel: Channel, reason: BaseException) -> None:
+        if self._confirms is not None:
+            self._confirms.fail_all()
+        if self._stopping or self._connection is None or not self._connection.is_open:
+            return
+        # A channel-level error (e.g. a queue declared with other arguments) is fatal for this
+        # connection: close it, and the reconnect path starts over.
+        log.error("broker_channel_closed", reason=str(reason))
+        self._connection.close()
+
+    def _on_queues_declared(self) -> None:
+        assert self._channel is not None
+        self._channel.basic_qos(prefetch_count=self.settings.prefetch, callback=lambda _f: self.resume())
+
+    def resume(self) -> None:
+        """Start (or restart, after :meth:`cancel`) consuming the jobs queue."""
+        if self._channel is None or self._consumer_tag is not None:
+            return
+        self._consumer_tag = self._channel.basic_consume(self.settings.jobs_queue, self._on_message)
+        log.info("consuming", queue=self.settings.jobs_queue, prefetch=self.settings.prefetch)
+        self._handler.on_consuming()
+
+    def cancel(self, on_cancelled: Callable[[], None]) -> None:
+        """Stop taking new deliveries; ``on_cancelled`` runs once the broker confirms (every delivery
+        sent before that has arrived by then)."""
+        if self._channel is None or self._consumer_tag is None:
+            on_cancelled()
+            return
+        tag, self._consumer_tag = self._consumer_tag, None
+        self._channel.basic_cancel(tag, callback=lambda _frame: on_cancelled())
+
+    # -- deliveries ------------------------------------------------------------------------------
+
+    def _on_message(self, _channel: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
+        delivery = Delivery(
+            tag=method.delivery_tag,
+            epoch=self._epoch,
+            redelivered=bool(method.redelivered),
+            message_id=props.message_id,
+            reply_to=props.reply_to,
+            correlation_id=props.correlation_id,
+            published_ms=_published_ms(props),
+            received_ms=time.time() * 1000,
+            properties=props,
+        )
+        self._handler.on_delivery(delivery, body)
+
+    def is_current(self, delivery: Delivery) -> bool:
+        """True when ``delivery`` belongs to the open channel and may still be acked."""
+        return delivery.epoch == self._epoch and self._channel is not None and self._channel.is_open
+
+    def publish_result(self, delivery: Delivery, job_id: str, body: bytes, on_confirm: ConfirmCallback) -> None:
+        """Publish a result to the results queue and, when asked, to the job's ``reply_to``."""
+        if not self.is_current(delivery) or self._confirms is None:
+            on_confirm(False)
+            return
+        props = BasicProperties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=PERSISTENT,
+            message_id=job_id,
+            correlation_id=delivery.correlation_id,
+        )
+        if not delivery.reply_to:
+            self._confirms.publish(self.settings.results_queue, body, props, on_confirm)
+            return
+        waiting = {"count": 2, "ok": True}
+
+        def both(ok: bool) -> None:
+            waiting["ok"] = bool(waiting["ok"]) and ok
+            waiting["count"] -= 1
+            if waiting["count"] == 0:
+                on_confirm(bool(waiting["ok"]))
+
+        self._confirms.publish(self.settings.results_queue, body, props, both)
+        # The caller may have gone away: an unroutable reply is not an error, the result is stored.
+        self._confirms.publish(delivery.reply_to, body, props, both, mandatory=False)
+
+    def dead_letter(self, delivery: Delivery, body: bytes, reason: str, on_confirm: ConfirmCallback) -> None:
+        """Copy the message, body unchanged, to the dead-letter queue with ``reason`` in a header."""
+        if not self.is_current(delivery) or self._confirms is None:
+            on_confirm(False)
+            return
+        original = delivery.properties
+        headers = dict(original.headers or {})
+        headers[REASON_HEADER] = reason
+        props = BasicProperties(
+            content_type=original.content_type,
+            delivery_mode=PERSISTENT,
+            message_id=original.message_id,
+            correlation_id=original.correlation_id,
+            reply_to=original.reply_to,
+            headers=headers,
+        )
+        self._confirms.publish(self.settings.dlq_queue, body, props, on_confirm)
+
+    def ack_through(self, tag: int) -> None:
+        """Ack every outstanding delivery up to and including ``tag`` on the current channel."""
+        if self._channel is not None and self._channel.is_open:
+            self._channel.basic_ack(tag, multiple=True)
+
+    def requeue(self, delivery: Delivery) -> None:
+        """Hand one delivery back to the broker for another try."""
+        if self.is_current(delivery):
+            assert self._channel is not None
+            self._channel.basic_nack(delivery.tag, multiple=False, requeue=True)
+
+    def queue_depth(self, on_count: Callable[[int], None]) -> None:
+        """Ask the broker how many jobs are ready in the queue."""
+        if self._channel is None or not self._channel.is_open:
+            return
+        spec = jobs_queue(self.settings)
+        self._channel.queue_declare(
+            spec.name,
+            durable=True,
+            arguments=spec.arguments,
+            passive=True,
+            callback=lambda frame: on_count(frame.method.message_count),
+        )
+
+    # -- scheduling ------------------------------------------------------------------------------
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> object:
+        """Run ``callback`` on the I/O thread after ``delay_s``."""
+        return self._ioloop.call_later(delay_s, callback)
+
+    def cancel_timer(self, handle: object) -> None:
+        """Forget a :meth:`call_later` callback."""
+        self._ioloop.remove_timeout(handle)
+
+    def call_threadsafe(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the I/O thread; the only way other threads touch the connection."""
+        self._ioloop.add_callback_threadsafe(callback)

@@ -1,0 +1,111 @@
+"""onnxruntime, and only onnxruntime: load a verified model, check job inputs against its signature,
+run one call per batch and split the outputs back per job."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from model_store.manifest import Manifest, TensorSpec
+from shared.errors import InferenceError, InputMismatch, JobError, TooLarge
+from shared.messages import Job, Tensor
+
+Arrays = dict[str, npt.NDArray[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-job bounds enforced before anything runs."""
+
+    max_rows_per_job: int
+    max_elements_per_tensor: int
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """A ready onnxruntime session and the manifest it was verified against."""
+
+    manifest: Manifest
+    session: ort.InferenceSession
+    output_names: list[str]
+
+
+def load_model(manifest: Manifest, data: bytes, intra_op_threads: int = 1) -> LoadedModel:
+    """Create a CPU session from verified bytes (loading from bytes also rules out external data files)."""
+    options = ort.SessionOptions()
+    # One thread per worker process: scaling is by processes, and threads would fight over the cores.
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+    return LoadedModel(manifest, session, [o.name for o in session.get_outputs()])
+
+
+def prepare_inputs(job: Job, manifest: Manifest, limits: Limits) -> Arrays:
+    """The job's tensors as arrays, checked against the model's signature; raises a :class:`JobError`."""
+    given = {t.name: t for t in job.inputs}
+    expected = {spec.name for spec in manifest.inputs}
+    if set(given) != expected:
+        raise InputMismatch(
+            f"model {manifest.name!r} v{manifest.version} takes inputs {sorted(expected)}, job gave {sorted(given)}"
+        )
+    arrays = {spec.name: _check_tensor(given[spec.name], spec, limits) for spec in manifest.inputs}
+    rows = {a.shape[0] for a in arrays.values()}
+    if len(rows) > 1:
+        raise InputMismatch(f"inputs disagree on the number of rows: {sorted(rows)}")
+    if next(iter(rows)) > limits.max_rows_per_job:
+        raise TooLarge(f"job has {next(iter(rows))} rows, above the limit of {limits.max_rows_per_job}")
+    return arrays
+
+
+def _check_tensor(tensor: Tensor, spec: TensorSpec, limits: Limits) -> npt.NDArray[Any]:
+    elements = math.prod(tensor.shape)
+    if elements > limits.max_elements_per_tensor:
+        raise TooLarge(
+            f"input {tensor.name!r} has {elements} elements, above the limit of {limits.max_elements_per_tensor}"
+        )
+    if tensor.datatype is not spec.datatype:
+        raise InputMismatch(f"input {tensor.name!r} must be {spec.datatype}, job sent {tensor.datatype}")
+    if len(tensor.shape) != len(spec.shape) or any(
+        want is not None and got != want for got, want in zip(tensor.shape[1:], spec.shape[1:], strict=True)
+    ):
+        wanted = ["N" if d is None else d for d in spec.shape]
+        raise InputMismatch(f"input {tensor.name!r} must have shape {wanted}, job sent {tensor.shape}")
+    return tensor.to_numpy()
+
+
+def run_batch(model: LoadedModel, jobs: list[Arrays]) -> list[list[Tensor]]:
+    """One onnxruntime call for all ``jobs`` (rows concatenated on axis 0), outputs split back per job."""
+    feeds = {
+        name: jobs[0][name] if len(jobs) == 1 else np.concatenate([j[name] for j in jobs], axis=0) for name in jobs[0]
+    }
+    try:
+        outputs = model.session.run(model.output_names, feeds)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
+        raise InferenceError(f"onnxruntime failed: {exc}") from None
+    counts = [next(iter(j.values())).shape[0] for j in jobs]
+    bounds = np.cumsum(counts)[:-1]
+    per_job: list[list[Tensor]] = [[] for _ in jobs]
+    for name, output in zip(model.output_names, outputs, strict=True):
+        array = np.asarray(output)
+        parts = np.split(array, bounds) if array.ndim and array.shape[0] == sum(counts) else [array] * len(jobs)
+        for slot, part in zip(per_job, parts, strict=True):
+            slot.append(Tensor.from_numpy(name, part))
+    return per_job
+
+
+def run_isolating(model: LoadedModel, jobs: list[Arrays]) -> list[list[Tensor] | JobError]:
+    """Run ``jobs`` together; if the batch fails, bisect so only the offending jobs get the error."""
+    try:
+        return list(run_batch(model, jobs))
+    except InferenceError as error:
+        if len(jobs) == 1:
+            return [error]
+    middle = len(jobs) // 2
+    return run_isolating(model, jobs[:middle]) + run_isolating(model, jobs[middle:])
