@@ -257,7 +257,7 @@ def backfill(data: Path, model: str, version: str, id_column: str | None, batch_
             on_skip=lambda rows: _advance(bar, rows),
         )
         with Producer(settings) as producer:
-            producer.publish_many(jobs, on_confirmed=lambda _id: _advance(bar, min(batch_rows, total - bar.n)))
+            producer.publish_many(jobs, on_confirmed=lambda _id: _advance(bar, min(batch_rows, total - int(bar.n))))
     click.echo(f"published {plan.jobs} jobs ({plan.rows} rows), skipped {plan.skipped_jobs} already finished")
 
 

@@ -164,11 +164,12 @@ class Producer:
         return result
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection and release the I/O loop; the client cannot be used after."""
         if self._connection is not None and self._connection.is_open:
             self._connection.close()
             self._ioloop.start()  # returns once the close completed (see _on_closed)
         self._connection = None
+        self._ioloop.close()
 
     # -- the I/O loop -----------------------------------------------------------------------------
 
@@ -276,7 +277,9 @@ class Producer:
             return next(run.source)
         except StopIteration:
             run.exhausted = True
-            return None
+        except Exception as exc:  # the caller's iterator failed (e.g. a bad input line): stop, and say so
+            run.error = exc
+        return None
 
     def _on_confirm(self, message: _Message, ok: bool) -> None:
         run = self._run
@@ -286,7 +289,10 @@ class Producer:
         if ok:
             run.confirmed += 1
             run.backoff.reset()
-            run.on_confirmed(message.job_id)
+            try:
+                run.on_confirmed(message.job_id)
+            except Exception as exc:  # e.g. stdout closed under `inferq submit | head`
+                run.error = run.error or exc
         elif self._channel is None:
             run.retry.append(message)  # the connection dropped: resend after reconnecting
         else:

@@ -99,7 +99,10 @@ class Consumer:
         """Connect and serve until :meth:`stop`; raises :class:`BrokerUnavailable` if never connected."""
         self._connect_deadline = time.monotonic() + self.settings.connect_timeout_s
         self._connect()
-        self._ioloop.start()
+        try:
+            self._ioloop.start()
+        finally:
+            self._ioloop.close()
         if self.failure is not None:
             raise self.failure
 
