@@ -38,7 +38,7 @@ from shared.errors import BrokerUnavailable, PublishError
 from shared.logging import get_logger
 from shared.messages import Job, Result
 from shared.settings import ProducerSettings
-from shared.topology import all_queues
+from shared.topology import RESENT_HEADER, all_queues
 
 log = get_logger(__name__)
 
@@ -59,15 +59,19 @@ class _Message:
     reply_to: str | None
     correlation_id: str | None
     first_nack_at: float | None = None
+    resent: bool = False
 
     def properties(self) -> BasicProperties:
+        headers: dict[str, object] = {PUBLISHED_MS_HEADER: int(time.time() * 1000)}
+        if self.resent:
+            headers[RESENT_HEADER] = True
         return BasicProperties(
             content_type=CONTENT_TYPE,
             delivery_mode=PERSISTENT,
             message_id=self.job_id,
             reply_to=self.reply_to,
             correlation_id=self.correlation_id,
-            headers={PUBLISHED_MS_HEADER: int(time.time() * 1000)},
+            headers=headers,
         )
 
 
@@ -294,7 +298,10 @@ class Producer:
             except Exception as exc:  # e.g. stdout closed under `inferq submit | head`
                 run.error = run.error or exc
         elif self._channel is None:
-            run.retry.append(message)  # the connection dropped: resend after reconnecting
+            # The connection dropped before the broker answered: the job may or may not be queued.
+            # Resend it, marked, so a worker looks for a stored result before running it twice.
+            message.resent = True
+            run.retry.append(message)
         else:
             self._backpressure(run, message)
         self._pump()

@@ -44,7 +44,8 @@ def inferq(*args: str, env: dict[str, str], quiet: bool = False) -> str:
 def purge_queues(env: dict[str, str]) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(env["INFERQ_AMQP_URL"]))
     channel = connection.channel()
-    for queue in (env["INFERQ_JOBS_QUEUE"], env["INFERQ_RESULTS_QUEUE"], env["INFERQ_JOBS_QUEUE"] + ".dlq"):
+    jobs = env["INFERQ_JOBS_QUEUE"]
+    for queue in (jobs, env["INFERQ_RESULTS_QUEUE"], f"{jobs}.dlq", f"{jobs}.retry"):
         channel.queue_delete(queue)
     connection.close()
 

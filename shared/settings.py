@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigError
@@ -58,6 +58,20 @@ class WorkerSettings(InferqSettings):
     intra_op_threads: Annotated[int, Field(ge=1, le=256)] = 1
     store_retry_max_s: Annotated[float, Field(gt=0)] = 30.0
     drain_poll_ms: Annotated[float, Field(gt=0)] = 100.0
+    job_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    broker_consumer_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
+    shutdown_grace_s: Annotated[float, Field(gt=0)] = 25.0
+
+    @model_validator(mode="after")
+    def _job_fits_in_consumer_timeout(self) -> WorkerSettings:
+        # RabbitMQ closes the channel of a consumer that holds a delivery longer than its
+        # consumer_timeout: a job allowed to run longer would be redelivered while still running.
+        if self.job_timeout_s >= self.broker_consumer_timeout_s:
+            raise ValueError(
+                f"job_timeout_s ({self.job_timeout_s:g}) must be below broker_consumer_timeout_s "
+                f"({self.broker_consumer_timeout_s:g}), RabbitMQ's consumer_timeout"
+            )
+        return self
 
 
 class ProducerSettings(InferqSettings):
@@ -74,6 +88,8 @@ def load_settings(cls: type[S]) -> S:
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_url=False, include_input=False):
-            name = "INFERQ_" + "_".join(str(p) for p in error["loc"]).upper()
-            problems.append(f"{name}: {error['msg']}")
+            if error["loc"]:
+                problems.append("INFERQ_" + "_".join(str(p) for p in error["loc"]).upper() + f": {error['msg']}")
+            else:  # a check across several settings names them in its message
+                problems.append(error["msg"].removeprefix("Value error, "))
         raise ConfigError("bad configuration: " + "; ".join(problems)) from None

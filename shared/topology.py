@@ -14,6 +14,9 @@ from shared.settings import InferqSettings
 
 REASON_HEADER = "x-inferq-reason"
 """Header naming why a message was dead-lettered by inferq itself."""
+RESENT_HEADER = "x-inferq-resent"
+"""Set by a producer on a job it publishes again because the first publish was never confirmed: the
+job may already be queued, so the worker looks for a stored result first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,21 @@ def jobs_queue(settings: InferqSettings) -> QueueSpec:
     )
 
 
+def retry_queue(settings: InferqSettings) -> QueueSpec:
+    """Suspects: jobs that were delivered before (their worker may have crashed on them). Workers take
+    them one at a time, alone, so that a poison job only ever takes itself down; after the delivery
+    limit it is dead-lettered."""
+    return QueueSpec(
+        f"{settings.jobs_queue}.retry",
+        {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": settings.max_deliveries,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": settings.dlq_queue,
+        },
+    )
+
+
 def dlq_queue(settings: InferqSettings) -> QueueSpec:
     """Dead letters: kept until an operator looks at them."""
     return QueueSpec(settings.dlq_queue, {"x-queue-type": "quorum"})
@@ -51,4 +69,4 @@ def results_queue(settings: InferqSettings) -> QueueSpec:
 
 def all_queues(settings: InferqSettings) -> list[QueueSpec]:
     """Every queue inferq owns, in declaration order."""
-    return [dlq_queue(settings), jobs_queue(settings), results_queue(settings)]
+    return [dlq_queue(settings), jobs_queue(settings), retry_queue(settings), results_queue(settings)]

@@ -205,7 +205,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
     yield world
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     channel = connection.channel()
-    for queue in (world.jobs_queue, world.results_queue, f"{world.jobs_queue}.dlq"):
+    for queue in (world.jobs_queue, world.results_queue, f"{world.jobs_queue}.dlq", f"{world.jobs_queue}.retry"):
         channel.queue_delete(queue)
     connection.close()
 

@@ -31,7 +31,7 @@ from shared.amqp import (
 from shared.errors import BrokerUnavailable
 from shared.logging import get_logger
 from shared.settings import WorkerSettings
-from shared.topology import REASON_HEADER, all_queues, jobs_queue
+from shared.topology import REASON_HEADER, RESENT_HEADER, all_queues, jobs_queue, retry_queue
 
 log = get_logger(__name__)
 
@@ -49,6 +49,13 @@ class Delivery:
     published_ms: float | None
     received_ms: float
     properties: BasicProperties
+    suspect: bool = False
+    """Taken from the retry queue: run it alone."""
+
+    @property
+    def maybe_done_before(self) -> bool:
+        """The job may already have a stored result: redelivered, a suspect, or resent by its producer."""
+        return self.redelivered or self.suspect or bool((self.properties.headers or {}).get(RESENT_HEADER))
 
 
 class DeliveryHandler(Protocol):
@@ -85,7 +92,7 @@ class Consumer:
         self._connection: pika.SelectConnection | None = None
         self._channel: Channel | None = None
         self._confirms: ConfirmTracker | None = None
-        self._consumer_tag: str | None = None
+        self._consumer_tags: list[str] = []
         self._epoch = 0
         self._backoff = Backoff()
         self._connected_once = False
@@ -122,7 +129,7 @@ class Consumer:
     @property
     def ready(self) -> bool:
         """True while a channel is open and consuming."""
-        return self._channel is not None and self._channel.is_open and self._consumer_tag is not None
+        return self._channel is not None and self._channel.is_open and bool(self._consumer_tags)
 
     def _connect(self) -> None:
         url = redacted_url(self.settings.amqp_url.get_secret_value())
@@ -144,7 +151,8 @@ class Consumer:
         self._retry_connect(f"{type(error).__name__}: {error}")
 
     def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
-        self._channel = self._confirms = self._consumer_tag = None
+        self._channel = self._confirms = None
+        self._consumer_tags = []
         self._epoch += 1
         if self._stopping:
             self._ioloop.stop()
@@ -186,29 +194,52 @@ class Consumer:
         self._connection.close()
 
     def _on_queues_declared(self) -> None:
-        assert self._channel is not None
-        self._channel.basic_qos(prefetch_count=self.settings.prefetch, callback=lambda _f: self.resume())
+        self.resume()
 
     def resume(self) -> None:
-        """Start (or restart, after :meth:`cancel`) consuming the jobs queue."""
-        if self._channel is None or self._consumer_tag is not None:
+        """Start (or restart, after :meth:`cancel`) consuming: the jobs queue with the configured
+        prefetch, and the retry queue one suspect at a time (``basic_qos`` is per consumer)."""
+        channel = self._channel
+        if channel is None or self._consumer_tags:
             return
-        self._consumer_tag = self._channel.basic_consume(self.settings.jobs_queue, self._on_message)
-        log.info("consuming", queue=self.settings.jobs_queue, prefetch=self.settings.prefetch)
-        self._handler.on_consuming()
+
+        def consume_retry(_frame: Any) -> None:
+            tag = channel.basic_consume(retry_queue(self.settings).name, self._on_suspect)
+            self._consumer_tags.append(tag)
+            log.info("consuming", queue=self.settings.jobs_queue, prefetch=self.settings.prefetch)
+            self._handler.on_consuming()
+
+        def consume_jobs(_frame: Any) -> None:
+            self._consumer_tags.append(channel.basic_consume(self.settings.jobs_queue, self._on_message))
+            channel.basic_qos(prefetch_count=1, callback=consume_retry)
+
+        channel.basic_qos(prefetch_count=self.settings.prefetch, callback=consume_jobs)
 
     def cancel(self, on_cancelled: Callable[[], None]) -> None:
         """Stop taking new deliveries; ``on_cancelled`` runs once the broker confirms (every delivery
         sent before that has arrived by then)."""
-        if self._channel is None or self._consumer_tag is None:
+        tags, self._consumer_tags = self._consumer_tags, []
+        if self._channel is None or not tags:
             on_cancelled()
             return
-        tag, self._consumer_tag = self._consumer_tag, None
-        self._channel.basic_cancel(tag, callback=lambda _frame: on_cancelled())
+        remaining = {"count": len(tags)}
+
+        def one_done(_frame: Any) -> None:
+            remaining["count"] -= 1
+            if remaining["count"] == 0:
+                on_cancelled()
+
+        for tag in tags:
+            self._channel.basic_cancel(tag, callback=one_done)
 
     # -- deliveries ------------------------------------------------------------------------------
 
-    def _on_message(self, _channel: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
+    def _on_suspect(self, channel: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes) -> None:
+        self._on_message(channel, method, props, body, suspect=True)
+
+    def _on_message(
+        self, _channel: Channel, method: Basic.Deliver, props: BasicProperties, body: bytes, *, suspect: bool = False
+    ) -> None:
         delivery = Delivery(
             tag=method.delivery_tag,
             epoch=self._epoch,
@@ -219,6 +250,7 @@ class Consumer:
             published_ms=_published_ms(props),
             received_ms=time.time() * 1000,
             properties=props,
+            suspect=suspect,
         )
         self._handler.on_delivery(delivery, body)
 
@@ -254,21 +286,28 @@ class Consumer:
 
     def dead_letter(self, delivery: Delivery, body: bytes, reason: str, on_confirm: ConfirmCallback) -> None:
         """Copy the message, body unchanged, to the dead-letter queue with ``reason`` in a header."""
+        self._forward(delivery, body, self.settings.dlq_queue, {REASON_HEADER: reason}, on_confirm)
+
+    def quarantine(self, delivery: Delivery, body: bytes, on_confirm: ConfirmCallback) -> None:
+        """Move a redelivered job, unchanged, to the retry queue, where it runs alone."""
+        self._forward(delivery, body, retry_queue(self.settings).name, {}, on_confirm)
+
+    def _forward(
+        self, delivery: Delivery, body: bytes, queue: str, headers: dict[str, Any], on_confirm: ConfirmCallback
+    ) -> None:
         if not self.is_current(delivery) or self._confirms is None:
             on_confirm(False)
             return
         original = delivery.properties
-        headers = dict(original.headers or {})
-        headers[REASON_HEADER] = reason
         props = BasicProperties(
             content_type=original.content_type,
             delivery_mode=PERSISTENT,
             message_id=original.message_id,
             correlation_id=original.correlation_id,
             reply_to=original.reply_to,
-            headers=headers,
+            headers={**(original.headers or {}), **headers},
         )
-        self._confirms.publish(self.settings.dlq_queue, body, props, on_confirm)
+        self._confirms.publish(queue, body, props, on_confirm)
 
     def ack_through(self, tag: int) -> None:
         """Ack every outstanding delivery up to and including ``tag`` on the current channel."""
@@ -282,17 +321,22 @@ class Consumer:
             self._channel.basic_nack(delivery.tag, multiple=False, requeue=True)
 
     def queue_depth(self, on_count: Callable[[int], None]) -> None:
-        """Ask the broker how many jobs are ready in the queue."""
-        if self._channel is None or not self._channel.is_open:
+        """Ask the broker how many jobs are ready in the jobs and retry queues together."""
+        channel = self._channel
+        if channel is None or not channel.is_open:
             return
-        spec = jobs_queue(self.settings)
-        self._channel.queue_declare(
-            spec.name,
-            durable=True,
-            arguments=spec.arguments,
-            passive=True,
-            callback=lambda frame: on_count(frame.method.message_count),
-        )
+        jobs, retry = jobs_queue(self.settings), retry_queue(self.settings)
+
+        def count_retry(jobs_frame: Any) -> None:
+            channel.queue_declare(
+                retry.name,
+                durable=True,
+                arguments=retry.arguments,
+                passive=True,
+                callback=lambda frame: on_count(jobs_frame.method.message_count + frame.method.message_count),
+            )
+
+        channel.queue_declare(jobs.name, durable=True, arguments=jobs.arguments, passive=True, callback=count_retry)
 
     # -- scheduling ------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from types import FrameType
 from model_store.registry import Registry
 from model_store.stores import open_model_store
 from shared.codec import Rejected, Undecodable, decode_job
-from shared.errors import Expired, JobError
+from shared.errors import Expired, InferqError, JobError
 from shared.logging import get_logger
 from shared.messages import Job
 from shared.results import ResultStore, open_result_store
@@ -30,9 +30,13 @@ from shared.settings import WorkerSettings
 from worker.batcher import Batch, Batcher
 from worker.consumer import Consumer, Delivery
 from worker.processor import ModelKey, Outcome, Pending, Processor
-from worker.runner import Limits, LoadedModel, load_model
+from worker.runner import Limits, LoadedModel, Watchdog, load_model
 
 log = get_logger(__name__)
+
+
+class ShutdownTimeout(InferqError):
+    """The worker was stopped before its in-flight work finished; that work returns to the queue."""
 
 
 @dataclass(slots=True)
@@ -43,10 +47,12 @@ class Counters:
     succeeded: int = 0
     failed: int = 0
     dead_lettered: int = 0
+    quarantined: int = 0
     batches: int = 0
     started: float = field(default_factory=time.monotonic)
     first_job_at: float | None = None
     last_ack_at: float | None = None
+    forced: bool = False
 
 
 def worker_name() -> str:
@@ -68,11 +74,20 @@ class Worker:
         self.consumer = Consumer(settings, self, f"inferq-worker {self.name}")
         self._stopping = threading.Event()
         limits = Limits(settings.max_rows_per_job, settings.max_elements_per_tensor)
-        self.processor = Processor(registry, store, limits, self.name, self._stopping, settings.store_retry_max_s)
+        self.processor = Processor(
+            registry,
+            store,
+            limits,
+            self.name,
+            self._stopping,
+            settings.store_retry_max_s,
+            Watchdog(settings.job_timeout_s),
+        )
         self._batcher: Batcher[ModelKey, Pending] = Batcher(
             settings.max_batch_rows, settings.max_wait_ms, time.monotonic
         )
         self._ready: list[Outcome] = []
+        self._suspects: list[Pending] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferq-batch")
         self._busy = False
         self._flush_timer: object | None = None
@@ -88,7 +103,8 @@ class Worker:
         try:
             self.consumer.run()
         finally:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            # NOTE: after a forced stop the processing thread may be stuck in a batch; do not wait for it.
+            self._executor.shutdown(wait=not self.counters.forced, cancel_futures=True)
         elapsed = time.monotonic() - self.counters.started
         log.info("worker_stopped", **_asdict(self.counters), elapsed_s=round(elapsed, 3))
         return self.counters
@@ -103,9 +119,17 @@ class Worker:
         finish the in-flight batch, store, publish, ack, and only then close the connection."""
         if self._stopping.is_set():
             return
-        log.info("worker_stopping", in_flight=len(self._unacked))
+        log.info("worker_stopping", in_flight=len(self._unacked), grace_s=self.settings.shutdown_grace_s)
         self._stopping.set()
+        self.consumer.call_later(self.settings.shutdown_grace_s, self._grace_expired)
         self.consumer.cancel(self._after_cancel)
+
+    def _grace_expired(self) -> None:
+        # Out of time: close now. Whatever is unacked returns to the queue; nothing is lost, and a
+        # redelivered job whose result was already stored is republished from the store, not rerun.
+        log.error("worker_shutdown_grace_expired", in_flight=len(self._unacked))
+        self.counters.forced = True
+        self.consumer.stop()
 
     def _after_cancel(self) -> None:
         self._cancelled = True
@@ -123,7 +147,7 @@ class Worker:
             self.consumer.queue_depth(self._after_final_depth)
 
     def _idle(self) -> bool:
-        return not self._unacked and not self._busy and not self._batcher and not self._ready
+        return not (self._unacked or self._busy or self._batcher or self._ready or self._suspects)
 
     # -- drain mode -------------------------------------------------------------------------------
 
@@ -162,6 +186,12 @@ class Worker:
         if self.counters.first_job_at is None:
             self.counters.first_job_at = time.time()
         self._unacked.append(delivery.tag)
+        if delivery.redelivered and not delivery.suspect:
+            # This job was in flight when a worker died or lost its connection, perhaps because of
+            # it. It moves to the retry queue, where it runs alone: a poison job takes only itself down.
+            self.counters.quarantined += 1
+            self.consumer.quarantine(delivery, body, partial(self._settle, delivery))
+            return
         decoded = decode_job(body, delivery.message_id, self.settings.max_message_bytes)
         if isinstance(decoded, Undecodable):
             self._dead_letter(delivery, body, decoded.reason)
@@ -181,7 +211,11 @@ class Worker:
         except JobError as exc:
             self._ready.append(self.processor.failed(delivery, job, exc))
             return
-        self._batcher.add((job.model, version), Pending(delivery, job, version), job.rows)
+        pending = Pending(delivery, job, version)
+        if delivery.suspect:
+            self._suspects.append(pending)
+        else:
+            self._batcher.add((job.model, version), pending, job.rows)
 
     def _dead_letter(self, delivery: Delivery, body: bytes, reason: str) -> None:
         log.warning("job_dead_lettered", message_id=delivery.message_id, reason=reason)
@@ -201,6 +235,10 @@ class Worker:
             self._flush_timer = None
         if self._busy:
             return  # more jobs gather meanwhile; the completion flushes again
+        if self._suspects:
+            suspect = self._suspects.pop(0)
+            self._dispatch([Batch((suspect.job.model, suspect.version), [suspect], suspect.job.rows)], [])
+            return
         due_in = self._batcher.due_in()
         if due_in is None and not self._ready:
             return
@@ -209,6 +247,9 @@ class Worker:
             return
         batches, ready = self._batcher.take_all(), self._ready
         self._ready = []
+        self._dispatch(batches, ready)
+
+    def _dispatch(self, batches: list[Batch[ModelKey, Pending]], ready: list[Outcome]) -> None:
         self._busy = True
         future = self._executor.submit(self.processor.process, batches, ready)
         future.add_done_callback(
@@ -269,6 +310,7 @@ class Worker:
         self._settled.clear()
         self._batcher.take_all()
         self._ready = []
+        self._suspects = []
         if self._flush_timer is not None:
             self.consumer.cancel_timer(self._flush_timer)
             self._flush_timer = None
@@ -282,6 +324,7 @@ def _asdict(counters: Counters) -> dict[str, int | float | None]:
         "succeeded": counters.succeeded,
         "failed": counters.failed,
         "dead_lettered": counters.dead_lettered,
+        "quarantined": counters.quarantined,
         "batches": counters.batches,
     }
 
@@ -304,8 +347,9 @@ def run_worker(settings: WorkerSettings, *, drain: bool = False) -> Counters:
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         if worker.stopping:
+            # A second signal: exit at once. Unacked jobs go back to the queue; nothing is lost.
             log.warning("worker_forced_exit", signal=signal.Signals(signum).name)
-            os._exit(128 + signum)  # unacked jobs go back to the queue; nothing is lost
+            os._exit(128 + signum)
         worker.consumer.call_threadsafe(worker.request_stop)
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -318,4 +362,10 @@ def run_worker(settings: WorkerSettings, *, drain: bool = False) -> Counters:
         result_store=settings.result_store,
         drain=drain,
     )
-    return worker.run()
+    counters = worker.run()
+    if counters.forced:
+        raise ShutdownTimeout(
+            f"in-flight work did not finish within INFERQ_SHUTDOWN_GRACE_S={settings.shutdown_grace_s:g}s; "
+            "unacked jobs were returned to the queue"
+        )
+    return counters

@@ -17,7 +17,7 @@ from shared.messages import ErrorInfo, Job, Result, Status, Tensor, Timings
 from shared.results import ResultStore
 from worker.batcher import Batch
 from worker.consumer import Delivery
-from worker.runner import Arrays, Limits, LoadedModel, prepare_inputs, run_isolating
+from worker.runner import Arrays, Limits, LoadedModel, Watchdog, prepare_inputs, run_isolating
 
 log = get_logger(__name__)
 
@@ -67,6 +67,7 @@ class Processor:
         worker_name: str,
         stopping: threading.Event,
         retry_max_s: float,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self.registry = registry
         self.store = store
@@ -74,6 +75,7 @@ class Processor:
         self.worker_name = worker_name
         self._stopping = stopping
         self._retry_max_s = retry_max_s
+        self.watchdog = watchdog
 
     # -- results ----------------------------------------------------------------------------------
 
@@ -129,7 +131,7 @@ class Processor:
         computing a second, possibly different one."""
         fresh = []
         for item in items:
-            if item.delivery.redelivered and self.store.exists(item.job.id):
+            if item.delivery.maybe_done_before and self.store.exists(item.job.id):
                 reused.append(Outcome(item.delivery, self.store.get(item.job.id)))
                 log.info("job_result_reused", job_id=item.job.id)
             else:
@@ -152,7 +154,7 @@ class Processor:
         if not runnable:
             return outcomes
         started = time.perf_counter()
-        results = run_isolating(model, [arrays for _, arrays in runnable])
+        results = run_isolating(model, [arrays for _, arrays in runnable], self.watchdog)
         inference_ms = (time.perf_counter() - started) * 1000
         for (item, _), result in zip(runnable, results, strict=True):
             if isinstance(result, JobError):

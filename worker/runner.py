@@ -4,6 +4,8 @@ run one call per batch and split the outputs back per job."""
 from __future__ import annotations
 
 import math
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,15 +82,62 @@ def _check_tensor(tensor: Tensor, spec: TensorSpec, limits: Limits) -> npt.NDArr
     return tensor.to_numpy()
 
 
-def run_batch(model: LoadedModel, jobs: list[Arrays]) -> list[list[Tensor]]:
+class TimedOut(InferenceError):
+    """The batch ran longer than the job time limit and was terminated."""
+
+
+class Watchdog:
+    """Terminates an onnxruntime run that outlives its time limit (one thread, reused for every run)."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self._condition = threading.Condition()
+        self._armed: tuple[ort.RunOptions, float] | None = None
+        threading.Thread(target=self._watch, name="inferq-watchdog", daemon=True).start()
+
+    def arm(self) -> ort.RunOptions:
+        """Options for the next run; the run is terminated if :meth:`disarm` is not called in time."""
+        options = ort.RunOptions()
+        with self._condition:
+            self._armed = (options, time.monotonic() + self.limit_s)
+            self._condition.notify()
+        return options
+
+    def disarm(self) -> None:
+        """The run finished."""
+        with self._condition:
+            self._armed = None
+
+    def _watch(self) -> None:
+        with self._condition:
+            while True:
+                if self._armed is None:
+                    self._condition.wait()
+                    continue
+                options, deadline = self._armed
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self._condition.wait(remaining)
+                    continue
+                options.terminate = True
+                self._armed = None
+
+
+def run_batch(model: LoadedModel, jobs: list[Arrays], watchdog: Watchdog | None = None) -> list[list[Tensor]]:
     """One onnxruntime call for all ``jobs`` (rows concatenated on axis 0), outputs split back per job."""
     feeds = {
         name: jobs[0][name] if len(jobs) == 1 else np.concatenate([j[name] for j in jobs], axis=0) for name in jobs[0]
     }
+    options = watchdog.arm() if watchdog is not None else None
     try:
-        outputs = model.session.run(model.output_names, feeds)
+        outputs = model.session.run(model.output_names, feeds, options)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
+        if watchdog is not None and options is not None and options.terminate:
+            raise TimedOut(f"inference exceeded the job time limit of {watchdog.limit_s:g}s") from None
         raise InferenceError(f"onnxruntime failed: {exc}") from None
+    finally:
+        if watchdog is not None:
+            watchdog.disarm()
     counts = [next(iter(j.values())).shape[0] for j in jobs]
     bounds = np.cumsum(counts)[:-1]
     per_job: list[list[Tensor]] = [[] for _ in jobs]
@@ -100,12 +149,17 @@ def run_batch(model: LoadedModel, jobs: list[Arrays]) -> list[list[Tensor]]:
     return per_job
 
 
-def run_isolating(model: LoadedModel, jobs: list[Arrays]) -> list[list[Tensor] | JobError]:
-    """Run ``jobs`` together; if the batch fails, bisect so only the offending jobs get the error."""
+def run_isolating(
+    model: LoadedModel, jobs: list[Arrays], watchdog: Watchdog | None = None
+) -> list[list[Tensor] | JobError]:
+    """Run ``jobs`` together; if the batch fails, bisect so only the offending jobs get the error.
+    A batch that ran out of time is not re-run: every job in it gets the same error."""
     try:
-        return list(run_batch(model, jobs))
+        return list(run_batch(model, jobs, watchdog))
+    except TimedOut as error:
+        return [error] * len(jobs)
     except InferenceError as error:
         if len(jobs) == 1:
             return [error]
     middle = len(jobs) // 2
-    return run_isolating(model, jobs[:middle]) + run_isolating(model, jobs[middle:])
+    return run_isolating(model, jobs[:middle], watchdog) + run_isolating(model, jobs[middle:], watchdog)
