@@ -33,6 +33,7 @@ from shared.amqp import (
     connection_parameters,
     declare_queues,
     redacted_url,
+    topology_error,
 )
 from shared.errors import BrokerUnavailable, PublishError
 from shared.logging import get_logger
@@ -217,7 +218,8 @@ class Producer:
         self._channel = self._confirms = self._reply_queue = None
         if confirms is not None:
             confirms.fail_all()  # unconfirmed publishes go back to the retry queue
-        if self._run is None and self._waiting_for is None:
+        failed = self._run is not None and self._run.error is not None
+        if failed or (self._run is None and self._waiting_for is None):
             self._ioloop.stop()  # an orderly close, or a drop while idle: reconnect on next use
             return
         # Dropped mid-call: publishes in flight were not confirmed; they are resent after reconnecting.
@@ -228,8 +230,19 @@ class Producer:
     def _on_channel_open(self, channel: Channel) -> None:
         self._connect_backoff.reset()
         self._channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
         self._confirms = ConfirmTracker(channel)
         declare_queues(channel, all_queues(self.settings), self._declare_reply_queue)
+
+    def _on_channel_closed(self, _channel: Channel, reason: BaseException) -> None:
+        if self._connection is None or not self._connection.is_open:
+            return  # the connection's close handler takes it from here
+        # A channel error is the broker refusing something for good (a queue declared with other
+        # arguments, a publish to a queue we may not use): fail the call rather than retry forever.
+        self._connect_error = topology_error(reason) or PublishError(f"the broker closed the channel: {reason}")
+        self._fail(self._connect_error)
+        self._waiting_for = None
+        self._connection.close()
 
     def _declare_reply_queue(self) -> None:
         assert self._channel is not None

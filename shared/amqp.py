@@ -12,9 +12,11 @@ from urllib.parse import urlsplit, urlunsplit
 import pika
 from pika.channel import Channel
 
+from shared.errors import ConfigError
 from shared.settings import InferqSettings
 from shared.topology import QueueSpec
 
+PRECONDITION_FAILED = 406
 CONTENT_TYPE = "application/json"
 PERSISTENT = pika.DeliveryMode.Persistent
 PUBLISHED_MS_HEADER = "x-inferq-published-ms"
@@ -123,6 +125,17 @@ class ConfirmTracker:
         pending, self._pending = self._pending, OrderedDict()
         for _message_id, callback in pending.values():
             callback(False)
+
+
+def topology_error(reason: BaseException) -> ConfigError | None:
+    """A channel closed because a queue exists with other arguments: a configuration error that no
+    retry will fix (returns ``None`` for any other reason)."""
+    if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and reason.reply_code == PRECONDITION_FAILED:
+        return ConfigError(
+            f"the broker refused our queue declaration ({reason.reply_text}); delete the queue or set the "
+            "INFERQ_* settings it was declared with (e.g. INFERQ_MAX_DELIVERIES, INFERQ_MAX_QUEUE_LENGTH)"
+        )
+    return None
 
 
 def declare_queues(channel: Channel, specs: list[QueueSpec], on_done: Callable[[], None]) -> None:

@@ -64,7 +64,7 @@ class FileResultStore:
                 os.close(fd)
 
     def _put(self, result: Result) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".json")
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".partial")
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(result.to_json())

@@ -66,6 +66,7 @@ class Env:
 
     tmp: Path
     prefix: str
+    amqp_url: str = AMQP_URL
 
     @property
     def model_dir(self) -> Path:
@@ -91,7 +92,7 @@ class Env:
         """Environment variables for a subprocess ``inferq`` pointed at this world."""
         return {
             **os.environ,
-            "INFERQ_AMQP_URL": AMQP_URL,
+            "INFERQ_AMQP_URL": self.amqp_url,
             "INFERQ_JOBS_QUEUE": self.jobs_queue,
             "INFERQ_RESULTS_QUEUE": self.results_queue,
             "INFERQ_MODEL_STORE": str(self.model_dir),
@@ -103,7 +104,7 @@ class Env:
 
     def worker_settings(self, **overrides: Any) -> WorkerSettings:
         values: dict[str, Any] = {
-            "amqp_url": AMQP_URL,
+            "amqp_url": self.amqp_url,
             "jobs_queue": self.jobs_queue,
             "results_queue": self.results_queue,
             "model_store": str(self.model_dir),
@@ -116,7 +117,7 @@ class Env:
 
     def producer_settings(self, **overrides: Any) -> ProducerSettings:
         values: dict[str, Any] = {
-            "amqp_url": AMQP_URL,
+            "amqp_url": self.amqp_url,
             "jobs_queue": self.jobs_queue,
             "results_queue": self.results_queue,
             "model_store": str(self.model_dir),
@@ -143,7 +144,7 @@ class Env:
 
     def publish_raw(self, body: bytes, queue: str | None = None, **props: Any) -> None:
         """Publish bytes as they are (for malformed messages), after declaring the topology."""
-        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
         channel = connection.channel()
         for spec in all_queues(self.worker_settings()):
             channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
@@ -155,7 +156,7 @@ class Env:
 
     def read_queue(self, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
         """Take every message now in ``queue``."""
-        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
         channel = connection.channel()
         messages = []
         while True:
@@ -171,7 +172,7 @@ class Env:
 
     def depth(self, queue: str) -> int:
         """Ready messages in ``queue``; a queue never declared holds none."""
-        connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
         try:
             return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
         except pika.exceptions.ChannelClosedByBroker as exc:
@@ -180,6 +181,23 @@ class Env:
             raise
         finally:
             connection.close()
+
+    def consumers(self, queue: str) -> int:
+        """Consumers on ``queue`` now (0 when it does not exist yet)."""
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        try:
+            return int(connection.channel().queue_declare(queue, passive=True).method.consumer_count)
+        except pika.exceptions.ChannelClosedByBroker:
+            return 0
+        finally:
+            connection.close()
+
+    def delete_queues(self) -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        channel = connection.channel()
+        for queue in (self.jobs_queue, self.results_queue, f"{self.jobs_queue}.dlq", f"{self.jobs_queue}.retry"):
+            channel.queue_delete(queue)
+        connection.close()
 
     def stored(self) -> dict[str, Result]:
         if not self.result_dir.is_dir():
@@ -203,11 +221,7 @@ class Env:
 def env(tmp_path: Path) -> Iterator[Env]:
     world = Env(tmp_path, f"test.{uuid.uuid4().hex[:12]}")
     yield world
-    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
-    channel = connection.channel()
-    for queue in (world.jobs_queue, world.results_queue, f"{world.jobs_queue}.dlq", f"{world.jobs_queue}.retry"):
-        channel.queue_delete(queue)
-    connection.close()
+    world.delete_queues()
 
 
 @pytest.fixture

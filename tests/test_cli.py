@@ -142,3 +142,22 @@ def test_worker_logs_never_show_the_amqp_password(iris_store: Env) -> None:
     events = [orjson.loads(line) for line in done.stderr.splitlines()]
     assert any(e.get("url") == "amqp://guest:***@127.0.0.1:5672/%2F" for e in events)
     assert ":guest@" not in done.stderr
+
+
+def test_queues_declared_with_other_arguments_stop_the_worker_with_one_line(iris_store: Env) -> None:
+    iris_store.publish_raw(dumps(job_dict()))  # declares the queues with the default delivery limit (5)
+    done = iris_store.inferq("worker", "--drain", INFERQ_MAX_DELIVERIES="3")
+    assert done.returncode == 2
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("inferq: error: the broker refused our queue declaration")
+    assert "x-delivery-limit" in last and "INFERQ_MAX_DELIVERIES" in last
+    assert done.stderr.count("broker_connecting") == 1, "a configuration error is not retried"
+    assert iris_store.depth(iris_store.jobs_queue) == 1
+
+
+def test_queues_declared_with_other_arguments_fail_the_producer_with_one_line(iris_store: Env) -> None:
+    iris_store.publish_raw(dumps(job_dict()))
+    done = iris_store.inferq("submit", "-", stdin=dumps(job_dict()).decode(), INFERQ_MAX_QUEUE_LENGTH="10")
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1].startswith("inferq: error: the broker refused our queue declaration")
+    assert done.stdout == ""

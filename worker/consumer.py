@@ -27,6 +27,7 @@ from shared.amqp import (
     connection_parameters,
     declare_queues,
     redacted_url,
+    topology_error,
 )
 from shared.errors import BrokerUnavailable
 from shared.logging import get_logger
@@ -116,10 +117,15 @@ class Consumer:
     def stop(self) -> None:
         """Close the connection (unacked deliveries return to the queue) and leave the I/O loop."""
         self._stopping = True
-        if self._connection is not None and self._connection.is_open:
-            self._connection.close()
-        else:
+        connection, channel = self._connection, self._channel
+        if connection is None or not connection.is_open:
             self._ioloop.stop()
+        elif channel is not None and channel.is_open:
+            # NOTE: a synchronous round trip first, so the broker has taken every ack we sent before
+            # the channel closes (closing returns whatever it still counts as unacked to the queue).
+            channel.basic_qos(prefetch_count=self.settings.prefetch, callback=lambda _frame: connection.close())
+        else:
+            connection.close()
 
     @property
     def epoch(self) -> int:
@@ -187,6 +193,12 @@ class Consumer:
         if self._confirms is not None:
             self._confirms.fail_all()
         if self._stopping or self._connection is None or not self._connection.is_open:
+            return
+        fatal = topology_error(reason)
+        if fatal is not None:
+            self.failure = fatal
+            self._stopping = True
+            self._connection.close()
             return
         # A channel-level error (e.g. a queue declared with other arguments) is fatal for this
         # connection: close it, and the reconnect path starts over.

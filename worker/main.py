@@ -345,8 +345,11 @@ def run_worker(settings: WorkerSettings, *, drain: bool = False) -> Counters:
     """Run a worker in this process until SIGTERM/SIGINT (or the queue is empty, with ``drain``)."""
     worker = build_worker(settings, drain=drain)
 
+    signals: list[int] = []
+
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        if worker.stopping:
+        signals.append(signum)
+        if len(signals) > 1:
             # A second signal: exit at once. Unacked jobs go back to the queue; nothing is lost.
             log.warning("worker_forced_exit", signal=signal.Signals(signum).name)
             os._exit(128 + signum)

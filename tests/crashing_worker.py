@@ -1,0 +1,53 @@
+"""A real inferq worker whose model kills the process on one poison input: a stand-in for a job that
+crashes onnxruntime (a segfault, an abort). Run as a script by the fault tests, restarted as a
+supervisor would restart a crashed worker."""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from model_store.manifest import Manifest
+from model_store.registry import Registry
+from model_store.stores import open_model_store
+from shared.logging import configure_logging
+from shared.results import open_result_store
+from shared.settings import WorkerSettings
+from worker.main import Worker
+from worker.runner import LoadedModel, load_model
+
+POISON = 666.0
+CRASH_EXIT = 70
+
+
+class CrashingSession:
+    """Wraps a real session; dies like a native crash when it sees the poison value."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray], options: Any = None) -> Any:
+        if any(np.any(v == POISON) for v in feeds.values()):
+            os._exit(CRASH_EXIT)
+        return self._session.run(names, feeds, options)
+
+
+def crashing_loader(manifest: Manifest, data: bytes) -> LoadedModel:
+    model = load_model(manifest, data)
+    model.session = CrashingSession(model.session)
+    return model
+
+
+def main() -> None:
+    settings = WorkerSettings()
+    configure_logging("info", "json")
+    registry: Registry[LoadedModel] = Registry(open_model_store(settings.model_store), partial(crashing_loader))
+    Worker(settings, registry, open_result_store(settings.result_store), drain=True).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
