@@ -261,7 +261,7 @@ def backfill(data: Path, model: str, version: str, id_column: str | None, batch_
     click.echo(f"published {plan.jobs} jobs ({plan.rows} rows), skipped {plan.skipped_jobs} already finished")
 
 
-def _advance(bar: tqdm[Any], rows: int) -> None:
+def _advance(bar: tqdm[Any], rows: float) -> None:
     bar.update(rows)
 
 

@@ -33,7 +33,7 @@ def step(text: str) -> None:
 
 
 def inferq(*args: str, env: dict[str, str], quiet: bool = False) -> str:
-    done = subprocess.run([*INFERQ, *args], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    done = subprocess.run([*INFERQ, *args], env=env, text=True, capture_output=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"inferq {' '.join(args)} failed:\n{done.stderr.strip()}")
     if not quiet:
