@@ -164,11 +164,12 @@ class Producer:
         return result
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection and release the I/O loop (its wake-up socket pair)."""
         if self._connection is not None and self._connection.is_open:
             self._connection.close()
             self._ioloop.start()  # returns once the close completed (see _on_closed)
         self._connection = None
+        self._ioloop.close()
 
     # -- the I/O loop -----------------------------------------------------------------------------
 
