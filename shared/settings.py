@@ -58,6 +58,9 @@ class WorkerSettings(InferqSettings):
     intra_op_threads: Annotated[int, Field(ge=1, le=256)] = 1
     store_retry_max_s: Annotated[float, Field(gt=0)] = 30.0
     drain_poll_ms: Annotated[float, Field(gt=0)] = 100.0
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9464
+    """Port of ``/metrics``, ``/healthz`` and ``/readyz``; 0 turns the HTTP server off."""
+    metrics_host: str = "0.0.0.0"  # probes and Prometheus reach the container from outside
 
 
 class ProducerSettings(InferqSettings):
