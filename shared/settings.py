@@ -70,6 +70,15 @@ class ProducerSettings(InferqSettings):
     publish_retry_s: Annotated[float, Field(gt=0)] = 60.0
 
 
+class OperatorSettings(InferqSettings):
+    """Settings of the operator commands (``inferq status``, ``inferq dlq``)."""
+
+    management_url: SecretStr | None = None
+    """RabbitMQ management API, e.g. ``http://user:pass@rabbitmq:15672``; unset: the AMQP host on port
+    15672 with the AMQP credentials. When it cannot be reached, ``status`` falls back to AMQP."""
+    management_timeout_s: Annotated[float, Field(gt=0)] = 3.0
+
+
 def load_settings(cls: type[S]) -> S:
     """Read settings from the environment; bad configuration becomes one clear :class:`ConfigError`."""
     try:
