@@ -21,12 +21,14 @@ from model_store.manifest import Manifest
 from model_store.stores import open_model_store
 from producer.backfill import BackfillPlan, InputSpec, backfill_jobs, read_rows
 from producer.client import Producer, new_job_id
+from producer.dlq import list_dead_letters, replay
+from producer.status import collect_status, render_status
 from shared.codec import describe_validation_error
 from shared.errors import ConfigError, InferqError, InvalidPayload
 from shared.logging import configure_logging, redact_text
 from shared.messages import Job, Tensor, VersionRef, parse_version_ref
 from shared.results import open_result_store
-from shared.settings import InferqSettings, ProducerSettings, WorkerSettings, load_settings
+from shared.settings import InferqSettings, OperatorSettings, ProducerSettings, WorkerSettings, load_settings
 
 S = TypeVar("S", bound=InferqSettings)
 EXIT_FAILURE = 1
@@ -261,7 +263,7 @@ def backfill(data: Path, model: str, version: str, id_column: str | None, batch_
     click.echo(f"published {plan.jobs} jobs ({plan.rows} rows), skipped {plan.skipped_jobs} already finished")
 
 
-def _advance(bar: tqdm[Any], rows: int) -> None:
+def _advance(bar: tqdm[Any], rows: float) -> None:
     bar.update(rows)
 
 
@@ -279,6 +281,53 @@ def results_get(job_id: str) -> None:
     """Print the stored result of JOB_ID; exit 1 when there is none."""
     store = open_result_store(_settings(InferqSettings).result_store)
     click.echo(store.get(job_id).model_dump_json(indent=2))
+
+
+# -- operating -----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
+def status(as_json: bool) -> None:
+    """Queue depths and consumers (jobs, results, DLQ), and the models, versions and aliases in the store."""
+    report = collect_status(_settings(OperatorSettings))
+    click.echo(orjson.dumps(report.to_dict()).decode() if as_json else "\n".join(render_status(report)))
+
+
+@cli.group()
+def dlq() -> None:
+    """Inspect and replay the dead-letter queue (<INFERQ_JOBS_QUEUE>.dlq)."""
+
+
+@dlq.command("list")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="At most this many.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per dead letter.")
+def dlq_list(limit: int, as_json: bool) -> None:
+    """Show dead-lettered jobs, oldest first, with the reason; removes nothing."""
+    settings = _settings(OperatorSettings)
+    letters, total = list_dead_letters(settings, limit)
+    for letter in letters:
+        if as_json:
+            click.echo(orjson.dumps(letter).decode())
+        else:
+            click.echo(
+                f"{letter.message_id or '-':<40} {letter.model or '-':<16} {letter.size_bytes:>8}B  {letter.reason}"
+            )
+    if not as_json:
+        click.echo(f"{len(letters)} shown of {total} in {settings.dlq_queue}")
+
+
+@dlq.command("replay")
+@click.option("--id", "job_id", help="Replay the dead letter with this job id.")
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
+def dlq_replay(job_id: str | None, replay_all: bool) -> None:
+    """Republish dead letters to the jobs queue; each leaves the DLQ only once the broker confirmed its copy.
+
+    Prints each replayed id as soon as it is safe."""
+    if (job_id is None) == (not replay_all):
+        raise click.UsageError("give either --id ID or --all")
+    replayed = replay(_settings(OperatorSettings), job_id=job_id, on_replayed=lambda d: _echo_flush(str(d.message_id)))
+    click.echo(f"replayed {len(replayed)}", err=True)
 
 
 # -- entry point ---------------------------------------------------------------------------------

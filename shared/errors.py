@@ -94,6 +94,10 @@ class PublishError(InferqError):
     """The broker refused a publish (nacked, or returned it as unroutable)."""
 
 
+class DeadLetterNotFound(InferqError):
+    """No dead-lettered message with that id is waiting in the dead-letter queue."""
+
+
 class InvalidName(InferqError):
     """A model or alias name that could escape the store or is otherwise malformed."""
 

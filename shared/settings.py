@@ -58,6 +58,9 @@ class WorkerSettings(InferqSettings):
     intra_op_threads: Annotated[int, Field(ge=1, le=256)] = 1
     store_retry_max_s: Annotated[float, Field(gt=0)] = 30.0
     drain_poll_ms: Annotated[float, Field(gt=0)] = 100.0
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9464
+    """Port of ``/metrics``, ``/healthz`` and ``/readyz``; 0 turns the HTTP server off."""
+    metrics_host: str = "0.0.0.0"  # probes and Prometheus reach the container from outside
     job_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     broker_consumer_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
     shutdown_grace_s: Annotated[float, Field(gt=0)] = 25.0
@@ -79,6 +82,15 @@ class ProducerSettings(InferqSettings):
 
     confirm_window: Annotated[int, Field(ge=1, le=65535)] = 1000
     publish_retry_s: Annotated[float, Field(gt=0)] = 60.0
+
+
+class OperatorSettings(InferqSettings):
+    """Settings of the operator commands (``inferq status``, ``inferq dlq``)."""
+
+    management_url: SecretStr | None = None
+    """RabbitMQ management API, e.g. ``http://user:pass@rabbitmq:15672``; unset: the AMQP host on port
+    15672 with the AMQP credentials. When it cannot be reached, ``status`` falls back to AMQP."""
+    management_timeout_s: Annotated[float, Field(gt=0)] = 3.0
 
 
 def load_settings(cls: type[S]) -> S:

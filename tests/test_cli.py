@@ -6,7 +6,7 @@ import csv
 import uuid
 
 import orjson
-from conftest import BackgroundWorker, Env, Models, dumps, job_dict
+from support import BackgroundWorker, Env, Models, dumps, job_dict
 
 from shared.messages import Status
 

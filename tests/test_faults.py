@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pika
 import pytest
-from conftest import BackgroundWorker, Env, Models, make_job, wait_for
 from private_broker import PrivateBroker
+from support import BackgroundWorker, Env, Models, make_job, wait_for
 
 from model_store.base import publish
 from model_store.registry import Registry

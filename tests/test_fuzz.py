@@ -11,9 +11,9 @@ from typing import Any
 
 import pika
 import pytest
-from conftest import AMQP_URL, Env, Models
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import AMQP_URL, Env, Models
 
 from model_store.base import publish, set_alias
 from shared.codec import Rejected, Undecodable, decode_job

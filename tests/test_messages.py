@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import dumps, job_dict
 from pydantic import ValidationError
+from support import dumps, job_dict
 
 from shared.codec import Rejected, Undecodable, decode_job
 from shared.errors import ErrorCode, InvalidPayload

@@ -9,7 +9,7 @@ import joblib
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import Env, Models
+from support import Env, Models
 
 from model_store.base import publish, resolve_version, set_alias
 from model_store.local import LocalModelStore

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pika
 import pytest
-from conftest import AMQP_URL, BackgroundWorker, Env, Models, dumps, job_dict, make_job
+from support import AMQP_URL, BackgroundWorker, Env, Models, dumps, job_dict, make_job
 
 from model_store.base import publish
 from producer.client import Producer

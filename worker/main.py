@@ -29,6 +29,7 @@ from shared.results import ResultStore, open_result_store
 from shared.settings import WorkerSettings
 from worker.batcher import Batch, Batcher
 from worker.consumer import Consumer, Delivery
+from worker.metrics import MeteredRegistry, WorkerMetrics, start_metrics_server
 from worker.processor import ModelKey, Outcome, Pending, Processor
 from worker.runner import Limits, LoadedModel, Watchdog, load_model
 
@@ -64,9 +65,16 @@ class Worker:
     """One worker process's pipeline, driven by the consumer's events on the I/O thread."""
 
     def __init__(
-        self, settings: WorkerSettings, registry: Registry[LoadedModel], store: ResultStore, *, drain: bool
+        self,
+        settings: WorkerSettings,
+        registry: Registry[LoadedModel],
+        store: ResultStore,
+        *,
+        drain: bool,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.registry = registry
         self.drain = drain
         self.name = worker_name()
@@ -113,6 +121,17 @@ class Worker:
     def stopping(self) -> bool:
         """True once a graceful stop was requested."""
         return self._stopping.is_set()
+
+    @property
+    def ready(self) -> bool:
+        """Connected and consuming, and not stopping: what ``/readyz`` reports."""
+        # NOTE: read from the metrics thread; these are plain attribute reads of the I/O thread's state.
+        return self.consumer.ready and not self._stopping.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        """Deliveries received and not yet acked."""
+        return len(self._unacked)
 
     def request_stop(self) -> None:
         """Graceful stop, on the I/O thread. The order matters: stop taking work (basic.cancel),
@@ -220,6 +239,7 @@ class Worker:
     def _dead_letter(self, delivery: Delivery, body: bytes, reason: str) -> None:
         log.warning("job_dead_lettered", message_id=delivery.message_id, reason=reason)
         self.counters.dead_lettered += 1
+        self.metrics.dead_lettered()
         self.consumer.dead_letter(delivery, body, reason, partial(self._settle, delivery))
 
     # -- batch → run → store (processing thread) --------------------------------------------------
@@ -270,6 +290,7 @@ class Worker:
                 self._settle(delivery, ok=False)
         else:
             self.counters.batches += len(batches)
+            self.metrics.observe_processed(batches, outcomes)
             for outcome in outcomes:
                 if outcome.result.error is None:
                     self.counters.succeeded += 1
@@ -332,13 +353,15 @@ def _asdict(counters: Counters) -> dict[str, int | float | None]:
 def build_worker(settings: WorkerSettings, *, drain: bool) -> Worker:
     """Wire a worker from settings: model store, registry, result store."""
     model_store = open_model_store(settings.model_store)
-    registry: Registry[LoadedModel] = Registry(
+    metrics = WorkerMetrics()
+    registry = MeteredRegistry(
         model_store,
         partial(load_model, intra_op_threads=settings.intra_op_threads),
+        metrics=metrics,
         max_loaded=settings.max_loaded_models,
         refresh_s=settings.alias_refresh_s,
     )
-    return Worker(settings, registry, open_result_store(settings.result_store), drain=drain)
+    return Worker(settings, registry, open_result_store(settings.result_store), drain=drain, metrics=metrics)
 
 
 def run_worker(settings: WorkerSettings, *, drain: bool = False) -> Counters:
@@ -365,7 +388,13 @@ def run_worker(settings: WorkerSettings, *, drain: bool = False) -> Counters:
         result_store=settings.result_store,
         drain=drain,
     )
-    counters = worker.run()
+    worker.metrics.watch(worker)
+    server = start_metrics_server(worker.metrics, worker, settings.metrics_host, settings.metrics_port)
+    try:
+        counters = worker.run()
+    finally:
+        if server is not None:
+            server.close()
     if counters.forced:
         raise ShutdownTimeout(
             f"in-flight work did not finish within INFERQ_SHUTDOWN_GRACE_S={settings.shutdown_grace_s:g}s; "

@@ -1,0 +1,207 @@
+"""What an operator asks first: how deep are the queues, who consumes them, which models are there.
+
+Queue numbers come from the RabbitMQ management API when it answers (ready, unacked and consumers),
+otherwise from AMQP itself: a passive declare tells the ready count and the consumers, not the unacked.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import pika
+import pika.exceptions
+
+from model_store.stores import open_model_store
+from shared.amqp import connection_parameters, redacted_url
+from shared.errors import BrokerUnavailable, InferqError
+from shared.settings import OperatorSettings
+
+Source = Literal["management", "amqp"]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStatus:
+    """One queue's numbers; ``None`` where the source cannot tell."""
+
+    role: str
+    name: str
+    exists: bool
+    ready: int | None = None
+    unacked: int | None = None
+    consumers: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    """A model's published versions and its aliases."""
+
+    name: str
+    versions: list[int]
+    aliases: dict[str, int]
+
+
+@dataclass(slots=True)
+class Status:
+    """The whole picture ``inferq status`` prints."""
+
+    source: Source
+    queues: list[QueueStatus]
+    models: list[ModelStatus] = field(default_factory=list)
+    management_error: str | None = None
+    models_error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for ``--json``."""
+        return asdict(self)
+
+
+def queue_roles(settings: OperatorSettings) -> list[tuple[str, str]]:
+    """``(role, queue name)`` of every queue inferq owns."""
+    return [("jobs", settings.jobs_queue), ("results", settings.results_queue), ("dlq", settings.dlq_queue)]
+
+
+def collect_status(settings: OperatorSettings) -> Status:
+    """Queues from the management API (or AMQP when it does not answer) and models from the store."""
+    roles = queue_roles(settings)
+    try:
+        status = Status("management", [_management_queue(settings, role, name) for role, name in roles])
+    except ManagementUnavailable as exc:
+        status = Status("amqp", _amqp_queues(settings, roles), management_error=str(exc))
+    try:
+        status.models = _models(settings)
+    except (InferqError, OSError) as exc:
+        status.models_error = f"{type(exc).__name__}: {exc}"
+    return status
+
+
+# -- management API -------------------------------------------------------------------------------
+
+
+class ManagementUnavailable(Exception):
+    """The management API did not answer usefully; AMQP is asked instead."""
+
+
+def management_base_url(settings: OperatorSettings) -> str:
+    """``INFERQ_MANAGEMENT_URL``, or the AMQP host on the management port with the AMQP credentials."""
+    if settings.management_url is not None:
+        return settings.management_url.get_secret_value().rstrip("/")
+    amqp = urlsplit(settings.amqp_url.get_secret_value())
+    tls = amqp.scheme == "amqps"
+    userinfo = f"{amqp.username or 'guest'}:{amqp.password or 'guest'}@"
+    netloc = f"{userinfo}{amqp.hostname or 'localhost'}:{15671 if tls else 15672}"
+    return urlunsplit(("https" if tls else "http", netloc, "", "", ""))
+
+
+def _vhost(settings: OperatorSettings) -> str:
+    return str(pika.URLParameters(settings.amqp_url.get_secret_value()).virtual_host)
+
+
+def _management_queue(settings: OperatorSettings, role: str, name: str) -> QueueStatus:
+    base = management_base_url(settings)
+    parts = urlsplit(base)
+    # Credentials go in a header, never in the URL urllib might echo back in an error.
+    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    url = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    url += f"/api/queues/{quote(_vhost(settings), safe='')}/{quote(name, safe='')}"
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if parts.username is not None:
+        token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=settings.management_timeout_s) as response:
+            data = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return QueueStatus(role, name, exists=False)
+        raise ManagementUnavailable(f"{redacted_url(base)} answered HTTP {exc.code}") from None
+    except (OSError, ValueError) as exc:  # refused, timed out, not JSON
+        raise ManagementUnavailable(f"{redacted_url(base)} unreachable: {exc}") from None
+    # A queue declared a moment ago has no sampled numbers yet: unknown, not zero.
+    return QueueStatus(
+        role,
+        name,
+        exists=True,
+        ready=_count(data.get("messages_ready")),
+        unacked=_count(data.get("messages_unacknowledged")),
+        consumers=_count(data.get("consumers")),
+    )
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) else None
+
+
+# -- AMQP fallback --------------------------------------------------------------------------------
+
+
+def open_blocking(settings: OperatorSettings, name: str) -> pika.BlockingConnection:
+    """A short-lived blocking connection for an operator command; one clear error when it fails."""
+    try:
+        return pika.BlockingConnection(connection_parameters(settings, name))
+    except pika.exceptions.AMQPError as exc:
+        url = redacted_url(settings.amqp_url.get_secret_value())
+        raise BrokerUnavailable(f"cannot reach the broker at {url} ({type(exc).__name__}: {exc})") from None
+
+
+def _amqp_queues(settings: OperatorSettings, roles: list[tuple[str, str]]) -> list[QueueStatus]:
+    connection = open_blocking(settings, "inferq-status")
+    try:
+        return [_passive(connection, role, name) for role, name in roles]
+    finally:
+        connection.close()
+
+
+def _passive(connection: pika.BlockingConnection, role: str, name: str) -> QueueStatus:
+    # A passive declare of a missing queue closes the channel (404): one channel per queue.
+    channel = connection.channel()
+    try:
+        frame = channel.queue_declare(name, passive=True)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404:
+            return QueueStatus(role, name, exists=False)
+        raise
+    channel.close()
+    return QueueStatus(role, name, exists=True, ready=frame.method.message_count, consumers=frame.method.consumer_count)
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+
+def _models(settings: OperatorSettings) -> list[ModelStatus]:
+    store = open_model_store(settings.model_store)
+    return [ModelStatus(name, store.list_versions(name), store.read_aliases(name)) for name in store.list_models()]
+
+
+def render_status(status: Status) -> list[str]:
+    """The readable table."""
+    lines = [f"{'QUEUE':<8} {'NAME':<40} {'READY':>9} {'UNACKED':>9} {'CONSUMERS':>9}"]
+    for q in status.queues:
+        if not q.exists:
+            lines.append(f"{q.role:<8} {q.name:<40} {'(missing)':>9}")
+            continue
+        cells = [_cell(q.ready), _cell(q.unacked), _cell(q.consumers)]
+        lines.append(f"{q.role:<8} {q.name:<40} {cells[0]:>9} {cells[1]:>9} {cells[2]:>9}")
+    source = "management API" if status.source == "management" else "AMQP (management API unavailable: unacked unknown)"
+    lines.append(f"queue numbers from {source}")
+    lines.append("")
+    if status.models_error is not None:
+        lines.append(f"models: unavailable ({status.models_error})")
+        return lines
+    lines.append(f"{'MODEL':<24} {'VERSIONS':<24} ALIASES")
+    for m in status.models:
+        versions = ",".join(str(v) for v in m.versions[-8:]) + (" …" if len(m.versions) > 8 else "")
+        aliases = ", ".join(f"{a}->{v}" for a, v in sorted(m.aliases.items())) or "-"
+        lines.append(f"{m.name:<24} {versions:<24} {aliases}")
+    if not status.models:
+        lines.append("(no models published)")
+    return lines
+
+
+def _cell(value: int | None) -> str:
+    return "?" if value is None else str(value)

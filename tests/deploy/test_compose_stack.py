@@ -1,0 +1,196 @@
+"""docker-compose.yml and the files it mounts, checked by parsing (no Docker engine runs here)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared.settings import InferqSettings, WorkerSettings
+from shared.topology import all_queues
+from worker.metrics import WorkerMetrics
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+SECRET_NAME = re.compile(r"PASS|SECRET|TOKEN|AMQP_URL|MANAGEMENT_URL|ACCESS_KEY", re.I)
+METRICS_PORT = WorkerSettings.model_fields["metrics_port"].default
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = compose["services"]
+    return found
+
+
+def mounted_files(service: dict[str, Any]) -> list[Path]:
+    return [ROOT / v.split(":")[0] for v in service.get("volumes", []) if v.startswith("./")]
+
+
+def test_the_stack_has_broker_s3_workers_producer_and_monitoring(services: dict[str, dict[str, Any]]) -> None:
+    assert {
+        "rabbitmq",
+        "rabbitmq-definitions",
+        "minio",
+        "s3-bucket",
+        "worker",
+        "producer",
+        "prometheus",
+        "grafana",
+    } <= set(services)
+    assert services["rabbitmq"]["image"].endswith("-management")
+    assert services["producer"]["profiles"] == ["producer"]
+    assert services["prometheus"]["profiles"] == services["grafana"]["profiles"] == ["monitoring"]
+    assert "profiles" not in services["worker"]
+
+
+def test_every_image_is_pinned(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        image = service["image"]
+        assert ":" in image, f"{name} has no tag"
+        assert not image.endswith(":latest"), f"{name} floats on :latest"
+
+
+def test_workers_can_be_scaled_and_wait_for_broker_definitions_and_bucket(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    worker = services["worker"]
+    # --scale worker=4 needs neither a fixed container name nor a host port
+    assert "container_name" not in worker
+    assert "ports" not in worker
+    assert worker["build"] == "."
+    assert worker["command"] == ["worker"]
+    assert worker["depends_on"] == {
+        "rabbitmq": {"condition": "service_healthy"},
+        "rabbitmq-definitions": {"condition": "service_completed_successfully"},
+        "s3-bucket": {"condition": "service_completed_successfully"},
+    }
+    assert services["producer"]["depends_on"] == worker["depends_on"]
+    # stopped with more time than the worker's drain takes; runs with a read-only root file system
+    assert int(worker["stop_grace_period"].rstrip("s")) > 25
+    assert worker["read_only"] is True and "/tmp" in worker["tmpfs"]
+
+
+def test_servers_have_healthchecks_and_one_shots_do_not_restart(services: dict[str, dict[str, Any]]) -> None:
+    for name in ("rabbitmq", "minio", "prometheus"):
+        assert services[name]["healthcheck"]["test"][0] == "CMD", name
+    for name in ("rabbitmq-definitions", "s3-bucket", "producer"):
+        assert services[name]["restart"] == "no", name
+    assert services["rabbitmq-definitions"]["depends_on"] == {"rabbitmq": {"condition": "service_healthy"}}
+    assert services["s3-bucket"]["depends_on"] == {"minio": {"condition": "service_healthy"}}
+    assert services["grafana"]["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
+
+
+def test_workers_use_the_s3_server_and_the_broker_by_service_name(services: dict[str, dict[str, Any]]) -> None:
+    env = services["worker"]["environment"]
+    assert env["INFERQ_MODEL_STORE"].startswith("s3://") and env["INFERQ_RESULT_STORE"].startswith("s3://")
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert "@rabbitmq:5672/" in env["INFERQ_AMQP_URL"]
+    assert env["INFERQ_METRICS_PORT"] == str(METRICS_PORT)
+    bucket_cmd = services["s3-bucket"]["command"][0]
+    assert "mc mb --ignore-existing" in bucket_cmd
+    # queue names are left at their defaults, which the imported definitions declare
+    assert not {"INFERQ_JOBS_QUEUE", "INFERQ_RESULTS_QUEUE", "INFERQ_MAX_DELIVERIES"} & set(env)
+
+
+def test_no_credential_is_written_into_the_compose_file(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        env = service.get("environment", {})
+        assert isinstance(env, dict), f"{name}: use a mapping for environment"
+        for key, value in env.items():
+            if SECRET_NAME.search(key):
+                assert "${" in str(value), f"{name}.{key} must come from the environment"
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond this machine"
+
+
+def test_definitions_declare_the_queues_exactly_as_the_topology_does(services: dict[str, dict[str, Any]]) -> None:
+    definitions_file = ROOT / "deploy" / "rabbitmq" / "definitions.json"
+    assert definitions_file in mounted_files(services["rabbitmq-definitions"])
+    assert "import /etc/inferq/definitions.json" in services["rabbitmq-definitions"]["command"][0]
+    declared = {q["name"]: q for q in json.loads(definitions_file.read_text())["queues"]}
+    expected = all_queues(InferqSettings.model_construct())
+    names = {"inferq.jobs", "inferq.jobs.dlq", "inferq.jobs.retry", "inferq.results"}
+    assert set(declared) == {spec.name for spec in expected} == names
+    for spec in expected:
+        assert declared[spec.name]["arguments"] == spec.arguments
+        assert declared[spec.name]["durable"] is True
+    jobs = declared["inferq.jobs"]["arguments"]
+    assert (jobs["x-queue-type"], jobs["x-overflow"], jobs["x-dead-letter-routing-key"]) == (
+        "quorum",
+        "reject-publish",
+        "inferq.jobs.dlq",
+    )
+    # and the file is exactly what the renderer writes, so it cannot drift from shared/topology.py
+    check = subprocess.run(
+        [sys.executable, "scripts/render_definitions.py", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
+
+
+def test_prometheus_scrapes_every_worker_replica_on_the_metrics_port(services: dict[str, dict[str, Any]]) -> None:
+    (config_file,) = mounted_files(services["prometheus"])
+    config = yaml.safe_load(config_file.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    dns = jobs["inferq-worker"]["dns_sd_configs"][0]
+    assert (dns["names"], dns["type"], dns["port"]) == (["worker"], "A", METRICS_PORT)
+    assert jobs["inferq-worker"]["metrics_path"] == "/metrics"
+    assert jobs["rabbitmq"]["static_configs"][0]["targets"] == ["rabbitmq:15692"]
+
+
+def exported_names() -> set[str]:
+    """Every sample name a worker exports, with the _total/_bucket/_sum/_count suffixes."""
+    metrics = WorkerMetrics()
+    metrics.jobs.labels("m", "1", "succeeded", "").inc()
+    for histogram in (metrics.batch_rows, metrics.inference_seconds, metrics.job_latency_seconds):
+        histogram.labels("m").observe(1)
+    metrics.model_load_seconds.labels("m").observe(1)
+    metrics.model_cache_hits.labels("m").inc()
+    metrics.model_cache_misses.labels("m").inc()
+    text = metrics.render().decode()
+    return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_grafana_dashboard_is_provisioned_and_queries_only_metrics_that_exist(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    grafana = services["grafana"]
+    assert grafana["volumes"] == [
+        "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro",
+        "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro",
+    ]
+    provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/inferq.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    datasource = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    uid = datasource["datasources"][0]["uid"]
+
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/inferq.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert all(panel["datasource"]["uid"] == uid for panel in dashboard["panels"])
+    used = {name for expr in exprs for name in re.findall(r"\b((?:inferq|rabbitmq)_[a-z_]+)\b", expr)}
+    inferq_used = {name for name in used if name.startswith("inferq_")}
+    assert inferq_used <= exported_names(), f"unknown metrics: {inferq_used - exported_names()}"
+    # every family the worker exports has a panel
+    families = {"inferq_jobs_total", "inferq_batch_rows", "inferq_inference_seconds", "inferq_job_latency_seconds"}
+    families |= {"inferq_jobs_in_flight", "inferq_model_load_seconds", "inferq_model_cache_hits_total"}
+    families |= {"inferq_worker_draining"}
+    assert all(any(name.startswith(f) for name in inferq_used) for f in families)
+    grid = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in dashboard["panels"]]
+    assert len(grid) == len(set(grid)), "panels overlap"

@@ -1,0 +1,180 @@
+"""deploy/k8s: every manifest parses, the kustomization renders, and the invariants that keep workers
+safe to scale hold (checked on what `kubectl kustomize` renders, i.e. what would be applied)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from shared.settings import WorkerSettings
+from shared.topology import jobs_queue
+from worker.metrics import MetricsServer, WorkerMetrics
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+SECRET_NAME = re.compile(r"PASS|SECRET|TOKEN|AMQP_URL|MANAGEMENT_URL|ACCESS_KEY", re.I)
+CREDENTIALS_IN_URL = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, dict[str, Any]]:
+    """``kind/name`` → object, from ``kubectl kustomize deploy/k8s``."""
+    out = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, check=True).stdout
+    return {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(out) if d}
+
+
+@pytest.fixture(scope="module")
+def pod(rendered: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    spec: dict[str, Any] = rendered["Deployment/inferq-worker"]["spec"]["template"]["spec"]
+    return spec
+
+
+@pytest.fixture(scope="module")
+def config(rendered: dict[str, dict[str, Any]]) -> dict[str, str]:
+    data: dict[str, str] = rendered["ConfigMap/inferq-config"]["data"]
+    return data
+
+
+def test_every_manifest_parses_and_the_kustomization_lists_them_all() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+    for name in files:
+        for doc in yaml.safe_load_all((K8S / name).read_text()):
+            assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], name
+
+
+def test_the_rendered_set_is_a_worker_deployment_with_config_scaling_budget_and_metrics(
+    rendered: dict[str, dict[str, Any]],
+) -> None:
+    assert set(rendered) == {
+        "ConfigMap/inferq-config",
+        "Deployment/inferq-worker",
+        "Service/inferq-worker-metrics",
+        "PodDisruptionBudget/inferq-worker",
+        "TriggerAuthentication/inferq-rabbitmq",
+        "ScaledObject/inferq-worker",
+    }
+    assert all(obj["metadata"]["namespace"] == "inferq" for obj in rendered.values())
+    assert "Secret" not in {obj["kind"] for obj in rendered.values()}  # created out of band, never committed
+
+
+def test_termination_grace_outlasts_the_worker_shutdown_grace(pod: dict[str, Any], config: dict[str, str]) -> None:
+    shutdown_grace_s = float(config["INFERQ_SHUTDOWN_GRACE_S"])
+    field = WorkerSettings.model_fields.get("shutdown_grace_s")
+    if field is not None:  # the setting's own default, where the worker defines one
+        assert float(field.default) <= shutdown_grace_s
+    assert pod["terminationGracePeriodSeconds"] > shutdown_grace_s + 5
+
+
+def test_worker_runs_non_root_on_a_read_only_root_with_writable_scratch(pod: dict[str, Any]) -> None:
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert all("emptyDir" in volumes[name] for name in mounts.values())
+
+
+def test_worker_has_requests_and_limits(pod: dict[str, Any]) -> None:
+    resources = pod["containers"][0]["resources"]
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(resources[kind]), kind
+
+
+def _serve_probe(path: str, ready: bool) -> int:
+    """What the worker's real HTTP handler answers on ``path``."""
+
+    class State:
+        stopping = False
+        in_flight = 0
+
+        @property
+        def ready(self) -> bool:
+            return ready
+
+    server = MetricsServer(WorkerMetrics(), State(), "127.0.0.1", 0).start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code
+    finally:
+        server.close()
+
+
+def test_probes_hit_the_worker_endpoints_on_its_metrics_port(pod: dict[str, Any], config: dict[str, str]) -> None:
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == int(config["INFERQ_METRICS_PORT"]) == WorkerSettings.model_fields["metrics_port"].default
+    readiness, liveness = container["readinessProbe"]["httpGet"], container["livenessProbe"]["httpGet"]
+    assert (readiness["path"], readiness["port"]) == ("/readyz", "metrics")
+    assert (liveness["path"], liveness["port"]) == ("/healthz", "metrics")
+    # and the worker really serves them: readiness follows the worker's state, liveness does not
+    assert _serve_probe(readiness["path"], ready=True) == 200
+    assert _serve_probe(readiness["path"], ready=False) == 503
+    assert _serve_probe(liveness["path"], ready=False) == 200
+
+
+def test_config_comes_from_the_configmap_and_secrets_only_by_reference(
+    rendered: dict[str, dict[str, Any]], pod: dict[str, Any], config: dict[str, str]
+) -> None:
+    (container,) = pod["containers"]
+    assert container["envFrom"] == [{"configMapRef": {"name": "inferq-config"}}]
+    env = {e["name"]: e for e in container["env"]}
+    assert {"INFERQ_AMQP_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env)
+    for name, entry in env.items():
+        assert "value" not in entry, f"{name} is inline"
+        assert entry["valueFrom"]["secretKeyRef"]["name"] == "inferq-secrets"
+    for key, value in config.items():
+        assert not SECRET_NAME.search(key), f"{key} belongs in the Secret"
+        assert not CREDENTIALS_IN_URL.search(value), f"{key} carries credentials"
+    for obj in rendered.values():
+        assert not CREDENTIALS_IN_URL.search(yaml.safe_dump(obj)), obj["metadata"]["name"]
+
+
+def test_keda_scales_the_deployment_on_the_jobs_queue_down_to_zero(
+    rendered: dict[str, dict[str, Any]], config: dict[str, str]
+) -> None:
+    scaled = rendered["ScaledObject/inferq-worker"]["spec"]
+    assert scaled["scaleTargetRef"]["name"] == "inferq-worker"
+    assert scaled["minReplicaCount"] == 0
+    assert scaled["maxReplicaCount"] >= 1
+    assert scaled["cooldownPeriod"] >= 60
+    (trigger,) = scaled["triggers"]
+    assert trigger["type"] == "rabbitmq"
+    expected_queue = jobs_queue(WorkerSettings.model_construct()).name
+    assert trigger["metadata"]["queueName"] == config["INFERQ_JOBS_QUEUE"] == expected_queue
+    assert trigger["metadata"]["mode"] == "QueueLength"
+    assert int(trigger["metadata"]["value"]) > 0
+    auth = rendered[f"TriggerAuthentication/{trigger['authenticationRef']['name']}"]["spec"]
+    assert auth["secretTargetRef"] == [{"parameter": "host", "name": "inferq-secrets", "key": "INFERQ_MANAGEMENT_URL"}]
+
+
+def test_disruption_budget_and_metrics_service_select_the_worker_pods(rendered: dict[str, dict[str, Any]]) -> None:
+    labels = rendered["Deployment/inferq-worker"]["spec"]["template"]["metadata"]["labels"]
+    selector = rendered["Deployment/inferq-worker"]["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= labels.items()
+    pdb = rendered["PodDisruptionBudget/inferq-worker"]["spec"]
+    assert pdb["selector"]["matchLabels"] == selector
+    assert pdb["maxUnavailable"] == 1  # never minAvailable: one replica must not block a node drain
+    service = rendered["Service/inferq-worker-metrics"]["spec"]
+    assert service["selector"] == selector
+    assert service["ports"][0]["targetPort"] == "metrics"
+
+
+def test_the_image_is_set_by_kustomize(pod: dict[str, Any]) -> None:
+    image = pod["containers"][0]["image"]
+    assert re.fullmatch(r"[\w./-]+/inferq:\d+\.\d+\.\d+", image), image

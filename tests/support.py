@@ -1,0 +1,288 @@
+"""Test support: the real broker with unique queue names per test, temp stores, tiny ONNX models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pika
+import pytest
+from sklearn.datasets import load_iris
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+
+from model_store.base import publish
+from model_store.export import estimator_to_onnx
+from model_store.local import LocalModelStore
+from producer.client import Producer
+from shared.messages import Job, Result, Tensor
+from shared.settings import ProducerSettings, WorkerSettings
+from shared.topology import all_queues
+from worker.main import Counters, Worker, build_worker
+
+AMQP_URL = os.environ.get("INFERQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def broker_is_up() -> None:
+    """Every test run needs the real broker: fail loudly (never skip) when it is not there."""
+    try:
+        pika.BlockingConnection(pika.URLParameters(AMQP_URL)).close()
+    except pika.exceptions.AMQPError as exc:
+        pytest.fail(f"RabbitMQ is not reachable at {AMQP_URL} ({exc!r}); run scripts/ensure-rabbitmq.sh")
+
+
+@dataclass(frozen=True)
+class Models:
+    """Estimators trained once per session and their ONNX bytes."""
+
+    X: np.ndarray
+    forest: RandomForestClassifier
+    logistic: LogisticRegression
+    forest_onnx: bytes
+    logistic_onnx: bytes
+
+
+@pytest.fixture(scope="session")
+def models() -> Models:
+    X, y = load_iris(return_X_y=True)
+    forest = RandomForestClassifier(n_estimators=10, max_depth=4, random_state=0).fit(X, y)
+    logistic = LogisticRegression(max_iter=500).fit(X, y)
+    return Models(X.astype(np.float32), forest, logistic, estimator_to_onnx(forest), estimator_to_onnx(logistic))
+
+
+@dataclass
+class Env:
+    """One test's isolated world: its queues and stores, and ways to use them."""
+
+    tmp: Path
+    prefix: str
+    amqp_url: str = AMQP_URL
+
+    @property
+    def model_dir(self) -> Path:
+        return self.tmp / "models"
+
+    @property
+    def result_dir(self) -> Path:
+        return self.tmp / "results"
+
+    @property
+    def jobs_queue(self) -> str:
+        return f"{self.prefix}.jobs"
+
+    @property
+    def results_queue(self) -> str:
+        return f"{self.prefix}.results"
+
+    @property
+    def store(self) -> LocalModelStore:
+        return LocalModelStore(self.model_dir)
+
+    def environ(self, **extra: str) -> dict[str, str]:
+        """Environment variables for a subprocess ``inferq`` pointed at this world."""
+        return {
+            **os.environ,
+            "INFERQ_AMQP_URL": self.amqp_url,
+            "INFERQ_JOBS_QUEUE": self.jobs_queue,
+            "INFERQ_RESULTS_QUEUE": self.results_queue,
+            "INFERQ_MODEL_STORE": str(self.model_dir),
+            "INFERQ_RESULT_STORE": str(self.result_dir),
+            "INFERQ_LOG_FORMAT": "json",
+            "INFERQ_CONNECT_TIMEOUT_S": "10",
+            **extra,
+        }
+
+    def worker_settings(self, **overrides: Any) -> WorkerSettings:
+        values: dict[str, Any] = {
+            "amqp_url": self.amqp_url,
+            "jobs_queue": self.jobs_queue,
+            "results_queue": self.results_queue,
+            "model_store": str(self.model_dir),
+            "result_store": str(self.result_dir),
+            "connect_timeout_s": 10,
+            "drain_poll_ms": 50,
+            **overrides,
+        }
+        return WorkerSettings(**values)
+
+    def producer_settings(self, **overrides: Any) -> ProducerSettings:
+        values: dict[str, Any] = {
+            "amqp_url": self.amqp_url,
+            "jobs_queue": self.jobs_queue,
+            "results_queue": self.results_queue,
+            "model_store": str(self.model_dir),
+            "result_store": str(self.result_dir),
+            "connect_timeout_s": 10,
+            **overrides,
+        }
+        return ProducerSettings(**values)
+
+    def submit(self, jobs: list[Job], **props: Any) -> list[str]:
+        confirmed: list[str] = []
+        with Producer(self.producer_settings()) as producer:
+            if props:
+                for job in jobs:
+                    producer.publish(job, **props)
+                    confirmed.append(job.id)
+            else:
+                producer.publish_many(jobs, on_confirmed=confirmed.append)
+        return confirmed
+
+    def drain(self, **overrides: Any) -> Counters:
+        """Run one in-process worker in drain mode until the jobs queue is empty."""
+        return build_worker(self.worker_settings(**overrides), drain=True).run()
+
+    def publish_raw(self, body: bytes, queue: str | None = None, **props: Any) -> None:
+        """Publish bytes as they are (for malformed messages), after declaring the topology."""
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        channel = connection.channel()
+        for spec in all_queues(self.worker_settings()):
+            channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+        channel.confirm_delivery()
+        channel.basic_publish(
+            "", queue or self.jobs_queue, body, pika.BasicProperties(delivery_mode=2, **props), mandatory=True
+        )
+        connection.close()
+
+    def read_queue(self, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
+        """Take every message now in ``queue``."""
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        channel = connection.channel()
+        messages = []
+        while True:
+            method, props, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                break
+            messages.append((props, body))
+        connection.close()
+        return messages
+
+    def results_on_queue(self) -> list[Result]:
+        return [Result.model_validate_json(body) for _, body in self.read_queue(self.results_queue)]
+
+    def depth(self, queue: str) -> int:
+        """Ready messages in ``queue``; a queue never declared holds none."""
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        try:
+            return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:
+                return 0
+            raise
+        finally:
+            connection.close()
+
+    def consumers(self, queue: str) -> int:
+        """Consumers on ``queue`` now (0 when it does not exist yet)."""
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        try:
+            return int(connection.channel().queue_declare(queue, passive=True).method.consumer_count)
+        except pika.exceptions.ChannelClosedByBroker:
+            return 0
+        finally:
+            connection.close()
+
+    def delete_queues(self) -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        channel = connection.channel()
+        for queue in (self.jobs_queue, self.results_queue, f"{self.jobs_queue}.dlq", f"{self.jobs_queue}.retry"):
+            channel.queue_delete(queue)
+        connection.close()
+
+    def stored(self) -> dict[str, Result]:
+        if not self.result_dir.is_dir():
+            return {}
+        return {p.stem: Result.model_validate_json(p.read_bytes()) for p in self.result_dir.glob("*.json")}
+
+    def inferq(self, *args: str, stdin: str | None = None, **extra_env: str) -> subprocess.CompletedProcess[str]:
+        """Run the real ``inferq`` command."""
+        return subprocess.run(
+            [sys.executable, "-m", "inferq", *args],
+            env=self.environ(**extra_env),
+            input=stdin,
+            text=True,
+            capture_output=True,
+            timeout=180,
+            check=False,
+        )
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    world = Env(tmp_path, f"test.{uuid.uuid4().hex[:12]}")
+    yield world
+    world.delete_queues()
+
+
+@pytest.fixture
+def iris_store(env: Env, models: Models) -> Env:
+    """``iris`` v1 (random forest, alias ``champion``) and v2 (logistic regression) in the model store."""
+    publish(env.store, "iris", models.forest_onnx, alias="champion")
+    publish(env.store, "iris", models.logistic_onnx)
+    return env
+
+
+def make_job(
+    rows: np.ndarray | list[list[float]], model: str = "iris", version: int | str = "latest", **kw: Any
+) -> Job:
+    array = np.asarray(rows, dtype=np.float32)
+    tensor = Tensor(name="X", shape=list(array.shape), datatype="FP32", data=array.reshape(-1).tolist())
+    return Job(id=kw.pop("id", uuid.uuid4().hex), model=model, version=version, inputs=[tensor], **kw)
+
+
+def job_dict(**overrides: Any) -> dict[str, Any]:
+    """A valid job as a plain dict, to break on purpose."""
+    job: dict[str, Any] = {
+        "id": uuid.uuid4().hex,
+        "model": "iris",
+        "version": "latest",
+        "inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}],
+    }
+    job.update(overrides)
+    return job
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+class BackgroundWorker:
+    """A worker running in a thread of the test process, stopped gracefully on exit."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.worker: Worker = build_worker(settings, drain=False)
+        self.counters: Counters | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.counters = self.worker.run()
+
+    def __enter__(self) -> BackgroundWorker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.worker.consumer.call_threadsafe(self.worker.request_stop)
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), "worker did not stop"
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    """Poll ``predicate`` until it holds (for conditions with no event to wait on)."""
+    import time  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)

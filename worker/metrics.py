@@ -1,0 +1,256 @@
+"""The worker's numbers and probes: Prometheus metrics, ``/healthz`` and ``/readyz`` on one HTTP port.
+
+The metrics live on a registry of their own (no process-global state), so several workers in one
+test process never share counters. Everything is recorded from the worker's I/O thread or its
+processing thread; prometheus-client's metrics are thread-safe, and the HTTP server runs on a daemon
+thread that only *reads* worker state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from model_store.base import ModelStore
+from model_store.manifest import Manifest
+from model_store.registry import Registry
+from shared.errors import ErrorCode
+from shared.logging import get_logger
+from shared.messages import Result
+from worker.batcher import Batch
+from worker.consumer import Delivery
+from worker.processor import ModelKey, Outcome, Pending
+from worker.runner import LoadedModel
+
+log = get_logger(__name__)
+
+# A failed job may name a model that does not exist: never turn caller-chosen text into a label value
+# (one time series per typo would grow without bound).
+UNTRUSTED_MODEL_CODES = frozenset({ErrorCode.UNKNOWN_MODEL, ErrorCode.INVALID_PAYLOAD})
+OTHER_MODEL = "_other"
+
+ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
+INFERENCE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+LOAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class WorkerState(Protocol):
+    """What the probes and gauges read from a running worker."""
+
+    @property
+    def ready(self) -> bool:
+        """Connected, consuming, and not stopping."""
+
+    @property
+    def stopping(self) -> bool:
+        """A graceful stop (drain) is under way."""
+
+    @property
+    def in_flight(self) -> int:
+        """Deliveries received and not yet acked."""
+
+
+class WorkerMetrics:
+    """Every metric a worker exports. Names are the contract of the Grafana dashboard and alerts."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.jobs = Counter(
+            "inferq_jobs",
+            "Jobs finished, by model, version and status (succeeded, failed, expired, dead_lettered) and error code.",
+            ["model", "version", "status", "code"],
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "inferq_batch_rows",
+            "Rows per micro-batch (one onnxruntime call).",
+            ["model"],
+            buckets=ROWS_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "inferq_inference_seconds",
+            "Time of one onnxruntime call for a micro-batch.",
+            ["model"],
+            buckets=INFERENCE_BUCKETS,
+            registry=r,
+        )
+        self.job_latency_seconds = Histogram(
+            "inferq_job_latency_seconds",
+            "End to end, from the producer's publish to the stored result.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("inferq_jobs_in_flight", "Deliveries received and not yet acked.", registry=r)
+        self.model_load_seconds = Histogram(
+            "inferq_model_load_seconds",
+            "Time to read, verify and load a model version that was not cached.",
+            ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.model_cache_hits = Counter(
+            "inferq_model_cache_hits", "Batches that found their model version already loaded.", ["model"], registry=r
+        )
+        self.model_cache_misses = Counter(
+            "inferq_model_cache_misses", "Batches that had to load their model version.", ["model"], registry=r
+        )
+        self.draining = Gauge(
+            "inferq_worker_draining", "1 while the worker finishes its in-flight work before exiting.", registry=r
+        )
+
+    def watch(self, worker: WorkerState) -> None:
+        """Read the in-flight and draining gauges from ``worker`` at every scrape."""
+        self.in_flight.set_function(lambda: worker.in_flight)
+        self.draining.set_function(lambda: 1.0 if worker.stopping else 0.0)
+
+    # -- recording --------------------------------------------------------------------------------
+
+    def observe_processed(self, batches: Sequence[Batch[ModelKey, Pending]], outcomes: Sequence[Outcome]) -> None:
+        """One processing round came back: count every job, and time every micro-batch that ran.
+
+        The jobs of one onnxruntime call all carry that call's time; jobs that failed before it (bad
+        inputs) carry none and do not count as rows of the call."""
+        inference_ms: dict[tuple[int, int], float] = {}
+        for outcome in outcomes:
+            self._count(outcome.result)
+            if outcome.result.timings.inference_ms is not None:
+                inference_ms[_key(outcome.delivery)] = outcome.result.timings.inference_ms
+        for batch in batches:
+            ran = [
+                (item.job.rows, inference_ms[_key(item.delivery)])
+                for item in batch.items
+                if _key(item.delivery) in inference_ms
+            ]
+            if ran:
+                model = batch.key[0]
+                self.batch_rows.labels(model).observe(sum(rows for rows, _ in ran))
+                self.inference_seconds.labels(model).observe(max(ms for _, ms in ran) / 1000)
+
+    def dead_lettered(self) -> None:
+        """A message without a usable job id went to the dead-letter queue."""
+        self.jobs.labels(OTHER_MODEL, "", "dead_lettered", "").inc()
+
+    def _count(self, result: Result) -> None:
+        code = "" if result.error is None else str(result.error.code)
+        model = OTHER_MODEL if result.model is None or code in UNTRUSTED_MODEL_CODES else result.model
+        version = "" if result.version is None else str(result.version)
+        self.jobs.labels(model, version, str(result.status), code).inc()
+        if result.timings.total_ms is not None:
+            self.job_latency_seconds.labels(model).observe(result.timings.total_ms / 1000)
+
+    def render(self) -> bytes:
+        """The metrics in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+def _key(delivery: Delivery) -> tuple[int, int]:
+    return delivery.epoch, delivery.tag
+
+
+class MeteredRegistry(Registry[LoadedModel]):
+    """The model registry, timing each load and counting cache hits per model."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        loader: Callable[[Manifest, bytes], LoadedModel],
+        *,
+        metrics: WorkerMetrics,
+        max_loaded: int,
+        refresh_s: float,
+    ) -> None:
+        super().__init__(store, loader, max_loaded=max_loaded, refresh_s=refresh_s)
+        self._metrics = metrics
+
+    def get(self, name: str, version: int) -> tuple[Manifest, LoadedModel]:
+        cached = (name, version) in self.loaded()
+        started = time.perf_counter()
+        loaded = super().get(name, version)
+        if cached:
+            self._metrics.model_cache_hits.labels(name).inc()
+        else:
+            self._metrics.model_cache_misses.labels(name).inc()
+            self._metrics.model_load_seconds.labels(name).observe(time.perf_counter() - started)
+        return loaded
+
+
+# -- the HTTP endpoint ------------------------------------------------------------------------------
+
+
+def _handler(metrics: WorkerMetrics, ready: Callable[[], bool]) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        """``/metrics``, ``/healthz`` (the process answers) and ``/readyz`` (connected and consuming)."""
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._reply(HTTPStatus.OK, metrics.render(), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                self._reply(HTTPStatus.OK, b"ok\n")
+            elif path == "/readyz":
+                is_ready = ready()
+                status = HTTPStatus.OK if is_ready else HTTPStatus.SERVICE_UNAVAILABLE
+                self._reply(status, b"ready\n" if is_ready else b"not ready\n")
+            else:
+                self._reply(HTTPStatus.NOT_FOUND, b"not found\n")
+
+        def _reply(self, status: HTTPStatus, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # probes hit these every few seconds: not worth a log line each
+
+    return Handler
+
+
+class MetricsServer:
+    """The worker's HTTP port, served from a daemon thread until :meth:`close`."""
+
+    def __init__(self, metrics: WorkerMetrics, worker: WorkerState, host: str, port: int) -> None:
+        self._server = ThreadingHTTPServer((host, port), _handler(metrics, lambda: worker.ready))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="inferq-metrics", daemon=True)
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when asked for port 0)."""
+        return int(self._server.server_address[1])
+
+    def start(self) -> MetricsServer:
+        """Serve in the background."""
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def start_metrics_server(metrics: WorkerMetrics, worker: WorkerState, host: str, port: int) -> MetricsServer | None:
+    """Serve the worker's metrics and probes on ``port``; ``None`` when it is 0 (turned off)."""
+    if port == 0:
+        return None
+    try:
+        server = MetricsServer(metrics, worker, host, port).start()
+    except OSError as exc:
+        # Observability must not stop the work: several workers on one host without their own ports
+        # (e.g. drain-mode runs) still process jobs; the failing probes make it visible where they matter.
+        log.error("metrics_unavailable", host=host, port=port, error=str(exc))
+        return None
+    log.info("metrics_serving", host=host, port=server.port, paths=["/metrics", "/healthz", "/readyz"])
+    return server
