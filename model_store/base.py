@@ -30,8 +30,9 @@ class ModelStore(Protocol):
     def read_manifest(self, name: str, version: int) -> Manifest:
         """The manifest of a version; raises :class:`UnknownModel` / :class:`UnknownVersion`."""
 
-    def read_model(self, name: str, version: int) -> bytes:
-        """The ONNX bytes of a version; raises :class:`UnknownVersion` when absent."""
+    def read_model(self, name: str, version: int, *, max_bytes: int | None = None) -> bytes:
+        """The ONNX bytes of a version; raises :class:`UnknownVersion` when absent and
+        :class:`ModelLoadError` (without reading it) when it is larger than ``max_bytes``."""
 
     def read_aliases(self, name: str) -> dict[str, int]:
         """Alias name → version for ``name``."""

@@ -19,10 +19,11 @@ from datetime import UTC, datetime
 from functools import partial
 from types import FrameType
 
+from model_store.cache import ModelCache
 from model_store.registry import Registry
 from model_store.stores import open_model_store
 from shared.codec import Rejected, Undecodable, decode_job
-from shared.errors import Expired, JobError
+from shared.errors import Expired, JobError, StoreUnreachable
 from shared.logging import get_logger
 from shared.messages import Job
 from shared.results import ResultStore, open_result_store
@@ -33,6 +34,7 @@ from worker.processor import ModelKey, Outcome, Pending, Processor
 from worker.runner import Limits, LoadedModel, load_model
 
 log = get_logger(__name__)
+MODEL_STORE_RETRY_S = 1.0
 
 
 @dataclass(slots=True)
@@ -181,7 +183,25 @@ class Worker:
         except JobError as exc:
             self._ready.append(self.processor.failed(delivery, job, exc))
             return
+        except StoreUnreachable as exc:
+            self._retry_accept(delivery, job, exc)
+            return
         self._batcher.add((job.model, version), Pending(delivery, job, version), job.rows)
+
+    def _retry_accept(self, delivery: Delivery, job: Job, exc: StoreUnreachable) -> None:
+        """The model store is unreachable and this model was never resolved: hold the job (unacked, so
+        nothing is lost and no delivery attempt is spent) and try again shortly; give it back on stop."""
+        if self._stopping.is_set():
+            self._settle(delivery, ok=False)
+            return
+        log.warning("model_store_unreachable", job_id=job.id, model=job.model, error=str(exc))
+
+        def again() -> None:
+            if self.consumer.is_current(delivery):
+                self._accept(delivery, job)
+                self._schedule_flush(0.0)
+
+        self.consumer.call_later(MODEL_STORE_RETRY_S, again)
 
     def _dead_letter(self, delivery: Delivery, body: bytes, reason: str) -> None:
         log.warning("job_dead_lettered", message_id=delivery.message_id, reason=reason)
@@ -294,6 +314,7 @@ def build_worker(settings: WorkerSettings, *, drain: bool) -> Worker:
         partial(load_model, intra_op_threads=settings.intra_op_threads),
         max_loaded=settings.max_loaded_models,
         refresh_s=settings.alias_refresh_s,
+        cache=ModelCache(settings.model_cache, settings.max_model_bytes),
     )
     return Worker(settings, registry, open_result_store(settings.result_store), drain=drain)
 
