@@ -119,11 +119,11 @@ class SeaweedFS:
             "-master.volumeSizeLimitMB=64",
             "-volume.max=32",
         ]
-        log = (self.dir / "weed.log").open("wb")
         # Own process group: a Ctrl-C in the terminal reaches us, and we stop the server in order.
-        self._proc = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, start_new_session=True
-        )
+        with (self.dir / "weed.log").open("wb") as log:
+            self._proc = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, start_new_session=True
+            )
         self._wait_until_ready()
         return self
 
