@@ -144,7 +144,7 @@ class SeaweedFS:
                 return
             except (BotoCoreError, ClientError):
                 if time.monotonic() > deadline:
-                    self.stop()
+                    self.halt()
                     raise RuntimeError(f"SeaweedFS did not answer S3 in {self.start_timeout_s}s") from None
                 time.sleep(0.3)
 
@@ -157,16 +157,21 @@ class SeaweedFS:
             if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise
 
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it lingers (it stops slowly); remove its directory."""
+    def halt(self, *, kill: bool = False) -> None:
+        """Stop the server but keep its data (for outage tests): SIGTERM, then SIGKILL if it lingers;
+        with ``kill``, SIGKILL at once, like a crash."""
         if self._proc is not None and self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGTERM)
+            os.killpg(self._proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
             try:
-                self._proc.wait(timeout=5)
+                self._proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 os.killpg(self._proc.pid, signal.SIGKILL)
                 self._proc.wait(timeout=10)
         self._proc = None
+
+    def stop(self) -> None:
+        """Stop the server and remove its directory."""
+        self.halt()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> SeaweedFS:

@@ -11,8 +11,10 @@ import boto3
 import numpy as np
 import pytest
 from botocore.config import Config
+from botocore.exceptions import EndpointConnectionError
 from conftest import S3_BUCKET, BackgroundWorker, Env, Models, make_job, wait_for
 from onnx import TensorProto, helper
+from seaweedfs import SeaweedFS
 
 from model_store.base import MODEL_FILE, publish
 from model_store.cache import ModelCache
@@ -366,3 +368,61 @@ def test_unused_versions_are_evicted_by_the_bound(s3_env: Env, models: Models) -
     for version in (1, 2, 3):
         registry.get("iris", version)
     assert registry.loaded() == [("iris", 2), ("iris", 3)]
+
+
+# -- a real outage ----------------------------------------------------------------------------------
+
+
+def test_an_s3_outage_delays_results_but_loses_none_and_the_worker_survives(
+    s3_env: Env, seaweedfs: SeaweedFS, models: Models
+) -> None:
+    # Given a worker on S3 stores which has already served iris once
+    publish(s3_store(s3_env), "iris", models.forest_onnx)
+    assert s3_env.result_location is not None
+    results = S3ResultStore(S3Location.parse(s3_env.result_location))
+    settings = s3_env.worker_settings(alias_refresh_s=0.2, store_retry_max_s=1)
+    first = make_job(models.X[:1])
+    try:
+        with BackgroundWorker(settings) as background:
+            s3_env.submit([first])
+            wait_for(lambda: results.exists(first.id))
+            # When the server dies, jobs arrive: the alias refresh fails and result writes fail
+            seaweedfs.halt(kill=True)
+            during = [make_job(models.X[i : i + 1]) for i in range(20)]
+            s3_env.submit(during)
+            time.sleep(1.5)
+            assert background._thread.is_alive()
+            # Then, once it is back, every job gets exactly one result
+            seaweedfs.start()
+            wait_for(lambda: all(results.exists(j.id) for j in during), timeout_s=60)
+    finally:
+        if seaweedfs._proc is None:
+            seaweedfs.start()  # the rest of the session needs it
+    stored = s3_env.stored()
+    assert all(stored[j.id].status is Status.SUCCEEDED and stored[j.id].version == 1 for j in during)
+    on_queue = [r.id for r in s3_env.results_on_queue()]
+    assert sorted(on_queue) == sorted([first.id, *(j.id for j in during)])
+    assert s3_env.depth(s3_env.jobs_queue) == 0 and s3_env.depth(f"{s3_env.jobs_queue}.dlq") == 0
+
+
+def test_a_job_for_a_model_never_resolved_waits_out_a_model_store_outage(s3_env: Env, models: Models) -> None:
+    # Given a worker whose model store fails its first listings (as when unreachable at start-up)
+    publish(s3_store(s3_env), "iris", models.forest_onnx)
+    failures = [8]
+
+    def unreachable(**_kw: Any) -> None:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise EndpointConnectionError(endpoint_url="http://s3.invalid")
+
+    job = make_job(models.X[:1])
+    with BackgroundWorker(s3_env.worker_settings()) as background:
+        store = background.worker.registry.store
+        assert isinstance(store, S3ModelStore)
+        store._client.meta.events.register("before-send.s3.ListObjectsV2", unreachable)
+        s3_env.submit([job])
+        # Then the job is held, not failed nor handed back, and runs once the store answers
+        wait_for(lambda: job.id in s3_env.stored(), timeout_s=30)
+    assert failures == [0]
+    assert s3_env.stored()[job.id].status is Status.SUCCEEDED
+    assert s3_env.depth(f"{s3_env.jobs_queue}.dlq") == 0
