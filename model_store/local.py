@@ -7,7 +7,7 @@ import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -87,9 +87,10 @@ class LocalModelStore:
             raise StoreError(f"corrupt alias file {path}") from None
         return {str(k): int(v) for k, v in raw.items()}
 
-    def write_aliases(self, name: str, aliases: dict[str, int]) -> None:
+    def update_aliases(self, name: str, change: Callable[[dict[str, int]], dict[str, int]]) -> None:
         model_dir = self._model_dir(name)
-        with self._locked(model_dir):
+        with self._locked(model_dir):  # read and write under one lock: concurrent updates serialize
+            aliases = change(self.read_aliases(name))
             _write_atomic(model_dir / ALIASES_FILE, orjson.dumps(aliases, option=orjson.OPT_SORT_KEYS))
 
     def put_version(self, manifest: Manifest, model_bytes: bytes) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +25,7 @@ from shared.messages import is_valid_name
 from shared.s3 import S3Location, is_not_found, is_precondition_failed, make_client, translate
 
 CLAIM_FILE = ".claim"
+ALIAS_UPDATE_ATTEMPTS = 20
 _MANIFEST_KEY = re.compile(r"^(\d+)/" + re.escape(MANIFEST_FILE) + "$")
 
 
@@ -110,33 +112,48 @@ class S3ModelStore:
         return data
 
     def read_aliases(self, name: str) -> dict[str, int]:
+        return self._read_aliases(name)[0]
+
+    def _read_aliases(self, name: str) -> tuple[dict[str, int], str | None]:
+        """The aliases of ``name`` and the ETag of their object (``None`` when there is none)."""
         key = self._key(name, ALIASES_FILE)
-        data = self._get(key)
-        if data is None:
-            return {}
+        try:
+            response = self._client.get_object(Bucket=self.location.bucket, Key=key)
+            data, etag = response["Body"].read(), str(response["ETag"])
+        except Exception as exc:  # see _list
+            if is_not_found(exc):
+                return {}, None
+            raise translate(exc, f"get s3://{self.location.bucket}/{key}") from None
         try:
             raw = orjson.loads(data)
-            return {str(k): int(v) for k, v in raw.items()}
+            return {str(k): int(v) for k, v in raw.items()}, etag
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
             raise StoreError(f"corrupt alias file s3://{self.location.bucket}/{key}") from None
 
     # -- writing ----------------------------------------------------------------------------------
 
-    def _put(self, key: str, body: bytes, *, if_absent: bool, content_type: str) -> bool:
-        """Write one object; with ``if_absent``, only if no object has that key (False if one had)."""
-        extra = {"IfNoneMatch": "*"} if if_absent else {}
+    def _put(self, key: str, body: bytes, *, if_absent: bool, content_type: str, if_match: str | None = None) -> bool:
+        """Write one object; with ``if_absent``, only if no object has that key, with ``if_match`` only if
+        the object still has that ETag (False when the condition did not hold)."""
+        extra = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": if_match} if if_match else {}
         try:
             self._client.put_object(Bucket=self.location.bucket, Key=key, Body=body, ContentType=content_type, **extra)
         except Exception as exc:  # see _list
-            if if_absent and is_precondition_failed(exc):
+            if extra and is_precondition_failed(exc):
                 return False
             raise translate(exc, f"put s3://{self.location.bucket}/{key}") from None
         return True
 
-    def write_aliases(self, name: str, aliases: dict[str, int]) -> None:
-        # A single PUT replaces the object atomically: readers see the old or the new aliases.
-        body = orjson.dumps(aliases, option=orjson.OPT_SORT_KEYS)
-        self._put(self._key(name, ALIASES_FILE), body, if_absent=False, content_type="application/json")
+    def update_aliases(self, name: str, change: Callable[[dict[str, int]], dict[str, int]]) -> None:
+        # Optimistic concurrency: write only over the object we read (If-Match its ETag, or
+        # If-None-Match when there was none); if another update got in between, read again.
+        key = self._key(name, ALIASES_FILE)
+        for _ in range(ALIAS_UPDATE_ATTEMPTS):
+            current, etag = self._read_aliases(name)
+            body = orjson.dumps(change(current), option=orjson.OPT_SORT_KEYS)
+            if self._put(key, body, if_absent=etag is None, if_match=etag, content_type="application/json"):
+                return
+        raise StoreError(f"aliases of {name!r} kept changing under {ALIAS_UPDATE_ATTEMPTS} attempts; retry")
 
     def put_version(self, manifest: Manifest, model_bytes: bytes) -> None:
         self._check_conditional_writes()

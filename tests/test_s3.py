@@ -16,7 +16,7 @@ from conftest import S3_BUCKET, BackgroundWorker, Env, Models, make_job, wait_fo
 from onnx import TensorProto, helper
 from seaweedfs import SeaweedFS
 
-from model_store.base import MODEL_FILE, publish
+from model_store.base import MODEL_FILE, publish, set_alias
 from model_store.cache import ModelCache
 from model_store.manifest import build_manifest
 from model_store.registry import Registry
@@ -426,3 +426,20 @@ def test_a_job_for_a_model_never_resolved_waits_out_a_model_store_outage(s3_env:
     assert failures == [0]
     assert s3_env.stored()[job.id].status is Status.SUCCEEDED
     assert s3_env.depth(f"{s3_env.jobs_queue}.dlq") == 0
+
+
+def test_concurrent_alias_moves_on_s3_lose_none(s3_env: Env, models: Models) -> None:
+    publish(s3_store(s3_env), "iris", models.forest_onnx)
+    clients = [s3_store(s3_env) for _ in range(6)]
+    barrier = threading.Barrier(len(clients))
+
+    def move(index: int) -> None:
+        barrier.wait()
+        set_alias(clients[index], "iris", f"team{index}", 1)
+
+    threads = [threading.Thread(target=move, args=(i,)) for i in range(len(clients))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert s3_store(s3_env).read_aliases("iris") == {f"team{i}": 1 for i in range(len(clients))}
