@@ -9,6 +9,7 @@ STORE  ?= file
 
 help:
 	@echo "make demo   run the end-to-end demo (RabbitMQ + file stores)"
+	@echo "make demo STORE=s3   the same demo on S3 stores (a local SeaweedFS it starts and stops)"
 	@echo "make test   run the whole test suite against the real broker"
 	@echo "make lint   ruff + mypy --strict"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from model_store.manifest import Manifest, build_manifest
@@ -30,14 +31,16 @@ class ModelStore(Protocol):
     def read_manifest(self, name: str, version: int) -> Manifest:
         """The manifest of a version; raises :class:`UnknownModel` / :class:`UnknownVersion`."""
 
-    def read_model(self, name: str, version: int) -> bytes:
-        """The ONNX bytes of a version; raises :class:`UnknownVersion` when absent."""
+    def read_model(self, name: str, version: int, *, max_bytes: int | None = None) -> bytes:
+        """The ONNX bytes of a version; raises :class:`UnknownVersion` when absent and
+        :class:`ModelLoadError` (without reading it) when it is larger than ``max_bytes``."""
 
     def read_aliases(self, name: str) -> dict[str, int]:
         """Alias name → version for ``name``."""
 
-    def write_aliases(self, name: str, aliases: dict[str, int]) -> None:
-        """Replace the aliases of ``name`` atomically."""
+    def update_aliases(self, name: str, change: Callable[[dict[str, int]], dict[str, int]]) -> None:
+        """Replace the aliases of ``name`` with ``change(current)``, atomically: two concurrent updates
+        never lose one another (``change`` may run more than once)."""
 
     def put_version(self, manifest: Manifest, model_bytes: bytes) -> None:
         """Publish a version atomically; raises :class:`VersionExists` if the number is taken."""
@@ -120,6 +123,4 @@ def set_alias(store: ModelStore, name: str, alias: str, version: int) -> None:
     check_name(name)
     check_alias(alias)
     resolve_version(store, name, version)  # the version must exist
-    aliases = store.read_aliases(name)
-    aliases[alias] = version
-    store.write_aliases(name, aliases)
+    store.update_aliases(name, lambda aliases: {**aliases, alias: version})

@@ -7,7 +7,7 @@ import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from model_store.base import ALIASES_FILE, MANIFEST_FILE, MODEL_FILE, check_name
 from model_store.manifest import Manifest
-from shared.errors import StoreError, UnknownModel, UnknownVersion, VersionExists
+from shared.errors import ModelLoadError, StoreError, UnknownModel, UnknownVersion, VersionExists
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -66,10 +66,14 @@ class LocalModelStore:
         except ValidationError as exc:
             raise StoreError(f"corrupt manifest {path}: {exc.error_count()} problems") from None
 
-    def read_model(self, name: str, version: int) -> bytes:
+    def read_model(self, name: str, version: int, *, max_bytes: int | None = None) -> bytes:
         path = self._model_dir(name) / str(version) / MODEL_FILE
         try:
-            return path.read_bytes()
+            with path.open("rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if max_bytes is not None and size > max_bytes:
+                    raise ModelLoadError(f"{path} is {size} bytes, above the limit of {max_bytes}")
+                return handle.read()
         except FileNotFoundError:
             raise UnknownVersion(f"model {name!r} version {version} has no {MODEL_FILE}") from None
 
@@ -83,9 +87,10 @@ class LocalModelStore:
             raise StoreError(f"corrupt alias file {path}") from None
         return {str(k): int(v) for k, v in raw.items()}
 
-    def write_aliases(self, name: str, aliases: dict[str, int]) -> None:
+    def update_aliases(self, name: str, change: Callable[[dict[str, int]], dict[str, int]]) -> None:
         model_dir = self._model_dir(name)
-        with self._locked(model_dir):
+        with self._locked(model_dir):  # read and write under one lock: concurrent updates serialize
+            aliases = change(self.read_aliases(name))
             _write_atomic(model_dir / ALIASES_FILE, orjson.dumps(aliases, option=orjson.OPT_SORT_KEYS))
 
     def put_version(self, manifest: Manifest, model_bytes: bytes) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
+from itertools import chain
+from pathlib import PurePosixPath
 from typing import Annotated
 
 import onnx
@@ -58,6 +61,65 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(name=value.name, datatype=_datatype(tensor_type.elem_type), shape=dims)
 
 
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in ``graph``: initializers, sparse ones, node attributes, nested subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
+    for node in nodes:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _tensors(subgraph)
+
+
+def _escapes(location: str) -> bool:
+    """True when an external-data location would resolve outside the model's own directory."""
+    path = PurePosixPath(location.replace("\\", "/"))
+    return not location or path.is_absolute() or ":" in location or ".." in path.parts
+
+
+def check_self_contained(model: onnx.ModelProto) -> None:
+    """Refuse external-data references: one that points outside the version's directory is an attempt
+    to read another file; any other names a file the store does not keep beside ``model.onnx``."""
+    functions = (_node_tensors(f.node) for f in model.functions)
+    for tensor in chain(_tensors(model.graph), *functions):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if _escapes(location):
+            raise ModelLoadError(
+                f"tensor {tensor.name!r} references external data {location!r} outside the version's directory: refused"
+            )
+        raise ModelLoadError(
+            f"tensor {tensor.name!r} keeps its data in an external file {location!r}, which the store "
+            "does not hold: save the model with all tensors inline"
+        )
+
+
+def verify_model(manifest: Manifest, data: bytes) -> None:
+    """Check ``data`` is the version ``manifest`` describes: size, sha256, and no external data."""
+    if len(data) != manifest.size_bytes or sha256_hex(data) != manifest.sha256:
+        raise ModelLoadError(
+            f"model {manifest.name!r} version {manifest.version}: file does not match its manifest "
+            f"({len(data)} bytes, expected {manifest.size_bytes} with sha256 {manifest.sha256[:12]}…)"
+        )
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as exc:  # onnx raises protobuf DecodeError and friends
+        raise ModelLoadError(f"model {manifest.name!r} version {manifest.version}: not readable ONNX: {exc}") from None
+    check_self_contained(model)
+
+
 def build_manifest(name: str, version: int, model_bytes: bytes, source: str, framework: dict[str, str]) -> Manifest:
     """Read the ONNX signature out of ``model_bytes`` and describe the version."""
     try:
@@ -69,6 +131,7 @@ def build_manifest(name: str, version: int, model_bytes: bytes, source: str, fra
         raise ModelLoadError(f"not a readable ONNX model: {exc}") from None
     if not inputs:
         raise ModelLoadError("the ONNX graph has no inputs")
+    check_self_contained(model)
     return Manifest(
         name=name,
         version=version,

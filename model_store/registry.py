@@ -1,5 +1,11 @@
 """The registry: resolves ``latest`` and aliases with a bounded staleness, and keeps loaded models
-cached by ``(name, version)`` with a bound on how many stay loaded."""
+cached by ``(name, version)`` with a bound on how many stay loaded.
+
+A moved alias or a new version is seen within ``refresh_s``; the new version is then loaded beside the
+ones already loaded (they keep serving the jobs resolved to them) and the least recently used model is
+evicted past ``max_loaded``. When the store cannot be reached, resolution goes on from the last view
+it had (and tries the store again after ``refresh_s``), so an outage never fails or crashes anything.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +17,18 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from model_store.base import ModelStore
-from model_store.manifest import Manifest, sha256_hex
-from shared.errors import JobError, ModelLoadError, UnknownModel, UnknownVersion
+from model_store.cache import ModelCache
+from model_store.manifest import Manifest
+from shared.amqp import Backoff
+from shared.errors import JobError, ModelLoadError, StoreError, StoreUnreachable, UnknownModel, UnknownVersion
+from shared.logging import get_logger
 from shared.messages import LATEST, VersionRef
+
+log = get_logger(__name__)
 
 M = TypeVar("M")
 FORCED_REFRESH_MIN_S = 1.0
+DEFAULT_MAX_MODEL_BYTES = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,12 +53,16 @@ class Registry(Generic[M]):
         *,
         max_loaded: int = 8,
         refresh_s: float = 5.0,
+        cache: ModelCache | None = None,
+        load_retry_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self._loader = loader
         self._max_loaded = max_loaded
         self._refresh_s = refresh_s
+        self._cache = cache if cache is not None else ModelCache(None, DEFAULT_MAX_MODEL_BYTES)
+        self._load_retry_s = load_retry_s
         self._clock = clock
         self._catalogs: dict[str, _Catalog] = {}
         self._loaded: OrderedDict[tuple[str, int], tuple[Manifest, M]] = OrderedDict()
@@ -70,11 +86,26 @@ class Registry(Generic[M]):
         now = self._clock()
         if cached is not None and now - cached.fetched_at < max_age_s:
             return cached
-        versions = self.store.list_versions(name)
-        aliases = self.store.read_aliases(name) if versions else {}
+        try:
+            versions = self.store.list_versions(name)
+            aliases = self.store.read_aliases(name) if versions else {}
+        except (StoreUnreachable, StoreError) as exc:
+            return self._stale(name, cached, now, exc)
         catalog = _Catalog(frozenset(versions), versions[-1] if versions else None, aliases, now)
         self._catalogs[name] = catalog
         return catalog
+
+    def _stale(self, name: str, cached: _Catalog | None, now: float, exc: OSError | StoreError) -> _Catalog:
+        """The last view of ``name`` when the store failed; it is looked at again after ``refresh_s``,
+        not on every job. Without any view, an unreachable store is raised for the caller to retry."""
+        if cached is None:
+            if isinstance(exc, StoreError):
+                raise ModelLoadError(f"cannot read model {name!r} from {self.store.describe()}: {exc}") from None
+            raise exc
+        log.warning("model_store_unreachable", model=name, error=str(exc), serving="last known versions and aliases")
+        stale = _Catalog(cached.versions, cached.latest, cached.aliases, now)
+        self._catalogs[name] = stale
+        return stale
 
     def _lookup(self, catalog: _Catalog, name: str, ref: VersionRef) -> int:
         if catalog.latest is None:
@@ -110,16 +141,30 @@ class Registry(Generic[M]):
             return list(self._loaded)
 
     def _load(self, name: str, version: int) -> tuple[Manifest, M]:
-        manifest = self.store.read_manifest(name, version)
-        data = self.store.read_model(name, version)
-        if len(data) != manifest.size_bytes or sha256_hex(data) != manifest.sha256:
-            raise ModelLoadError(
-                f"model {name!r} version {version}: file does not match its manifest "
-                f"({len(data)} bytes, expected {manifest.size_bytes} with sha256 {manifest.sha256[:12]}…)"
-            )
+        """Fetch (through the cache), verify and load; retries an unreachable store for ``load_retry_s``."""
+        backoff = Backoff(cap_s=2.0)
+        deadline = time.monotonic() + self._load_retry_s
+        while True:
+            try:
+                manifest = self.store.read_manifest(name, version)
+                data, cached = self._cache.fetch(self.store, manifest)
+                break
+            except StoreUnreachable as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                delay = backoff.next_delay()
+                log.warning("model_store_unreachable", model=name, version=version, error=str(exc), retry_in_s=delay)
+                time.sleep(delay)
+            except StoreError as exc:  # e.g. access denied, a corrupt manifest: retrying will not help
+                raise ModelLoadError(f"model {name!r} version {version}: {exc}") from None
         try:
-            return manifest, self._loader(manifest, data)
-        except JobError:
-            raise
+            loaded = self._loader(manifest, data)
         except Exception as exc:  # the runtime rejects bad graphs with many error types
+            self._cache.discard(manifest)
+            if isinstance(exc, JobError):
+                raise
             raise ModelLoadError(f"model {name!r} version {version} failed to load: {exc}") from None
+        if not cached:
+            self._cache.keep(manifest, data)
+        log.info("model_loaded", model=name, version=version, sha256=manifest.sha256[:12], from_cache=cached)
+        return manifest, loaded

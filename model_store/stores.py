@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from model_store.base import ModelStore
 from model_store.local import LocalModelStore
-from shared.errors import StoreError
+from shared.s3 import S3Location, is_s3
 
 
 def open_model_store(location: str) -> ModelStore:
-    """The model store at ``location``: a directory path."""
-    if location.startswith("s3://"):
-        raise StoreError("s3:// model stores are not available in this build")
+    """The model store at ``location``: ``s3://bucket/prefix`` or a directory path."""
+    if is_s3(location):
+        from model_store.s3 import S3ModelStore  # noqa: PLC0415  (boto3 clients are slow to build: on use)
+
+        return S3ModelStore(S3Location.parse(location))
     return LocalModelStore(location)

@@ -1,9 +1,11 @@
 """The end-to-end demo, through the real CLI: train, publish two versions, backfill, drain with two
-workers, show results and throughput. Uses the local RabbitMQ and file stores under var/demo."""
+workers, show results and throughput. Uses the local RabbitMQ and file stores under var/demo, or, with
+``--store s3``, a SeaweedFS S3 server it starts on free local ports (and stops at the end)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import shutil
@@ -19,6 +21,12 @@ import pika
 from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from seaweedfs import SeaweedFS
+
+from shared.results import S3ResultStore
+from shared.s3 import S3Location
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "var" / "demo"
@@ -81,10 +89,24 @@ def run_workers(env: dict[str, str], count: int) -> float:
     return max(lasts) - min(firsts)
 
 
+S3_BUCKET = "inferq-demo"
+
+
+def count_results(env: dict[str, str]) -> int:
+    location = env["INFERQ_RESULT_STORE"]
+    if not location.startswith("s3://"):
+        return len(list(Path(location).glob("*.json")))
+    where = S3Location.parse(location)
+    pages = (
+        S3ResultStore(where)._client.get_paginator("list_objects_v2").paginate(Bucket=where.bucket, Prefix=where.prefix)
+    )
+    return sum(1 for page in pages for item in page.get("Contents", []) if item["Key"].endswith(".json"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--store", choices=["file"], default="file")
-    parser.parse_args()
+    parser.add_argument("--store", choices=["file", "s3"], default="file")
+    store = parser.parse_args().store
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     env = {
@@ -96,6 +118,21 @@ def main() -> None:
         "INFERQ_RESULTS_QUEUE": "inferq.demo.results",
         "INFERQ_LOG_FORMAT": "json",
     }
+    with contextlib.ExitStack() as stack:
+        if store == "s3":
+            step("start a local SeaweedFS S3 server (stopped when the demo ends)")
+            server = stack.enter_context(SeaweedFS())
+            server.create_bucket(S3_BUCKET)
+            print(f"S3 endpoint {server.endpoint}, bucket {S3_BUCKET}")
+            env.update(server.environ)
+            env["INFERQ_MODEL_STORE"] = f"s3://{S3_BUCKET}/models"
+            env["INFERQ_RESULT_STORE"] = f"s3://{S3_BUCKET}/results"
+            env["INFERQ_MODEL_CACHE"] = str(WORK / "model-cache")
+            os.environ.update(server.environ)  # for count_results in this process
+        run_demo(env)
+
+
+def run_demo(env: dict[str, str]) -> None:
     purge_queues(env)
 
     step("train two scikit-learn models and publish them as versions 1 and 2 of 'churn'")
@@ -126,14 +163,14 @@ def main() -> None:
         result = orjson.loads(inferq("results", "get", job_id, env=env, quiet=True))
         probabilities = result["outputs"][1]["data"]
         print(f"{job_id}: version {result['version']} label {result['outputs'][0]['data']} p={probabilities}")
-    stored = len(list((WORK / "results").glob("*.json")))
+    stored = count_results(env)
 
     step("rerun the backfill: every job already has a result, nothing is published")
     inferq("backfill", str(WORK / "v1.csv"), "--model", "churn", "--version", "champion", "--id-column", "id", env=env)
 
     step("throughput")
     rows = ROWS_V1 + ROWS_V2
-    print(f"{jobs} jobs ({rows} rows), {stored} results stored, 2 workers")
+    print(f"{jobs} jobs ({rows} rows), {stored} results stored in {env['INFERQ_RESULT_STORE']}, 2 workers")
     print(f"{jobs / busy_s:,.0f} jobs/s ({rows / busy_s:,.0f} rows/s) from first job taken to last ack")
     print(f"{wall_s:.1f}s wall time including worker start-up")
     if stored != jobs:

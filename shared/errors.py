@@ -112,3 +112,10 @@ class VersionExists(StoreError):
 
 class ResultNotFound(StoreError):
     """No stored result for that job id."""
+
+
+class StoreUnreachable(OSError):
+    """A store could not be reached, or answered with a failure worth retrying (timeout, 5xx, throttling).
+
+    An ``OSError`` on purpose: callers that retry I/O failures with backoff (the worker's result writes)
+    treat it like a full disk or a vanished mount, and nothing is acked meanwhile."""

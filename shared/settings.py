@@ -57,6 +57,8 @@ class WorkerSettings(InferqSettings):
     max_elements_per_tensor: Annotated[int, Field(ge=1)] = 4_000_000
     intra_op_threads: Annotated[int, Field(ge=1, le=256)] = 1
     store_retry_max_s: Annotated[float, Field(gt=0)] = 30.0
+    model_cache: str | None = None
+    max_model_bytes: Annotated[int, Field(ge=1)] = 1 << 30
     drain_poll_ms: Annotated[float, Field(gt=0)] = 100.0
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9464
     """Port of ``/metrics``, ``/healthz`` and ``/readyz``; 0 turns the HTTP server off."""

@@ -20,14 +20,19 @@ from sklearn.datasets import load_iris
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 
-from model_store.base import publish
+from model_store.base import ModelStore, publish
 from model_store.export import estimator_to_onnx
-from model_store.local import LocalModelStore
+from model_store.stores import open_model_store
 from producer.client import Producer
 from shared.messages import Job, Result, Tensor
+from shared.results import S3ResultStore
+from shared.s3 import S3Location
 from shared.settings import ProducerSettings, WorkerSettings
 from shared.topology import all_queues
 from worker.main import Counters, Worker, build_worker
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from seaweedfs import SeaweedFS
 
 AMQP_URL = os.environ.get("INFERQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 
@@ -67,6 +72,8 @@ class Env:
     tmp: Path
     prefix: str
     amqp_url: str = AMQP_URL
+    model_location: str | None = None  # an s3:// model store instead of the directory
+    result_location: str | None = None  # an s3:// result store instead of the directory
 
     @property
     def model_dir(self) -> Path:
@@ -77,6 +84,14 @@ class Env:
         return self.tmp / "results"
 
     @property
+    def model_store_at(self) -> str:
+        return self.model_location or str(self.model_dir)
+
+    @property
+    def result_store_at(self) -> str:
+        return self.result_location or str(self.result_dir)
+
+    @property
     def jobs_queue(self) -> str:
         return f"{self.prefix}.jobs"
 
@@ -85,8 +100,8 @@ class Env:
         return f"{self.prefix}.results"
 
     @property
-    def store(self) -> LocalModelStore:
-        return LocalModelStore(self.model_dir)
+    def store(self) -> ModelStore:
+        return open_model_store(self.model_store_at)
 
     def environ(self, **extra: str) -> dict[str, str]:
         """Environment variables for a subprocess ``inferq`` pointed at this world."""
@@ -95,8 +110,8 @@ class Env:
             "INFERQ_AMQP_URL": self.amqp_url,
             "INFERQ_JOBS_QUEUE": self.jobs_queue,
             "INFERQ_RESULTS_QUEUE": self.results_queue,
-            "INFERQ_MODEL_STORE": str(self.model_dir),
-            "INFERQ_RESULT_STORE": str(self.result_dir),
+            "INFERQ_MODEL_STORE": self.model_store_at,
+            "INFERQ_RESULT_STORE": self.result_store_at,
             "INFERQ_LOG_FORMAT": "json",
             "INFERQ_CONNECT_TIMEOUT_S": "10",
             **extra,
@@ -107,8 +122,8 @@ class Env:
             "amqp_url": self.amqp_url,
             "jobs_queue": self.jobs_queue,
             "results_queue": self.results_queue,
-            "model_store": str(self.model_dir),
-            "result_store": str(self.result_dir),
+            "model_store": self.model_store_at,
+            "result_store": self.result_store_at,
             "connect_timeout_s": 10,
             "drain_poll_ms": 50,
             **overrides,
@@ -120,8 +135,8 @@ class Env:
             "amqp_url": self.amqp_url,
             "jobs_queue": self.jobs_queue,
             "results_queue": self.results_queue,
-            "model_store": str(self.model_dir),
-            "result_store": str(self.result_dir),
+            "model_store": self.model_store_at,
+            "result_store": self.result_store_at,
             "connect_timeout_s": 10,
             **overrides,
         }
@@ -200,6 +215,8 @@ class Env:
         connection.close()
 
     def stored(self) -> dict[str, Result]:
+        if self.result_location is not None:
+            return _stored_in_s3(self.result_location)
         if not self.result_dir.is_dir():
             return {}
         return {p.stem: Result.model_validate_json(p.read_bytes()) for p in self.result_dir.glob("*.json")}
@@ -224,12 +241,53 @@ def env(tmp_path: Path) -> Iterator[Env]:
     world.delete_queues()
 
 
+S3_BUCKET = "inferq-test"
+
+
+@pytest.fixture(scope="session")
+def seaweedfs() -> Iterator[SeaweedFS]:
+    """One real SeaweedFS S3 server for the session, on free loopback ports; the standard AWS_*
+    variables point this process (and every ``inferq`` it starts) at it."""
+    with SeaweedFS() as server:
+        server.create_bucket(S3_BUCKET)
+        saved = {key: os.environ.get(key) for key in server.environ}
+        os.environ.update(server.environ)
+        try:
+            yield server
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@pytest.fixture
+def s3_env(env: Env, seaweedfs: SeaweedFS) -> Env:
+    """``env`` with both stores under a fresh prefix of the test bucket."""
+    env.model_location = f"s3://{S3_BUCKET}/{env.prefix}/models"
+    env.result_location = f"s3://{S3_BUCKET}/{env.prefix}/results"
+    return env
+
+
 @pytest.fixture
 def iris_store(env: Env, models: Models) -> Env:
     """``iris`` v1 (random forest, alias ``champion``) and v2 (logistic regression) in the model store."""
     publish(env.store, "iris", models.forest_onnx, alias="champion")
     publish(env.store, "iris", models.logistic_onnx)
     return env
+
+
+def _stored_in_s3(location: str) -> dict[str, Result]:
+    where = S3Location.parse(location)
+    store = S3ResultStore(where)
+    keys = [
+        item["Key"]
+        for page in store._client.get_paginator("list_objects_v2").paginate(Bucket=where.bucket, Prefix=where.prefix)
+        for item in page.get("Contents", [])
+    ]
+    ids = [key[len(where.prefix) : -len(".json")] for key in keys if key.endswith(".json")]
+    return {job_id: store.get(job_id) for job_id in ids}
 
 
 def make_job(

@@ -172,3 +172,14 @@ def test_cli_refuses_a_file_that_is_not_a_model(env: Env) -> None:
     path.write_bytes(b"not a model")
     done = env.inferq("models", "publish", "junk", str(path))
     assert done.returncode == 1 and "not a readable ONNX model" in done.stderr
+
+
+def test_concurrent_alias_moves_lose_none(tmp_path: Path, models: Models) -> None:
+    store = LocalModelStore(tmp_path)
+    publish(store, "iris", models.forest_onnx)
+    threads = [threading.Thread(target=set_alias, args=(store, "iris", f"team{i}", 1)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert store.read_aliases("iris") == {f"team{i}": 1 for i in range(8)}

@@ -19,10 +19,11 @@ from datetime import UTC, datetime
 from functools import partial
 from types import FrameType
 
+from model_store.cache import ModelCache
 from model_store.registry import Registry
 from model_store.stores import open_model_store
 from shared.codec import Rejected, Undecodable, decode_job
-from shared.errors import Expired, InferqError, JobError
+from shared.errors import Expired, InferqError, JobError, StoreUnreachable
 from shared.logging import get_logger
 from shared.messages import Job
 from shared.results import ResultStore, open_result_store
@@ -34,6 +35,7 @@ from worker.processor import ModelKey, Outcome, Pending, Processor
 from worker.runner import Limits, LoadedModel, Watchdog, load_model
 
 log = get_logger(__name__)
+MODEL_STORE_RETRY_S = 1.0
 
 
 class ShutdownTimeout(InferqError):
@@ -101,6 +103,8 @@ class Worker:
         self._flush_timer: object | None = None
         self._unacked: deque[int] = deque()
         self._settled: dict[int, bool] = {}
+        self._ack_upto: int | None = None
+        self._ack_timer: object | None = None
         self._cancelled = False
         self._final_check = False
 
@@ -166,7 +170,9 @@ class Worker:
             self.consumer.queue_depth(self._after_final_depth)
 
     def _idle(self) -> bool:
-        return not (self._unacked or self._busy or self._batcher or self._ready or self._suspects)
+        return not (
+            self._unacked or self._busy or self._batcher or self._ready or self._suspects or self._ack_upto is not None
+        )
 
     # -- drain mode -------------------------------------------------------------------------------
 
@@ -230,11 +236,29 @@ class Worker:
         except JobError as exc:
             self._ready.append(self.processor.failed(delivery, job, exc))
             return
+        except StoreUnreachable as exc:
+            self._retry_accept(delivery, job, exc)
+            return
         pending = Pending(delivery, job, version)
         if delivery.suspect:
             self._suspects.append(pending)
         else:
             self._batcher.add((job.model, version), pending, job.rows)
+
+    def _retry_accept(self, delivery: Delivery, job: Job, exc: StoreUnreachable) -> None:
+        """The model store is unreachable and this model was never resolved: hold the job (unacked, so
+        nothing is lost and no delivery attempt is spent) and try again shortly; give it back on stop."""
+        if self._stopping.is_set():
+            self._settle(delivery, ok=False)
+            return
+        log.warning("model_store_unreachable", job_id=job.id, model=job.model, error=str(exc))
+
+        def again() -> None:
+            if self.consumer.is_current(delivery):
+                self._accept(delivery, job)
+                self._schedule_flush(0.0)
+
+        self.consumer.call_later(MODEL_STORE_RETRY_S, again)
 
     def _dead_letter(self, delivery: Delivery, body: bytes, reason: str) -> None:
         log.warning("job_dead_lettered", message_id=delivery.message_id, reason=reason)
@@ -314,13 +338,23 @@ class Worker:
             log.warning("job_requeued", message_id=delivery.message_id)
             self.consumer.requeue(delivery)
         self._settled[delivery.tag] = ok
-        last_ok = None
         while self._unacked and self._unacked[0] in self._settled:
             tag = self._unacked.popleft()
             if self._settled.pop(tag):
-                last_ok = tag
-        if last_ok is not None:
-            self.consumer.ack_through(last_ok)
+                self._ack_upto = tag
+        if self._ack_upto is not None and self._ack_timer is None:
+            # Confirms arrive one by one; one ack for all of those read in this pass of the I/O loop.
+            self._ack_timer = self.consumer.call_later(0, self._send_ack)
+        self._maybe_finish()
+
+    def _send_ack(self) -> None:
+        self._ack_timer = None
+        if self._ack_upto is not None:
+            # NOTE: fewer, larger acks also matter for correctness: a quorum queue takes acks
+            # asynchronously, and a burst of single acks just before the channel closes can be lost
+            # (the jobs are redelivered, and their stored results republished).
+            self.consumer.ack_through(self._ack_upto)
+            self._ack_upto = None
             self.counters.last_ack_at = time.time()
         self._maybe_finish()
 
@@ -329,6 +363,10 @@ class Worker:
         # store when it comes back (redelivered jobs look there first).
         self._unacked.clear()
         self._settled.clear()
+        self._ack_upto = None
+        if self._ack_timer is not None:
+            self.consumer.cancel_timer(self._ack_timer)
+            self._ack_timer = None
         self._batcher.take_all()
         self._ready = []
         self._suspects = []
@@ -360,6 +398,7 @@ def build_worker(settings: WorkerSettings, *, drain: bool) -> Worker:
         metrics=metrics,
         max_loaded=settings.max_loaded_models,
         refresh_s=settings.alias_refresh_s,
+        cache=ModelCache(settings.model_cache, settings.max_model_bytes),
     )
     return Worker(settings, registry, open_result_store(settings.result_store), drain=drain, metrics=metrics)
 

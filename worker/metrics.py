@@ -18,6 +18,7 @@ from typing import Protocol
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from model_store.base import ModelStore
+from model_store.cache import ModelCache
 from model_store.manifest import Manifest
 from model_store.registry import Registry
 from shared.errors import ErrorCode
@@ -168,8 +169,9 @@ class MeteredRegistry(Registry[LoadedModel]):
         metrics: WorkerMetrics,
         max_loaded: int,
         refresh_s: float,
+        cache: ModelCache | None = None,
     ) -> None:
-        super().__init__(store, loader, max_loaded=max_loaded, refresh_s=refresh_s)
+        super().__init__(store, loader, max_loaded=max_loaded, refresh_s=refresh_s, cache=cache)
         self._metrics = metrics
 
     def get(self, name: str, version: int) -> tuple[Manifest, LoadedModel]:

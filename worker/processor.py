@@ -123,8 +123,7 @@ class Processor:
             fresh = self._reuse_stored(batch.items, reused)
             if fresh:
                 computed.extend(self._run(batch.key, fresh))
-        self._store(computed)
-        return computed + reused
+        return self._store(computed) + reused
 
     def _reuse_stored(self, items: list[Pending], reused: list[Outcome]) -> list[Pending]:
         """A redelivered job may have finished before a crash: republish its stored result instead of
@@ -164,13 +163,14 @@ class Processor:
         log.info("batch_done", model=name, version=version, jobs=len(runnable), inference_ms=round(inference_ms, 3))
         return outcomes
 
-    def _store(self, outcomes: list[Outcome]) -> None:
-        """Store every result, retrying a failing store with backoff until it works or we must stop."""
+    def _store(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """Store every result, retrying a failing store with backoff until it works or we must stop.
+        Where the id already had a result (the job ran twice), that earlier result is what goes out."""
         backoff = Backoff(cap_s=self._retry_max_s)
         while True:
             try:
-                self.store.put_many([o.result for o in outcomes])
-                return
+                stored = self.store.put_many([o.result for o in outcomes])
+                return [o if s is o.result else Outcome(o.delivery, s) for o, s in zip(outcomes, stored, strict=True)]
             except OSError as exc:
                 if self._stopping.is_set():
                     raise StoreUnavailable(f"result store {self.store.describe()} unavailable: {exc}") from exc
