@@ -116,6 +116,12 @@ def plot(summary: dict[str, Any], runs: list[dict[str, Any]], path: Path) -> Non
     left.margins(y=0.15)
 
     groups = [(s, rate) for s, rates in summary["latency"].items() for rate in rates]
+    if not groups:
+        right.set_axis_off()
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     width = 0.27
     for offset, (key, color) in enumerate((("p50_ms", "#68d391"), ("p95_ms", "#f6ad55"), ("p99_ms", "#e53e3e"))):
         values = [summary["latency"][s][rate][key] for s, rate in groups]

@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -52,29 +54,36 @@ class FileResultStore:
         return self.root / f"{_checked_id(job_id)}.json"
 
     def put_many(self, results: Sequence[Result]) -> None:
+        if not results:
+            return
         self.root.mkdir(parents=True, exist_ok=True)
-        for result in results:
-            self._put(result)
-        if self.fsync and results:
-            # NOTE: the renames are durable only once the directory itself is synced.
-            fd = os.open(self.root, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        staged: list[tuple[str, Path]] = []
+        try:
+            for result in results:
+                staged.append((self._write_temporary(result), self._path(result.id)))
+            if self.fsync:
+                # Data first, then the renames: a result is never visible, even after a crash, before
+                # its whole content is on disk. One flush for the batch instead of one per file.
+                _flush_files([tmp for tmp, _ in staged], self.root)
+            while staged:
+                tmp, final = staged[-1]
+                os.replace(tmp, final)
+                staged.pop()
+        finally:
+            for tmp, _ in staged:
+                Path(tmp).unlink(missing_ok=True)
+        if self.fsync:
+            _fsync_path(self.root)  # NOTE: the renames are durable only once the directory itself is synced.
 
-    def _put(self, result: Result) -> None:
+    def _write_temporary(self, result: Result) -> str:
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".json")
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(result.to_json())
-                if self.fsync:
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            os.replace(tmp, self._path(result.id))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        return tmp
 
     def get(self, job_id: str) -> Result:
         path = self._path(job_id)
@@ -88,6 +97,48 @@ class FileResultStore:
 
     def exists(self, job_id: str) -> bool:
         return is_valid_job_id(job_id) and self._path(job_id).is_file()
+
+
+def _fsync_path(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function: Callable[[int], int] | None = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    except OSError:
+        return None
+    return function
+
+
+_syncfs = _load_syncfs()
+
+
+def _flush_files(paths: Sequence[str], directory: Path) -> None:
+    """Make the content of every file in ``paths`` durable.
+
+    On Linux one ``syncfs(2)`` of the file system holding ``directory`` does it in one journal commit;
+    an ``fsync`` per file costs a commit each (about 0.5 ms per result on the benchmark machine).
+    NOTE: syncfs also flushes other processes' dirty data on that file system; a store on a busy
+    shared disk pays for their writes too. Elsewhere, each file is fsynced.
+    """
+    if _syncfs is not None:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            if _syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs of {directory} failed: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+        return
+    for path in paths:
+        _fsync_path(path)
 
 
 def open_result_store(location: str, *, fsync: bool = True) -> ResultStore:
