@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import sys
 import tempfile
@@ -34,6 +35,9 @@ class ResultStore(Protocol):
         """Where the store lives, for logs and messages."""
 
 
+_temporary_numbers = itertools.count()
+
+
 def _checked_id(job_id: str) -> str:
     if not is_valid_job_id(job_id):
         raise ResultNotFound(f"{job_id!r} is not a valid job id")
@@ -57,10 +61,11 @@ class FileResultStore:
         if not results:
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        staged: list[tuple[str, Path]] = []
+        root = str(self.root)
+        staged: list[tuple[str, str]] = []
         try:
             for result in results:
-                staged.append((self._write_temporary(result), self._path(result.id)))
+                staged.append((self._write_temporary(result), f"{root}/{_checked_id(result.id)}.json"))
             if self.fsync:
                 # Data first, then the renames: a result is never visible, even after a crash, before
                 # its whole content is on disk. One flush for the batch instead of one per file.
@@ -76,13 +81,21 @@ class FileResultStore:
             _fsync_path(self.root)  # NOTE: the renames are durable only once the directory itself is synced.
 
     def _write_temporary(self, result: Result) -> str:
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".json")
+        # A name unique to this process (the pid) and call (the counter) needs no random retries.
+        tmp = f"{self.root}/.tmp-{os.getpid()}-{next(_temporary_numbers)}.json"
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(result.to_json())
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # left by a crashed process whose pid came back
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".json")
+        try:
+            data = memoryview(result.to_json())
+            while data:
+                data = data[os.write(fd, data) :]
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            os.unlink(tmp)
             raise
+        finally:
+            os.close(fd)
         return tmp
 
     def get(self, job_id: str) -> Result:
