@@ -25,11 +25,19 @@ from bench.systems import ROOT, SYSTEMS
 from bench.workload import MODELS, Jobs, publish_models
 
 DEFAULT_JOBS = 50_000
+DEFAULT_NAIVE_JOBS = 10_000
 
 
 def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help="jobs per drain run")
+    parser.add_argument(
+        "--naive-jobs",
+        type=int,
+        default=DEFAULT_NAIVE_JOBS,
+        help="jobs per drain run of the naive baseline (it is the slow one: at ~1k jobs/s, 50,000 jobs three "
+        "times would take most of the time budget on its own)",
+    )
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
     parser.add_argument("--rates", default="500,2000", help="offered rates for the latency runs, jobs/s")
     parser.add_argument("--latency-s", type=float, default=8.0, help="measured seconds per offered rate")
@@ -59,6 +67,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
     )
     return {
         "jobs": args.jobs,
+        "naive_jobs": args.naive_jobs,
         "reps": args.reps,
         "rates": [float(r) for r in args.rates.split(",")],
         "latency_s": args.latency_s,
@@ -87,8 +96,12 @@ def main() -> None:
     try:
         for rep in range(1, args.reps + 1):
             for system in drain_systems:
-                run = drain(bench, system, rep, args.jobs)
-                print(f"rep {rep} drain   {system.name:<9} {run['throughput_jobs_s']:>9,.0f} jobs/s", flush=True)
+                run = drain(bench, system, rep, args.naive_jobs if system.kind == "naive" else args.jobs)
+                print(
+                    f"rep {rep} drain   {system.name:<9} {run['throughput_jobs_s']:>9,.0f} jobs/s"
+                    f"  ({run['jobs']:,} jobs, {run['wall_s']:.0f} s with set-up)",
+                    flush=True,
+                )
                 runs.append(run)
             for system in latency_systems:
                 for run in latency(bench, system, rep, meta["rates"], args.latency_s, args.warmup_s):

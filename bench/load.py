@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import pika
 from pika.adapters.select_connection import IOLoop
 
@@ -71,6 +72,7 @@ class Offered:
 
     published: dict[str, float] = field(default_factory=dict)
     latencies_s: dict[str, float] = field(default_factory=dict)
+    worker_timings: dict[str, dict[str, float | None]] = field(default_factory=dict)
     started: float = 0.0
     finished: float = 0.0
 
@@ -158,11 +160,13 @@ class Load:
         returns once every result arrived or ``timeout_s`` passed."""
         seen = Offered()
         sent = 0
+        timers: list[object] = []
 
-        def on_result(_ch: Any, _method: Any, props: pika.BasicProperties, _body: bytes) -> None:
+        def on_result(_ch: Any, _method: Any, props: pika.BasicProperties, body: bytes) -> None:
             published = seen.published.get(props.message_id)
             if published is not None and props.message_id not in seen.latencies_s:
                 seen.latencies_s[props.message_id] = time.perf_counter() - published
+                seen.worker_timings[props.message_id] = orjson.loads(body).get("timings") or {}
                 if len(seen.latencies_s) == total:
                     seen.finished = time.perf_counter()
                     self._ioloop.stop()
@@ -178,12 +182,19 @@ class Load:
                 sent += 1
             if now - seen.started > timeout_s:
                 self._ioloop.stop()
-            elif sent < total or len(seen.latencies_s) < total:
-                self._ioloop.call_later(TICK_S, tick)
+            elif sent < total:
+                # Sleep until the next job is due (at least a tick), not a busy 1 ms loop: the driver
+                # shares the cores with the system under test.
+                next_due = seen.started + sent / rate
+                self._ioloop.call_later(max(TICK_S, next_due - time.perf_counter()), tick)
+            elif len(seen.latencies_s) < total:
+                timers.append(self._ioloop.call_later(timeout_s - (now - seen.started), self._ioloop.stop))
 
         tag = self._results_channel.basic_consume(self.settings.results_queue, on_result, auto_ack=True)
         seen.started = time.perf_counter()
         self._run(tick)
+        for timer in timers:
+            self._ioloop.remove_timeout(timer)
         self._results_channel.basic_cancel(tag)
         return seen
 

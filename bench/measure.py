@@ -13,8 +13,8 @@ from typing import Any
 
 import psutil
 
-from bench.load import DepthProbe, Load, declare, delete
-from bench.stats import latency_summary
+from bench.load import DepthProbe, Load, Offered, declare, delete
+from bench.stats import latency_summary, percentile
 from bench.systems import Running, System, start
 from bench.workload import Jobs
 from shared.settings import InferqSettings
@@ -119,6 +119,7 @@ def drain(bench: Bench, system: System, rep: int, jobs: int) -> dict[str, Any]:
     run = f"r{rep}-{system.slug}-drain"
     settings = bench.settings(run)
     run_dir = bench.work_dir / run
+    wall_started = time.monotonic()
     declare(settings)
     load = Load(settings)
     cpu_before = time.process_time()
@@ -148,6 +149,7 @@ def drain(bench: Bench, system: System, rep: int, jobs: int) -> dict[str, Any]:
         "worker_rss_mb": rss_mb,
         "onnxruntime_s": round(ort_s, 3),
         "onnxruntime_share_of_worker_cpu": round(ort_s / worker_cpu, 4) if worker_cpu > 0 else None,
+        "wall_s": round(time.monotonic() - wall_started, 1),
     }
     if system.kind == "inferq":
         out.update(_inferq_checks(running, run_dir, jobs))
@@ -211,11 +213,8 @@ def latency(
             seen = load.offered(stream, total, rate, timeout_s=warmup_s + seconds + 30)
             cpu_after = monitor.cpu()
             monitor.sample_rss()
-            samples = [
-                lat * 1000
-                for job_id, lat in seen.latencies_s.items()
-                if seen.published[job_id] - seen.started >= warmup_s
-            ]
+            measured = [job_id for job_id in seen.latencies_s if seen.published[job_id] - seen.started >= warmup_s]
+            samples = [seen.latencies_s[job_id] * 1000 for job_id in measured]
             out.append(
                 {
                     "kind": "latency",
@@ -226,6 +225,7 @@ def latency(
                     "results": len(seen.latencies_s),
                     "samples": len(samples),
                     **latency_summary(samples),
+                    "breakdown_ms": breakdown(seen, measured),
                     "cpu_us_per_job": per_job_us(cpu_before, cpu_after, len(seen.latencies_s)),
                     "worker_rss_mb": monitor.rss_mb(),
                 }
@@ -235,6 +235,26 @@ def latency(
         running.stop()
         delete(settings)
     return out
+
+
+def breakdown(seen: Offered, job_ids: list[str]) -> dict[str, dict[str, float]]:
+    """Where the latency went, from the ``timings`` each result carries: ``queue`` is publish to the
+    worker receiving the job (inferq only; the header has millisecond resolution), ``to_result`` publish
+    to the worker finishing the result, ``result_hop`` from there to the driver receiving it."""
+    parts: dict[str, list[float]] = {"queue": [], "to_result": [], "result_hop": []}
+    for job_id in job_ids:
+        timings = seen.worker_timings.get(job_id, {})
+        queue_ms, total_ms = timings.get("queue_ms"), timings.get("total_ms")
+        if queue_ms is not None:
+            parts["queue"].append(queue_ms)
+        if total_ms is not None:
+            parts["to_result"].append(total_ms)
+            parts["result_hop"].append(seen.latencies_s[job_id] * 1000 - total_ms)
+    return {
+        name: {"p50_ms": round(percentile(values, 50), 3), "p99_ms": round(percentile(values, 99), 3)}
+        for name, values in parts.items()
+        if values
+    }
 
 
 def _wait_consuming(running: Running, settings: InferqSettings, timeout_s: float = 120.0) -> None:

@@ -58,7 +58,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     reps = meta["reps"]
     runs_header = " | ".join(f"run {i + 1}" for i in range(reps))
     lines = [
-        f"Drain: {meta['jobs']:,} 1-row jobs queued first, first to last result; {reps} interleaved repetitions.",
+        f"Drain: {meta['jobs']:,} 1-row jobs ({meta['naive_jobs']:,} for the naive baseline) queued first, "
+        f"first to last result; {reps} interleaved repetitions.",
         "",
         f"| system | {runs_header} | median jobs/s | worker µs/job | broker µs/job | driver µs/job "
         "| worker RSS MB | onnxruntime share of worker CPU |",
