@@ -95,7 +95,10 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     try:
         for rep in range(1, args.reps + 1):
-            for system in drain_systems:
+            # Every other repetition runs the systems in reverse order, so a machine that gets busier or
+            # quieter during the run does not favour whichever system always goes first.
+            order = 1 if rep % 2 else -1
+            for system in drain_systems[::order]:
                 run = drain(bench, system, rep, args.naive_jobs if system.kind == "naive" else args.jobs)
                 print(
                     f"rep {rep} drain   {system.name:<9} {run['throughput_jobs_s']:>9,.0f} jobs/s"
@@ -103,13 +106,14 @@ def main() -> None:
                     flush=True,
                 )
                 runs.append(run)
-            for system in latency_systems:
+            for system in latency_systems[::order]:
                 for run in latency(bench, system, rep, meta["rates"], args.latency_s, args.warmup_s):
-                    print(
-                        f"rep {rep} latency {system.name:<9} {run['offered_jobs_s']:>6,.0f}/s  p50 {run['p50_ms']:.2f}"
-                        f"  p95 {run['p95_ms']:.2f}  p99 {run['p99_ms']:.2f} ms",
-                        flush=True,
+                    found = (
+                        f"saturated ({run['results']:,} of {run['published']:,} results in time)"
+                        if run["saturated"]
+                        else f"p50 {run['p50_ms']:.2f}  p95 {run['p95_ms']:.2f}  p99 {run['p99_ms']:.2f} ms"
                     )
+                    print(f"rep {rep} latency {system.name:<9} {run['offered_jobs_s']:>6,.0f}/s  {found}", flush=True)
                     runs.append(run)
     finally:
         if not args.keep:

@@ -20,6 +20,7 @@ from shared.topology import all_queues
 
 CONFIRM_WINDOW = 1000
 TICK_S = 0.001
+SATURATION_BACKLOG_S = 2.0
 
 
 def declare(settings: InferqSettings) -> None:
@@ -75,6 +76,7 @@ class Offered:
     worker_timings: dict[str, dict[str, float | None]] = field(default_factory=dict)
     started: float = 0.0
     finished: float = 0.0
+    saturated: bool = False
 
 
 class Load:
@@ -155,9 +157,11 @@ class Load:
 
     # -- offered load -------------------------------------------------------------------------------
 
-    def offered(self, jobs: Iterator[tuple[str, bytes]], total: int, rate: float, timeout_s: float) -> Offered:
+    def offered(self, jobs: Iterator[tuple[str, bytes]], total: int, rate: float, grace_s: float) -> Offered:
         """Publish ``total`` jobs at ``rate`` per second (open loop) while consuming the results queue;
-        returns once every result arrived or ``timeout_s`` passed."""
+        returns once every result arrived, ``grace_s`` after the last publish, or as soon as more than
+        ``SATURATION_BACKLOG_S`` worth of jobs await their results (the system cannot keep up: its
+        latency would only measure the growing queue)."""
         seen = Offered()
         sent = 0
         timers: list[object] = []
@@ -180,7 +184,8 @@ class Load:
                 seen.published[job_id] = time.perf_counter()
                 self._publish(job_id, body)
                 sent += 1
-            if now - seen.started > timeout_s:
+            if sent - len(seen.latencies_s) > rate * SATURATION_BACKLOG_S:
+                seen.saturated = True
                 self._ioloop.stop()
             elif sent < total:
                 # Sleep until the next job is due (at least a tick), not a busy 1 ms loop: the driver
@@ -188,7 +193,7 @@ class Load:
                 next_due = seen.started + sent / rate
                 self._ioloop.call_later(max(TICK_S, next_due - time.perf_counter()), tick)
             elif len(seen.latencies_s) < total:
-                timers.append(self._ioloop.call_later(timeout_s - (now - seen.started), self._ioloop.stop))
+                timers.append(self._ioloop.call_later(grace_s, self._ioloop.stop))
 
         tag = self._results_channel.basic_consume(self.settings.results_queue, on_result, auto_ack=True)
         seen.started = time.perf_counter()

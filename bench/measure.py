@@ -19,8 +19,9 @@ from bench.systems import Running, System, start
 from bench.workload import Jobs
 from shared.settings import InferqSettings
 
-POLL_S = 0.005
-RSS_EVERY = 40  # polls
+POLL_S = 0.02
+RSS_EVERY = 10  # polls
+GRACE_S = 5.0
 
 
 def broker_process(port: int = 5672) -> psutil.Process | None:
@@ -48,17 +49,16 @@ class Monitor:
         self.broker = broker
         self.driver = psutil.Process()
         self.rss_peak = dict.fromkeys(worker_pids, 0)
+        self._last_cpu = dict.fromkeys(worker_pids, 0.0)
 
     def cpu(self) -> dict[str, float]:
-        """Cumulative CPU seconds per role (``nan`` for the broker when it cannot be found)."""
-        workers = 0.0
+        """Cumulative CPU seconds per role (``nan`` for the broker when it cannot be found). A worker
+        that has exited counts with its last reading: call this often while workers may exit."""
         for proc in self.workers:
-            try:
-                workers += _cpu_s(proc)
-            except psutil.NoSuchProcess:
-                return {}
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self._last_cpu[proc.pid] = _cpu_s(proc)
         return {
-            "worker": workers,
+            "worker": sum(self._last_cpu.values()),
             "broker": _cpu_s(self.broker) if self.broker is not None else float("nan"),
             "driver": _cpu_s(self.driver),
         }
@@ -76,7 +76,7 @@ class Monitor:
 
 def per_job_us(before: dict[str, float], after: dict[str, float], jobs: int) -> dict[str, float]:
     """CPU microseconds per job of each role between two :meth:`Monitor.cpu` samples."""
-    if not before or not after or jobs <= 0:
+    if jobs <= 0:
         return {}
     return {role: round((after[role] - before[role]) / jobs * 1e6, 1) for role in before}
 
@@ -178,6 +178,8 @@ def _watch_drain(
         polls += 1
         if polls % RSS_EVERY == 0:
             monitor.sample_rss()
+        if len(running.procs) > 1:
+            monitor.cpu()  # a drain worker may exit before the others finish: keep its last reading
         time.sleep(POLL_S)
 
 
@@ -207,34 +209,45 @@ def latency(
         monitor = Monitor(running.pids, broker_process())
         load = Load(settings)
         stream = bench.job_stream(run)
+        saturated = False
         for rate in rates:
             total = int(rate * (warmup_s + seconds))
+            if saturated:  # a higher rate would only saturate it more
+                out.append(_latency_run(system, rep, rate, warmup_s, Offered(saturated=True), total))
+                continue
             cpu_before = monitor.cpu()
-            seen = load.offered(stream, total, rate, timeout_s=warmup_s + seconds + 30)
+            seen = load.offered(stream, total, rate, grace_s=GRACE_S)
             cpu_after = monitor.cpu()
             monitor.sample_rss()
-            measured = [job_id for job_id in seen.latencies_s if seen.published[job_id] - seen.started >= warmup_s]
-            samples = [seen.latencies_s[job_id] * 1000 for job_id in measured]
-            out.append(
-                {
-                    "kind": "latency",
-                    "system": system.name,
-                    "rep": rep,
-                    "offered_jobs_s": rate,
-                    "jobs": total,
-                    "results": len(seen.latencies_s),
-                    "samples": len(samples),
-                    **latency_summary(samples),
-                    "breakdown_ms": breakdown(seen, measured),
-                    "cpu_us_per_job": per_job_us(cpu_before, cpu_after, len(seen.latencies_s)),
-                    "worker_rss_mb": monitor.rss_mb(),
-                }
-            )
+            out.append(_latency_run(system, rep, rate, warmup_s, seen, total))
+            out[-1]["cpu_us_per_job"] = per_job_us(cpu_before, cpu_after, len(seen.latencies_s))
+            out[-1]["worker_rss_mb"] = monitor.rss_mb()
+            saturated = bool(out[-1]["saturated"])
         load.close()
     finally:
         running.stop()
         delete(settings)
     return out
+
+
+def _latency_run(system: System, rep: int, rate: float, warmup_s: float, seen: Offered, total: int) -> dict[str, Any]:
+    complete = not seen.saturated and len(seen.latencies_s) == total
+    measured = [job_id for job_id in seen.latencies_s if seen.published[job_id] - seen.started >= warmup_s]
+    samples = [seen.latencies_s[job_id] * 1000 for job_id in measured]
+    summary = latency_summary(samples if complete else [])
+    return {
+        "kind": "latency",
+        "system": system.name,
+        "rep": rep,
+        "offered_jobs_s": rate,
+        "jobs": total,
+        "published": len(seen.published),
+        "results": len(seen.latencies_s),
+        "saturated": not complete,
+        "samples": len(samples),
+        **summary,
+        "breakdown_ms": breakdown(seen, measured) if complete else {},
+    }
 
 
 def breakdown(seen: Offered, job_ids: list[str]) -> dict[str, dict[str, float]]:

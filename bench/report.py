@@ -35,11 +35,14 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     latency_summary: dict[str, Any] = defaultdict(dict)
     for r in (r for r in runs if r["kind"] == "latency"):
         entry = latency_summary[r["system"]].setdefault(str(int(r["offered_jobs_s"])), {"runs": []})
-        entry["runs"].append({k: r[k] for k in ("rep", "p50_ms", "p95_ms", "p99_ms", "max_ms", "samples")})
+        keys = ("rep", "saturated", "p50_ms", "p95_ms", "p99_ms", "max_ms", "samples", "breakdown_ms")
+        entry["runs"].append({k: r[k] for k in keys})
     for rates in latency_summary.values():
         for entry in rates.values():
+            kept = [run for run in entry["runs"] if not run["saturated"]]
+            entry["saturated_runs"] = len(entry["runs"]) - len(kept)
             for key in ("p50_ms", "p95_ms", "p99_ms"):
-                entry[key] = round(median(run[key] for run in entry["runs"]), 3)
+                entry[key] = round(median(run[key] for run in kept), 3)
     return {
         "drain": drain_summary,
         "ratios": {name: {"runs": values, "median": round(median(values), 3)} for name, values in ratios.items()},
@@ -82,14 +85,16 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     lines += [
         "",
         f"Latency, publish → result received (ms), after a {meta['warmup_s']:g} s warm-up, "
-        f"{meta['latency_s']:g} s per rate; median of the repetitions, every run's p99 in brackets.",
+        f"{meta['latency_s']:g} s per rate; median of the repetitions that kept up, and every run's p99. "
+        "*saturated*: the system fell more than 2 s of jobs behind the offered rate, so the run was stopped "
+        "(its latency would only measure a growing queue) and higher rates were skipped.",
         "",
         "| system | offered jobs/s | p50 | p95 | p99 | p99 of each run |",
         "|---|---|---|---|---|---|",
     ]
     for system, rates in summary["latency"].items():
         for rate, e in rates.items():
-            each = ", ".join(_fmt(run["p99_ms"], 2) for run in e["runs"])
+            each = ", ".join("saturated" if run["saturated"] else _fmt(run["p99_ms"], 2) for run in e["runs"])
             lines.append(
                 f"| {system} | {rate} | {_fmt(e['p50_ms'], 2)} | {_fmt(e['p95_ms'], 2)} | "
                 f"**{_fmt(e['p99_ms'], 2)}** | {each} |"
@@ -126,8 +131,13 @@ def plot(summary: dict[str, Any], runs: list[dict[str, Any]], path: Path) -> Non
     width = 0.27
     for offset, (key, color) in enumerate((("p50_ms", "#68d391"), ("p95_ms", "#f6ad55"), ("p99_ms", "#e53e3e"))):
         values = [summary["latency"][s][rate][key] for s, rate in groups]
+        values = [0.0 if math.isnan(v) else v for v in values]  # saturated: no bar
         right.bar([i + (offset - 1) * width for i in range(len(groups))], values, width, label=key[:3], color=color)
-    right.set_xticks(range(len(groups)), [f"{s}\n{rate}/s" for s, rate in groups], fontsize=8)
+    labels = [
+        f"{s}\n{rate}/s" + ("\n(saturated)" if math.isnan(summary["latency"][s][rate]["p50_ms"]) else "")
+        for s, rate in groups
+    ]
+    right.set_xticks(range(len(groups)), labels, fontsize=8)
     right.set_yscale("log")
     right.set_ylabel("ms, publish → result received (log scale)")
     right.set_title("Latency at fixed offered rates (median of runs)")
