@@ -46,3 +46,11 @@ def test_a_failing_flush_stores_nothing_and_cleans_up(tmp_path: Path, monkeypatc
         store.put_many([_failed("job-1"), _failed("job-2")])
     assert not store.exists("job-1")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_result_is_encoded_once_and_the_cache_does_not_change_equality() -> None:
+    result = _failed("job-1")
+    first = result.to_json()
+    assert result.to_json() is first
+    assert result == _failed("job-1")
+    assert Result.model_validate_json(first) == result
