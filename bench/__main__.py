@@ -40,7 +40,7 @@ def _args() -> argparse.Namespace:
     )
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
     parser.add_argument("--rates", default="500,2000", help="offered rates for the latency runs, jobs/s")
-    parser.add_argument("--latency-s", type=float, default=8.0, help="measured seconds per offered rate")
+    parser.add_argument("--latency-s", type=float, default=6.0, help="measured seconds per offered rate")
     parser.add_argument("--warmup-s", type=float, default=1.0, help="seconds at each rate before measuring")
     parser.add_argument("--drain-systems", default=",".join(SYSTEMS), help="systems for the drain runs")
     parser.add_argument("--latency-systems", default="inferq-x1,ceiling,naive", help="systems for latency runs")
