@@ -47,6 +47,7 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--work", type=Path, default=ROOT / "var" / "bench", help="models, results and logs")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, result files)")
+    parser.add_argument("--replot", action="store_true", help="redraw table and plot from --out's results.json")
     parser.add_argument(
         "--amqp-url", default=os.environ.get("INFERQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
     )
@@ -81,8 +82,24 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def write_report(out: Path, meta: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+    """results.json, results.md and results.png under ``out``; returns the markdown."""
+    summary = summarize(runs)
+    table = markdown(summary, meta)
+    (out / "results.json").write_bytes(
+        orjson.dumps({"meta": meta, "summary": summary, "runs": runs}, option=orjson.OPT_INDENT_2)
+    )
+    (out / "results.md").write_text(table)
+    plot(summary, runs, out / "results.png")
+    return table
+
+
 def main() -> None:
     args = _args()
+    if args.replot:
+        saved = orjson.loads((args.out / "results.json").read_bytes())
+        print(write_report(args.out, saved["meta"], saved["runs"]))
+        return
     drain_systems, latency_systems = _systems(args.drain_systems), _systems(args.latency_systems)
     meta = _meta(args)
     shutil.rmtree(args.work, ignore_errors=True)
@@ -120,13 +137,7 @@ def main() -> None:
             shutil.rmtree(args.work, ignore_errors=True)
     meta["load_average_at_end"] = os.getloadavg()
     meta["wall_s"] = round(time.monotonic() - started, 1)
-    summary = summarize(runs)
-    table = markdown(summary, meta)
-    (args.out / "results.json").write_bytes(
-        orjson.dumps({"meta": meta, "summary": summary, "runs": runs}, option=orjson.OPT_INDENT_2)
-    )
-    (args.out / "results.md").write_text(table)
-    plot(summary, runs, args.out / "results.png")
+    table = write_report(args.out, meta, runs)
     print()
     print(table)
     print(f"wrote {args.out}/results.json, results.md and results.png in {meta['wall_s']:.0f} s", file=sys.stderr)
