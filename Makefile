@@ -4,14 +4,17 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 STORE  ?= file
+BENCH_STAMP := $(VENV)/.bench-stamp
+BENCH_ARGS ?=
 
-.PHONY: help env broker demo test test-fast lint format clean
+.PHONY: help env broker demo test test-fast lint format bench clean
 
 help:
 	@echo "make demo   run the end-to-end demo (RabbitMQ + file stores)"
 	@echo "make demo STORE=s3   the same demo on S3 stores (a local SeaweedFS it starts and stops)"
 	@echo "make test   run the whole test suite against the real broker"
 	@echo "make lint   ruff + mypy --strict"
+	@echo "make bench  inferq vs a naive worker vs the ceiling (BENCH_ARGS='--jobs 20000' for a shorter run)"
 
 $(STAMP): pyproject.toml
 	scripts/ensure-python.sh $(PYTHON)
@@ -39,6 +42,14 @@ lint: env
 format: env
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# The bench extra (matplotlib, psutil) is installed only for the benchmark.
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) broker
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

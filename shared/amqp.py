@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import OrderedDict
 from collections.abc import Callable
@@ -109,7 +110,9 @@ class ConfirmTracker:
         acked = isinstance(method, pika.spec.Basic.Ack)
         tags = [method.delivery_tag]
         if method.multiple:
-            tags = [t for t in self._pending if t <= method.delivery_tag]
+            # Pending tags are in publish order: stop at the first one above the ack, instead of
+            # scanning every publish in flight on each of the broker's many acks.
+            tags = list(itertools.takewhile(lambda t: t <= method.delivery_tag, self._pending))
         for tag in tags:
             entry = self._pending.pop(tag, None)
             if entry is None:

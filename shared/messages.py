@@ -220,6 +220,9 @@ class Timings(BaseModel):
 class Result(BaseModel):
     """The one result of a job, published to the result queue and kept in the result store."""
 
+    # The wire form, encoded once: the worker both stores and publishes every result. A slot, not a
+    # field or private attribute, so it takes no part in equality, copies or validation.
+    __slots__ = ("_wire",)
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: JobId
@@ -242,5 +245,13 @@ class Result(BaseModel):
         return self
 
     def to_json(self) -> bytes:
-        """The wire form (UTF-8 JSON)."""
-        return self.model_dump_json().encode()
+        """The wire form (UTF-8 JSON), encoded on first use.
+
+        NOTE: the model is frozen, so the encoding stays valid; mutating a list inside it (which
+        frozen does not prevent) would not be seen by a second call.
+        """
+        wire: bytes | None = getattr(self, "_wire", None)
+        if wire is None:
+            wire = self.model_dump_json().encode()
+            object.__setattr__(self, "_wire", wire)
+        return wire

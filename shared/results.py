@@ -8,10 +8,13 @@ on a duplicate) is not written, and the caller gets the stored one back to publi
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import os
+import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +43,9 @@ class ResultStore(Protocol):
         """Where the store lives, for logs and messages."""
 
 
+_temporary_numbers = itertools.count()
+
+
 def _checked_id(job_id: str) -> str:
     if not is_valid_job_id(job_id):
         raise ResultNotFound(f"{job_id!r} is not a valid job id")
@@ -60,32 +66,49 @@ class FileResultStore:
         return self.root / f"{_checked_id(job_id)}.json"
 
     def put_many(self, results: Sequence[Result]) -> list[Result]:
+        if not results:
+            return []
         self.root.mkdir(parents=True, exist_ok=True)
-        stored = [self._put(result) for result in results]
-        if self.fsync and results:
-            # NOTE: the new names are durable only once the directory itself is synced.
-            fd = os.open(self.root, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        root = str(self.root)
+        staged: list[tuple[str, str]] = []
+        stored: list[Result] = []
+        try:
+            for result in results:
+                staged.append((self._write_temporary(result), f"{root}/{_checked_id(result.id)}.json"))
+            if self.fsync:
+                # Data first, then the names: a result is never visible, even after a crash, before
+                # its whole content is on disk. One flush for the batch instead of one per file.
+                _flush_files([tmp for tmp, _ in staged], self.root)
+            for result, (tmp, final) in zip(results, staged, strict=True):
+                try:
+                    os.link(tmp, final)  # unlike a rename, fails when the id has a result: the first wins
+                    stored.append(result)
+                except FileExistsError:
+                    stored.append(self.get(result.id))
+        finally:
+            for tmp, _ in staged:
+                Path(tmp).unlink(missing_ok=True)
+        if self.fsync:
+            _fsync_path(self.root)  # NOTE: the new names are durable only once the directory itself is synced.
         return stored
 
-    def _put(self, result: Result) -> Result:
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".partial")
+    def _write_temporary(self, result: Result) -> str:
+        # A name unique to this process (the pid) and call (the counter) needs no random retries.
+        tmp = f"{self.root}/.tmp-{os.getpid()}-{next(_temporary_numbers)}.partial"
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(result.to_json())
-                if self.fsync:
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            try:
-                os.link(tmp, self._path(result.id))  # unlike a rename, fails if the id has a result
-            except FileExistsError:
-                return self.get(result.id)
-            return result
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # left by a crashed process whose pid came back
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".partial")
+        try:
+            data = memoryview(result.to_json())
+            while data:
+                data = data[os.write(fd, data) :]
+        except BaseException:
+            os.unlink(tmp)
+            raise
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            os.close(fd)
+        return tmp
 
     def get(self, job_id: str) -> Result:
         path = self._path(job_id)
@@ -184,6 +207,48 @@ class S3ResultStore:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+
+
+def _fsync_path(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function: Callable[[int], int] | None = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    except OSError:
+        return None
+    return function
+
+
+_syncfs = _load_syncfs()
+
+
+def _flush_files(paths: Sequence[str], directory: Path) -> None:
+    """Make the content of every file in ``paths`` durable.
+
+    On Linux one ``syncfs(2)`` of the file system holding ``directory`` does it in one journal commit;
+    an ``fsync`` per file costs a commit each (about 0.5 ms per result on the benchmark machine).
+    NOTE: syncfs also flushes other processes' dirty data on that file system; a store on a busy
+    shared disk pays for their writes too. Elsewhere, each file is fsynced.
+    """
+    if _syncfs is not None:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            if _syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs of {directory} failed: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+        return
+    for path in paths:
+        _fsync_path(path)
 
 
 def open_result_store(location: str, *, fsync: bool = True) -> ResultStore:

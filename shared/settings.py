@@ -50,7 +50,9 @@ class WorkerSettings(InferqSettings):
 
     max_batch_rows: Annotated[int, Field(ge=1, le=65536)] = 256
     max_wait_ms: Annotated[float, Field(ge=0, le=60_000)] = 2.0
-    prefetch: Annotated[int, Field(ge=1, le=65535)] = 512
+    # Deliveries stay unacked until their results are stored and confirmed: the window must cover a whole
+    # batch being processed plus one waiting on confirms, or the worker idles between batches.
+    prefetch: Annotated[int, Field(ge=1, le=65535)] = 2048
     max_loaded_models: Annotated[int, Field(ge=1, le=1000)] = 8
     alias_refresh_s: Annotated[float, Field(ge=0)] = 5.0
     max_rows_per_job: Annotated[int, Field(ge=1)] = 65536

@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from model_store.manifest import Manifest, TensorSpec
 from shared.errors import InferenceError, InputMismatch, JobError, TooLarge
-from shared.messages import Job, Tensor
+from shared.messages import DATATYPE_OF_NUMPY, Job, Tensor
 
 Arrays = dict[str, npt.NDArray[Any]]
 
@@ -139,14 +139,32 @@ def run_batch(model: LoadedModel, jobs: list[Arrays], watchdog: Watchdog | None 
         if watchdog is not None:
             watchdog.disarm()
     counts = [next(iter(j.values())).shape[0] for j in jobs]
-    bounds = np.cumsum(counts)[:-1]
     per_job: list[list[Tensor]] = [[] for _ in jobs]
     for name, output in zip(model.output_names, outputs, strict=True):
-        array = np.asarray(output)
-        parts = np.split(array, bounds) if array.ndim and array.shape[0] == sum(counts) else [array] * len(jobs)
-        for slot, part in zip(per_job, parts, strict=True):
-            slot.append(Tensor.from_numpy(name, part))
+        for slot, tensor in zip(per_job, _split(name, np.asarray(output), counts), strict=True):
+            slot.append(tensor)
     return per_job
+
+
+def _split(name: str, array: npt.NDArray[Any], counts: list[int]) -> list[Tensor]:
+    """One output tensor per job: rows split by ``counts`` (an output without a row axis goes to all)."""
+    total = sum(counts)
+    if not (array.ndim and array.shape[0] == total):
+        return [Tensor.from_numpy(name, array)] * len(counts)
+    datatype = DATATYPE_OF_NUMPY.get(array.dtype)
+    if datatype is None or array.size == 0:  # strings and empty outputs: the general path
+        return [Tensor.from_numpy(name, part) for part in np.split(array, np.cumsum(counts)[:-1])]
+    # One conversion to Python numbers for the whole batch, then plain list slicing per job: much
+    # cheaper than an array split and a conversion per job.
+    rows = array.reshape(total, -1).tolist()
+    tail = list(array.shape[1:])
+    tensors = []
+    start = 0
+    for count in counts:
+        data = rows[start] if count == 1 else [x for row in rows[start : start + count] for x in row]
+        tensors.append(Tensor.model_construct(name=name, shape=[count, *tail], datatype=datatype, data=data))
+        start += count
+    return tensors
 
 
 def run_isolating(

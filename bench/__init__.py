@@ -1,0 +1,1 @@
+"""The inferq benchmark: inferq against a naive pika-tutorial worker and the pipeline ceiling."""

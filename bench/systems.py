@@ -1,0 +1,149 @@
+"""The three systems under test, as processes the driver starts, watches and stops."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from shared.settings import InferqSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True, slots=True)
+class System:
+    """One system under test: ``kind`` is ``inferq``, ``naive`` or ``ceiling``; ``processes`` how many."""
+
+    name: str
+    kind: str
+    processes: int
+
+    @property
+    def slug(self) -> str:
+        """A queue- and path-safe form of the name."""
+        return f"{self.kind}{self.processes}"
+
+
+SYSTEMS = {
+    s.name: s
+    for s in (
+        System("inferq-x1", "inferq", 1),
+        System("inferq-x2", "inferq", 2),
+        System("ceiling", "ceiling", 1),
+        System("naive", "naive", 1),
+    )
+}
+
+
+@dataclass(slots=True)
+class Running:
+    """A started system: its processes and where each writes its log and (reference workers) counters."""
+
+    system: System
+    procs: list[subprocess.Popen[bytes]]
+    logs: list[Path]
+    stats: list[Path]
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the workers."""
+        return [p.pid for p in self.procs]
+
+    def failed(self) -> str | None:
+        """A description of the first worker that exited with an error, if any."""
+        for proc, log in zip(self.procs, self.logs, strict=True):
+            code = proc.poll()
+            if code not in (None, 0):
+                return f"{self.system.name} worker exited with {code}; see {log}"
+        return None
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """inferq in drain mode exits by itself; anything still running gets SIGTERM (a graceful stop)."""
+        for proc in self.procs:
+            if self.system.kind != "inferq" or proc.poll() is None:
+                try:
+                    proc.wait(timeout=5 if self.system.kind == "inferq" else 0)
+                except subprocess.TimeoutExpired:
+                    proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def onnxruntime_s(self) -> float:
+        """Seconds the workers spent in onnxruntime calls: inferq's ``batch_done`` events, or the
+        counters the reference workers write when they stop."""
+        if self.system.kind != "inferq":
+            return sum(float(orjson.loads(path.read_bytes())["ort_s"]) for path in self.stats if path.exists())
+        total_ms = 0.0
+        for event in self.events():
+            if event.get("event") == "batch_done":
+                total_ms += float(event.get("inference_ms", 0.0))
+        return total_ms / 1000
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every JSON log event the workers wrote."""
+        events = []
+        for log in self.logs:
+            for line in log.read_bytes().splitlines():
+                if line.startswith(b"{"):
+                    events.append(orjson.loads(line))
+        return events
+
+
+def _inferq_env(settings: InferqSettings, result_store: Path) -> dict[str, str]:
+    # Default settings: drop any INFERQ_* the caller's shell has, set only where things are.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
+    env.update(
+        INFERQ_AMQP_URL=settings.amqp_url.get_secret_value(),
+        INFERQ_JOBS_QUEUE=settings.jobs_queue,
+        INFERQ_RESULTS_QUEUE=settings.results_queue,
+        INFERQ_MODEL_STORE=settings.model_store,
+        INFERQ_RESULT_STORE=str(result_store),
+        INFERQ_LOG_FORMAT="json",
+    )
+    return env
+
+
+def start(system: System, settings: InferqSettings, run_dir: Path, *, drain: bool) -> Running:
+    """Start ``system``'s worker processes against the run's queues."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    procs, logs, stats = [], [], []
+    for number in range(system.processes):
+        log = run_dir / f"{system.slug}-{number}.log"
+        stat = run_dir / f"{system.slug}-{number}.stats.json"
+        if system.kind == "inferq":
+            command = [sys.executable, "-m", "inferq", "worker", *(["--drain"] if drain else [])]
+            env = _inferq_env(settings, run_dir / "results")
+        else:
+            command = [
+                sys.executable,
+                "-m",
+                f"bench.{system.kind}",
+                "--amqp-url",
+                settings.amqp_url.get_secret_value(),
+                "--jobs-queue",
+                settings.jobs_queue,
+                "--results-queue",
+                settings.results_queue,
+                "--model-store",
+                settings.model_store,
+                "--stats",
+                str(stat),
+            ]
+            env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT)
+        with log.open("wb") as handle:
+            procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=handle))
+        logs.append(log)
+        stats.append(stat)
+    return Running(system, procs, logs, stats)
