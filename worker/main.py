@@ -1,8 +1,9 @@
 """The worker: receive → decode → batch → run → store → publish → ack.
 
-The I/O loop's thread owns the broker connection and all of the state below; batches run on one
-processing thread, whose results come back through :meth:`Consumer.call_threadsafe`. A delivery is
-acked only after its result is stored and the broker confirmed the result's publish (ack last).
+The I/O loop's thread owns the broker connection and all of the state below; batches run on two
+processing threads (one computing while the other stores), whose results come back through
+:meth:`Consumer.call_threadsafe`. A delivery is acked only after its result is stored and the broker
+confirmed the result's publish (ack last).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from worker.processor import ModelKey, Outcome, Pending, Processor
 from worker.runner import Limits, LoadedModel, Watchdog, load_model
 
 log = get_logger(__name__)
+UNITS_IN_FLIGHT = 2
+"""Units of work at the processing threads at once: one stores its results while the next runs."""
 MODEL_STORE_RETRY_S = 1.0
 
 
@@ -98,8 +101,9 @@ class Worker:
         )
         self._ready: list[Outcome] = []
         self._suspects: list[Pending] = []
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inferq-batch")
-        self._busy = False
+        self._executor = ThreadPoolExecutor(max_workers=UNITS_IN_FLIGHT, thread_name_prefix="inferq-batch")
+        self._units = 0  # units of work at the processing threads
+        self._alone = False  # a suspect is running: nothing else may
         self._flush_timer: object | None = None
         self._unacked: deque[int] = deque()
         self._settled: dict[int, bool] = {}
@@ -171,7 +175,7 @@ class Worker:
 
     def _idle(self) -> bool:
         return not (
-            self._unacked or self._busy or self._batcher or self._ready or self._suspects or self._ack_upto is not None
+            self._unacked or self._units or self._batcher or self._ready or self._suspects or self._ack_upto is not None
         )
 
     # -- drain mode -------------------------------------------------------------------------------
@@ -266,22 +270,24 @@ class Worker:
         self.metrics.dead_lettered()
         self.consumer.dead_letter(delivery, body, reason, partial(self._settle, delivery))
 
-    # -- batch → run → store (processing thread) --------------------------------------------------
+    # -- batch → run → store (processing threads) -------------------------------------------------
 
     def _schedule_flush(self, delay_s: float) -> None:
         if self._flush_timer is None:
             self._flush_timer = self.consumer.call_later(delay_s, self._flush)
 
     def _flush(self) -> None:
-        """Hand waiting work to the processing thread, if it is free and the work is due."""
+        """Hand waiting work to a processing thread, if one is free and the work is due."""
         if self._flush_timer is not None:
             self.consumer.cancel_timer(self._flush_timer)
             self._flush_timer = None
-        if self._busy:
-            return  # more jobs gather meanwhile; the completion flushes again
+        if self._alone or self._units >= UNITS_IN_FLIGHT:
+            return  # more jobs gather meanwhile; a completion flushes again
         if self._suspects:
-            suspect = self._suspects.pop(0)
-            self._dispatch([Batch((suspect.job.model, suspect.version), [suspect], suspect.job.rows)], [])
+            if not self._units:  # a suspect runs alone: let the others finish first
+                suspect = self._suspects.pop(0)
+                batch = Batch((suspect.job.model, suspect.version), [suspect], suspect.job.rows)
+                self._dispatch([batch], [], alone=True)
             return
         due_in = self._batcher.due_in()
         if due_in is None and not self._ready:
@@ -293,8 +299,9 @@ class Worker:
         self._ready = []
         self._dispatch(batches, ready)
 
-    def _dispatch(self, batches: list[Batch[ModelKey, Pending]], ready: list[Outcome]) -> None:
-        self._busy = True
+    def _dispatch(self, batches: list[Batch[ModelKey, Pending]], ready: list[Outcome], *, alone: bool = False) -> None:
+        self._units += 1
+        self._alone = alone
         future = self._executor.submit(self.processor.process, batches, ready)
         future.add_done_callback(
             lambda f: self.consumer.call_threadsafe(partial(self._on_processed, f, batches, ready))
@@ -305,7 +312,8 @@ class Worker:
     def _on_processed(
         self, future: Future[list[Outcome]], batches: list[Batch[ModelKey, Pending]], ready: list[Outcome]
     ) -> None:
-        self._busy = False
+        self._units -= 1
+        self._alone = False
         try:
             outcomes = future.result()
         except Exception as exc:  # store unavailable while stopping, or a bug: nothing is acked

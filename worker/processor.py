@@ -1,4 +1,4 @@
-"""The worker's processing thread: run each batch (one onnxruntime call per model version), turn every
+"""The worker's processing threads: run each batch (one onnxruntime call per model version), turn every
 outcome into a result, and store the results. Nothing here touches the broker."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _timings(delivery: Delivery, inference_ms: float | None) -> Timings:
 
 
 class Processor:
-    """Runs batches and stores their results; called from a single processing thread."""
+    """Runs batches and stores their results; called from the worker's processing threads."""
 
     def __init__(
         self,
@@ -76,6 +76,7 @@ class Processor:
         self._stopping = stopping
         self._retry_max_s = retry_max_s
         self.watchdog = watchdog
+        self._compute = threading.Lock()
 
     # -- results ----------------------------------------------------------------------------------
 
@@ -119,10 +120,13 @@ class Processor:
         """Results for every job of ``batches`` plus the ``ready`` ones, all stored when this returns."""
         computed = list(ready)
         reused: list[Outcome] = []
-        for batch in batches:
-            fresh = self._reuse_stored(batch.items, reused)
-            if fresh:
-                computed.extend(self._run(batch.key, fresh))
+        # One unit computes at a time (the CPU is the limit, and the watchdog guards one run); the
+        # other unit meanwhile stores its results, which waits on the disk or the network.
+        with self._compute:
+            for batch in batches:
+                fresh = self._reuse_stored(batch.items, reused)
+                if fresh:
+                    computed.extend(self._run(batch.key, fresh))
         return self._store(computed) + reused
 
     def _reuse_stored(self, items: list[Pending], reused: list[Outcome]) -> list[Pending]:
