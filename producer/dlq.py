@@ -22,7 +22,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import BasicProperties
 
 from producer.status import open_blocking
-from shared.amqp import PERSISTENT, PUBLISHED_MS_HEADER
+from shared.amqp import PUBLISHED_MS_HEADER, forwarded_properties
 from shared.errors import BrokerUnavailable, DeadLetterNotFound, PublishError
 from shared.settings import OperatorSettings
 from shared.topology import REASON_HEADER
@@ -161,14 +161,7 @@ def _republish(channel: BlockingChannel, jobs_queue: str, original: BasicPropert
     headers = {k: v for k, v in (original.headers or {}).items() if k not in _DEATH_HEADERS}
     headers[REPLAYED_HEADER] = int(headers.get(REPLAYED_HEADER, 0)) + 1
     headers[PUBLISHED_MS_HEADER] = int(time.time() * 1000)  # its latency starts again now
-    properties = BasicProperties(
-        content_type=original.content_type,
-        delivery_mode=PERSISTENT,
-        message_id=original.message_id,
-        correlation_id=original.correlation_id,
-        reply_to=original.reply_to,
-        headers=headers,
-    )
+    properties = forwarded_properties(original, headers)
     try:
         channel.basic_publish("", jobs_queue, body, properties, mandatory=True)
     except pika.exceptions.UnroutableError:

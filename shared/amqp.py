@@ -130,6 +130,19 @@ class ConfirmTracker:
             callback(False)
 
 
+def forwarded_properties(original: pika.BasicProperties, headers: dict[str, Any]) -> pika.BasicProperties:
+    """Properties for a message moved to another queue unchanged: its identity, persistent, and
+    ``headers``."""
+    return pika.BasicProperties(
+        content_type=original.content_type,
+        delivery_mode=PERSISTENT,
+        message_id=original.message_id,
+        correlation_id=original.correlation_id,
+        reply_to=original.reply_to,
+        headers=headers,
+    )
+
+
 def topology_error(reason: BaseException) -> ConfigError | None:
     """A channel closed because a queue exists with other arguments: a configuration error that no
     retry will fix (returns ``None`` for any other reason)."""

@@ -117,29 +117,22 @@ class Env:
             **extra,
         }
 
-    def worker_settings(self, **overrides: Any) -> WorkerSettings:
-        values: dict[str, Any] = {
+    def _settings(self, **overrides: Any) -> dict[str, Any]:
+        return {
             "amqp_url": self.amqp_url,
             "jobs_queue": self.jobs_queue,
             "results_queue": self.results_queue,
             "model_store": self.model_store_at,
             "result_store": self.result_store_at,
             "connect_timeout_s": 10,
-            "drain_poll_ms": 50,
             **overrides,
         }
-        return WorkerSettings(**values)
+
+    def worker_settings(self, **overrides: Any) -> WorkerSettings:
+        return WorkerSettings(**self._settings(**{"drain_poll_ms": 50, **overrides}))
 
     def producer_settings(self, **overrides: Any) -> ProducerSettings:
-        values: dict[str, Any] = {
-            "amqp_url": self.amqp_url,
-            "jobs_queue": self.jobs_queue,
-            "results_queue": self.results_queue,
-            "model_store": self.model_store_at,
-            "result_store": self.result_store_at,
-            "connect_timeout_s": 10,
-            **overrides,
-        }
+        values = self._settings(**overrides)
         return ProducerSettings(**values)
 
     def submit(self, jobs: list[Job], **props: Any) -> list[str]:

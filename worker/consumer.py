@@ -26,6 +26,7 @@ from shared.amqp import (
     ConfirmTracker,
     connection_parameters,
     declare_queues,
+    forwarded_properties,
     redacted_url,
     topology_error,
 )
@@ -311,14 +312,7 @@ class Consumer:
             on_confirm(False)
             return
         original = delivery.properties
-        props = BasicProperties(
-            content_type=original.content_type,
-            delivery_mode=PERSISTENT,
-            message_id=original.message_id,
-            correlation_id=original.correlation_id,
-            reply_to=original.reply_to,
-            headers={**(original.headers or {}), **headers},
-        )
+        props = forwarded_properties(original, {**(original.headers or {}), **headers})
         self._confirms.publish(queue, body, props, on_confirm)
 
     def ack_through(self, tag: int) -> None:
