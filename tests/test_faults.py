@@ -99,8 +99,24 @@ class WorkerProcess:
         return self.log_path.read_text()
 
 
+_started: list[WorkerProcess] = []
+
+
 def start_worker(env: Env, *args: str, **extra_env: str) -> WorkerProcess:
-    return WorkerProcess(env, *args, **extra_env)
+    worker = WorkerProcess(env, *args, **extra_env)
+    _started.append(worker)
+    return worker
+
+
+@pytest.fixture(autouse=True)
+def no_worker_outlives_its_test() -> Iterator[None]:
+    """A failing test must not leave workers running against the shared broker."""
+    yield
+    while _started:
+        worker = _started.pop()
+        if worker.proc.poll() is None:
+            worker.proc.kill()
+            worker.proc.wait()
 
 
 def backlog(env: Env, models: Models, count: int) -> list[Job]:
