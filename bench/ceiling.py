@@ -14,7 +14,6 @@ import signal
 import socket
 import time
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,7 @@ import pika
 from pika.adapters.select_connection import IOLoop
 
 from bench.confirms import Confirmed
-from bench.sessions import Session, load_sessions, tensor_json
+from bench.sessions import Session, load_sessions, system_arguments, tensor_json
 
 PREFETCH = 1024
 MAX_BATCH_ROWS = 256
@@ -120,13 +119,7 @@ class Ceiling:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--amqp-url", required=True)
-    parser.add_argument("--jobs-queue", required=True)
-    parser.add_argument("--results-queue", required=True)
-    parser.add_argument("--model-store", type=Path, required=True)
-    parser.add_argument("--stats", type=Path, required=True)
-    args = parser.parse_args()
+    args = system_arguments(__doc__)
     loop = Ceiling(args, load_sessions(args.model_store))
     signal.signal(signal.SIGTERM, lambda *_: loop.ioloop.add_callback_threadsafe(loop.stop))
     loop.ioloop.start()

@@ -6,29 +6,21 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pika
 
-from bench.sessions import load_sessions, tensor_json
+from bench.sessions import load_sessions, system_arguments, tensor_json
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--amqp-url", required=True)
-    parser.add_argument("--jobs-queue", required=True)
-    parser.add_argument("--results-queue", required=True)
-    parser.add_argument("--model-store", type=Path, required=True)
-    parser.add_argument("--stats", type=Path, required=True)
-    args = parser.parse_args()
+    args = system_arguments(__doc__)
 
     models = load_sessions(args.model_store)
     worker = f"{socket.gethostname()}:{os.getpid()}"

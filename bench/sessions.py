@@ -3,6 +3,7 @@ model store, with the session options inferq uses (one intra-op thread per proce
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,17 @@ class Session:
     output_names: list[str]
     version: int
     sha256: str
+
+
+def system_arguments(description: str | None) -> argparse.Namespace:
+    """The command line every benchmarked system takes from the driver."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--amqp-url", required=True)
+    parser.add_argument("--jobs-queue", required=True)
+    parser.add_argument("--results-queue", required=True)
+    parser.add_argument("--model-store", type=Path, required=True)
+    parser.add_argument("--stats", type=Path, required=True)
+    return parser.parse_args()
 
 
 def load_sessions(model_store: Path) -> dict[str, Session]:

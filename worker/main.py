@@ -8,6 +8,7 @@ confirmed the result's publish (ack last).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -122,7 +123,8 @@ class Worker:
             # NOTE: after a forced stop the processing thread may be stuck in a batch; do not wait for it.
             self._executor.shutdown(wait=not self.counters.forced, cancel_futures=True)
         elapsed = time.monotonic() - self.counters.started
-        log.info("worker_stopped", **_asdict(self.counters), elapsed_s=round(elapsed, 3))
+        counts = {k: v for k, v in dataclasses.asdict(self.counters).items() if k != "started"}
+        log.info("worker_stopped", **counts, elapsed_s=round(elapsed, 3))
         return self.counters
 
     @property
@@ -381,19 +383,6 @@ class Worker:
         if self._flush_timer is not None:
             self.consumer.cancel_timer(self._flush_timer)
             self._flush_timer = None
-
-
-def _asdict(counters: Counters) -> dict[str, int | float | None]:
-    return {
-        "first_job_at": counters.first_job_at,
-        "last_ack_at": counters.last_ack_at,
-        "received": counters.received,
-        "succeeded": counters.succeeded,
-        "failed": counters.failed,
-        "dead_lettered": counters.dead_lettered,
-        "quarantined": counters.quarantined,
-        "batches": counters.batches,
-    }
 
 
 def build_worker(settings: WorkerSettings, *, drain: bool) -> Worker:
