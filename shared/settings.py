@@ -23,7 +23,8 @@ class InferqSettings(BaseSettings):
     jobs_queue: QueueName = "inferq.jobs"
     results_queue: QueueName = "inferq.results"
     model_store: str = "./var/models"
-    result_store: str = "./var/results"
+    result_store: str = "sqlite:var/results.db"
+    """Where results are kept: ``sqlite:PATH``, ``postgresql://…``, ``s3://bucket/prefix`` or a directory."""
     connect_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     heartbeat_s: Annotated[int, Field(ge=0, le=600)] = 30
     max_deliveries: Annotated[int, Field(ge=1, le=1000)] = 5
