@@ -30,6 +30,7 @@ from shared.logging import get_logger
 from shared.messages import Job
 from shared.results import ResultStore, open_result_store
 from shared.settings import WorkerSettings
+from shared.topology import result_routing_key
 from worker.batcher import Batch, Batcher
 from worker.consumer import Consumer, Delivery
 from worker.metrics import MeteredRegistry, WorkerMetrics, start_metrics_server
@@ -335,6 +336,7 @@ class Worker:
                     outcome.result.id,
                     outcome.result.to_json(),
                     partial(self._settle, outcome.delivery),
+                    routing_key=result_routing_key(outcome.result),
                 )
         self._flush()
         self._maybe_finish()
