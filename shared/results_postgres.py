@@ -23,7 +23,7 @@ from shared.messages import Result, is_valid_job_id
 
 SCHEMA_VERSION = 1
 POOL_MAX_SIZE = 4
-POOL_TIMEOUT_S = 10.0
+POOL_TIMEOUT_S = 3.0
 CONNECT_TIMEOUT_S = 5
 _READ_CHUNK = 10_000
 _SCHEMA_LOCK = 0x1F3E_9A7C  # pg_advisory_xact_lock key: concurrent first uses create the schema once

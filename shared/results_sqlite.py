@@ -9,6 +9,7 @@ JSON, so fields added to :class:`Result` later flow through unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -109,13 +110,21 @@ class SQLiteResultStore:
         if not results:
             return []
         created_at = utc_now_text()
-        try:
-            with self._lock:
-                stored = self._put_locked(self._connect(), results, created_at)
-        except sqlite3.Error as exc:
-            # Locked, read-only, disk full, I/O error: the worker retries with backoff and acks nothing.
-            raise StoreUnreachable(f"write to {self.describe()} failed: {exc}") from None
-        return stored
+        with self._lock:
+            try:
+                return self._put_locked(self._connect(), results, created_at)
+            except sqlite3.Error as exc:
+                # Locked, read-only, disk full, I/O error: the worker retries with backoff and acks nothing.
+                # The next try opens a new connection: SQLite keeps a file it could only open read-only
+                # read-only for the life of the connection, even once the file is writable again.
+                self._drop_connection()
+                raise StoreUnreachable(f"write to {self.describe()} failed: {exc}") from None
+
+    def _drop_connection(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(sqlite3.Error):  # a broken connection may fail to close; dropped anyway
+                self._connection.close()
+            self._connection = None
 
     def _put_locked(self, connection: sqlite3.Connection, results: Sequence[Result], created_at: str) -> list[Result]:
         connection.execute("BEGIN IMMEDIATE")  # the write lock: nobody inserts between the lookup and ours
@@ -197,6 +206,4 @@ class SQLiteResultStore:
 
     def close(self) -> None:
         with self._lock:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
+            self._drop_connection()
