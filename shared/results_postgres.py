@@ -3,8 +3,9 @@
 One table, ``inferq_results`` (in the schema the URL's ``search_path`` names, ``public`` by default):
 ``id`` (primary key), ``model``, ``version``, ``status``, ``error_code``, ``created_at`` and the full
 result as ``jsonb`` in ``result``, indexed by id and by ``(model, created_at)``. A batch is one
-transaction: one ``INSERT … ON CONFLICT (id) DO NOTHING RETURNING id`` and, only when some ids already
-had a result, one ``SELECT`` reading those earlier results back; it is committed when ``put_many`` returns.
+transaction: one ``INSERT … ON CONFLICT (id) DO NOTHING RETURNING id`` of the whole batch as arrays (sent
+in binary: no quoting of the JSON) and, only when some ids already had a result, one ``SELECT`` reading
+those earlier results back; it is committed when ``put_many`` returns.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ _SCHEMA = (
 )
 _INSERT = (
     "INSERT INTO inferq_results (id, model, version, status, error_code, result) "
-    "SELECT * FROM unnest(%s::text[], %s::text[], %s::integer[], %s::text[], %s::text[], %s::text[]::jsonb[]) "
+    "SELECT * FROM unnest(%b::text[], %b::text[], %b::integer[], %b::text[], %b::text[], %b::text[]::jsonb[]) "
     "ON CONFLICT (id) DO NOTHING RETURNING id"
 )
 _SELECT_MANY = "SELECT id, result::text FROM inferq_results WHERE id = ANY(%s::text[])"
@@ -78,7 +79,8 @@ class PostgresResultStore:
                     max_size=self.pool_size,
                     timeout=POOL_TIMEOUT_S,
                     kwargs={"connect_timeout": CONNECT_TIMEOUT_S},
-                    check=ConnectionPool.check_connection,  # a connection broken meanwhile is replaced
+                    # No check on checkout (a round trip per batch): a connection that fails is in a bad
+                    # state when it comes back, the pool replaces it, and the worker retries the batch.
                     name="inferq-results",
                     open=False,
                 )
