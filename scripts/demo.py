@@ -1,6 +1,7 @@
 """The end-to-end demo, through the real CLI: train, publish two versions, backfill, drain with two
-workers, show results and throughput. Uses the local RabbitMQ and file stores under var/demo, or, with
-``--store s3``, a SeaweedFS S3 server it starts on free local ports (and stops at the end)."""
+workers, show results and throughput. Uses the local RabbitMQ, a model directory and a SQLite result
+store under var/demo, or, with ``--store s3``, a SeaweedFS S3 server it starts on free local ports (and
+stops at the end)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,7 @@ from sklearn.linear_model import LogisticRegression
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seaweedfs import SeaweedFS
 
-from shared.results import S3ResultStore
-from shared.s3 import S3Location
+from shared.results import open_result_store
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "var" / "demo"
@@ -93,14 +93,11 @@ S3_BUCKET = "inferq-demo"
 
 
 def count_results(env: dict[str, str]) -> int:
-    location = env["INFERQ_RESULT_STORE"]
-    if not location.startswith("s3://"):
-        return len(list(Path(location).glob("*.json")))
-    where = S3Location.parse(location)
-    pages = (
-        S3ResultStore(where)._client.get_paginator("list_objects_v2").paginate(Bucket=where.bucket, Prefix=where.prefix)
-    )
-    return sum(1 for page in pages for item in page.get("Contents", []) if item["Key"].endswith(".json"))
+    store = open_result_store(env["INFERQ_RESULT_STORE"])
+    try:
+        return store.count()
+    finally:
+        store.close()
 
 
 def main() -> None:
@@ -113,7 +110,7 @@ def main() -> None:
         **os.environ,
         "INFERQ_AMQP_URL": os.environ.get("INFERQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
         "INFERQ_MODEL_STORE": str(WORK / "models"),
-        "INFERQ_RESULT_STORE": str(WORK / "results"),
+        "INFERQ_RESULT_STORE": f"sqlite:{WORK / 'results.db'}",
         "INFERQ_JOBS_QUEUE": "inferq.demo.jobs",
         "INFERQ_RESULTS_QUEUE": "inferq.demo.results",
         "INFERQ_LOG_FORMAT": "json",
@@ -165,8 +162,22 @@ def run_demo(env: dict[str, str]) -> None:
         print(f"{job_id}: version {result['version']} label {result['outputs'][0]['data']} p={probabilities}")
     stored = count_results(env)
 
-    step("rerun the backfill: every job already has a result, nothing is published")
-    inferq("backfill", str(WORK / "v1.csv"), "--model", "churn", "--version", "champion", "--id-column", "id", env=env)
+    step("rerun the backfill with --out: every job already has a result, nothing is published, predictions.csv")
+    out = WORK / "predictions.csv"
+    inferq(
+        "backfill",
+        str(WORK / "v1.csv"),
+        "--model",
+        "churn",
+        "--version",
+        "champion",
+        "--id-column",
+        "id",
+        "--out",
+        str(out),
+        env=env,
+    )
+    print("".join(out.read_text().splitlines(keepends=True)[:3]), end="")
 
     step("throughput")
     rows = ROWS_V1 + ROWS_V2

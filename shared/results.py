@@ -18,6 +18,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -25,6 +26,7 @@ from urllib.parse import urlsplit
 from shared.errors import ConfigError, ResultNotFound, StoreError
 from shared.messages import Result, is_valid_job_id
 from shared.s3 import S3Location, is_not_found, is_precondition_failed, is_s3, make_client, translate
+from shared.s3_put import SignedPutter
 
 S3_WRITE_CONCURRENCY = 16
 
@@ -175,12 +177,27 @@ class FileResultStore:
 
 
 class S3ResultStore:
-    """Results as objects under ``s3://bucket/prefix``; a batch is written by a bounded pool of threads."""
+    """Results as objects under ``s3://bucket/prefix``; a batch is written by a bounded pool of threads.
 
-    def __init__(self, location: S3Location, client: Any | None = None, *, concurrency: int = S3_WRITE_CONCURRENCY):
+    Writes go through :class:`SignedPutter` (hand-signed PUTs on kept-alive connections) unless ``lean``
+    is off or the client has no credentials it can use; reads go through boto3."""
+
+    def __init__(
+        self,
+        location: S3Location,
+        client: Any | None = None,
+        *,
+        concurrency: int = S3_WRITE_CONCURRENCY,
+        lean: bool = True,
+    ) -> None:
         self.location = location
         self.concurrency = concurrency
         self._client = client if client is not None else make_client(max_pool_connections=concurrency)
+        self._putter = (
+            SignedPutter(self._client, location.bucket, concurrency)
+            if lean and SignedPutter.usable(self._client)
+            else None
+        )
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -193,10 +210,11 @@ class S3ResultStore:
     def put_many(self, results: Sequence[Result]) -> list[Result]:
         """Returns only once every result is stored; raises ``StoreUnreachable`` (an ``OSError``) if any
         write failed, after all writes of the batch have finished (a retry finds its own earlier writes)."""
+        put = self._put if self._putter is None else partial(self._put_lean, self._putter, self._putter.credentials())
         if len(results) <= 1:
-            return [self._put(result) for result in results]
+            return [put(result) for result in results]
         pool = self._executor()
-        futures: list[Future[Result]] = [pool.submit(self._put, result) for result in results]
+        futures: list[Future[Result]] = [pool.submit(put, result) for result in results]
         wait(futures)
         for future in futures:
             error = future.exception()
@@ -209,6 +227,11 @@ class S3ResultStore:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="inferq-s3-put")
             return self._pool
+
+    def _put_lean(self, putter: SignedPutter, credentials: Any, result: Result) -> Result:
+        if putter.put(self._key(result.id), result.to_json(), credentials).stored:
+            return result
+        return self.get(result.id)  # the first result of an id wins
 
     def _put(self, result: Result) -> Result:
         key = self._key(result.id)
@@ -297,6 +320,8 @@ class S3ResultStore:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+            if self._putter is not None:
+                self._putter.close()
 
 
 def _fsync_path(path: str | Path) -> None:

@@ -45,6 +45,7 @@ def test_the_stack_has_broker_s3_workers_producer_and_monitoring(services: dict[
         "rabbitmq-definitions",
         "minio",
         "s3-bucket",
+        "postgres",
         "worker",
         "producer",
         "prometheus",
@@ -76,6 +77,7 @@ def test_workers_can_be_scaled_and_wait_for_broker_definitions_and_bucket(
         "rabbitmq": {"condition": "service_healthy"},
         "rabbitmq-definitions": {"condition": "service_completed_successfully"},
         "s3-bucket": {"condition": "service_completed_successfully"},
+        "postgres": {"condition": "service_healthy"},
     }
     assert services["producer"]["depends_on"] == worker["depends_on"]
     # stopped with more time than the worker's drain takes; runs with a read-only root file system
@@ -95,7 +97,10 @@ def test_servers_have_healthchecks_and_one_shots_do_not_restart(services: dict[s
 
 def test_workers_use_the_s3_server_and_the_broker_by_service_name(services: dict[str, dict[str, Any]]) -> None:
     env = services["worker"]["environment"]
-    assert env["INFERQ_MODEL_STORE"].startswith("s3://") and env["INFERQ_RESULT_STORE"].startswith("s3://")
+    assert env["INFERQ_MODEL_STORE"].startswith("s3://")
+    assert env["INFERQ_RESULT_STORE"].startswith("postgresql://") and "@postgres:5432/" in env["INFERQ_RESULT_STORE"]
+    assert services["worker"]["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    assert services["postgres"]["image"].startswith("postgres:")
     assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
     assert "@rabbitmq:5672/" in env["INFERQ_AMQP_URL"]
     assert env["INFERQ_METRICS_PORT"] == str(METRICS_PORT)
@@ -133,6 +138,13 @@ def test_definitions_declare_the_queues_exactly_as_the_topology_does(services: d
         "reject-publish",
         "inferq.jobs.dlq",
     )
+    # results go to the topic exchange the results queue is bound to
+    exchanges = json.loads(definitions_file.read_text())["exchanges"]
+    assert [(e["name"], e["type"], e["durable"]) for e in exchanges] == [("inferq.results", "topic", True)]
+    bindings = json.loads(definitions_file.read_text())["bindings"]
+    assert [(b["source"], b["destination"], b["routing_key"]) for b in bindings] == [
+        ("inferq.results", "inferq.results", "#")
+    ]
     # and the file is exactly what the renderer writes, so it cannot drift from shared/topology.py
     check = subprocess.run(
         [sys.executable, "scripts/render_definitions.py", "--check"],

@@ -134,7 +134,7 @@ def test_config_comes_from_the_configmap_and_secrets_only_by_reference(
     (container,) = pod["containers"]
     assert container["envFrom"] == [{"configMapRef": {"name": "inferq-config"}}]
     env = {e["name"]: e for e in container["env"]}
-    assert {"INFERQ_AMQP_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env)
+    assert {"INFERQ_AMQP_URL", "INFERQ_RESULT_STORE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env)
     for name, entry in env.items():
         assert "value" not in entry, f"{name} is inline"
         assert entry["valueFrom"]["secretKeyRef"]["name"] == "inferq-secrets"
