@@ -1,0 +1,115 @@
+"""Measure ``put_many`` of every result store in one run: results/s for batches of 256 and 2,048.
+
+Stores: a directory (files), SQLite, PostgreSQL (the local server, a schema of its own, dropped at the
+end) and, with ``--s3``, S3 (a local SeaweedFS on free ports). Rounds are interleaved, so every store
+sees the same machine load; the medians are printed. Each result is a fresh object (its JSON encoding is
+part of the cost, as in the worker), ~450 bytes like a two-output classifier's.
+
+    .venv/bin/python scripts/result_store_throughput.py [--results 16384] [--rounds 3] [--s3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from seaweedfs import SeaweedFS
+
+from shared.messages import Result, Status, Tensor, Timings
+from shared.results import open_result_store
+
+POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+BUCKET = "inferq-bench"
+BATCHES = (256, 2048)
+
+
+def fake_result(job_id: str) -> Result:
+    return Result(
+        id=job_id,
+        model="churn",
+        requested_version="latest",
+        version=1,
+        model_sha256="0" * 64,
+        status=Status.SUCCEEDED,
+        outputs=[
+            Tensor(name="label", shape=[1], datatype="INT64", data=[1]),
+            Tensor(name="probabilities", shape=[1, 2], datatype="FP32", data=[0.25, 0.75]),
+        ],
+        worker="bench:1",
+        timings=Timings(queue_ms=1.0, inference_ms=0.1, total_ms=2.0),
+    )
+
+
+def results_per_s(location: str, batch: int, total: int) -> float:
+    store = open_result_store(location)
+    try:
+        tag = uuid.uuid4().hex[:8]
+        store.put_many([fake_result(f"warm-{tag}")])  # connections, schema
+        ids = [f"{tag}-{i}" for i in range(total)]
+        started = time.perf_counter()
+        for start in range(0, total, batch):
+            store.put_many([fake_result(job_id) for job_id in ids[start : start + batch]])
+        return total / (time.perf_counter() - started)
+    finally:
+        store.close()
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[str]:
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(POSTGRES, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+        try:
+            yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
+        finally:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=int, default=16384, help="results per store, batch size and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--s3", action="store_true", help="also S3 (a local SeaweedFS; fewer results)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="inferq-store-bench-"))
+    with contextlib.ExitStack() as stack:
+        locations: dict[str, Callable[[], str]] = {
+            "file": lambda: f"file://{work / uuid.uuid4().hex[:8]}",
+            "sqlite": lambda: f"sqlite:{work / uuid.uuid4().hex[:8]}.db",
+        }
+        pg = stack.enter_context(postgres_schema())
+        locations["postgresql"] = lambda: pg
+        if args.s3:
+            server = stack.enter_context(SeaweedFS())
+            server.create_bucket(BUCKET)
+            import os  # noqa: PLC0415
+
+            os.environ.update(server.environ)
+            locations["s3"] = lambda: f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}"
+        rates: dict[tuple[str, int], list[float]] = {(s, b): [] for s in locations for b in BATCHES}
+        for _ in range(args.rounds):
+            for store, location in locations.items():
+                for batch in BATCHES:
+                    total = args.results if store != "s3" else min(args.results, 2 * batch)
+                    rates[(store, batch)].append(results_per_s(location(), batch, total))
+        print(f"put_many results/s, median of {args.rounds} interleaved rounds ({args.results} results each)")
+        print(f"{'store':<12}" + "".join(f"{f'batch {b}':>14}" for b in BATCHES))
+        for store in locations:
+            medians = [sorted(rates[(store, b)])[len(rates[(store, b)]) // 2] for b in BATCHES]
+            print(f"{store:<12}" + "".join(f"{m:>14,.0f}" for m in medians))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
