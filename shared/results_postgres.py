@@ -10,6 +10,7 @@ those earlier results back; it is committed when ``put_many`` returns.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -84,6 +85,9 @@ class PostgresResultStore:
                     name="inferq-results",
                     open=False,
                 )
+                # The pool logs every failed connection attempt (several a second while the server is
+                # down); the store reports a failure once, as the error of the operation that met it.
+                logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
                 self._pool.open(wait=False)
             return self._pool
 

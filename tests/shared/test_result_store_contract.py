@@ -197,3 +197,23 @@ def test_a_default_store_is_sqlite_under_var(tmp_path: Path, seaweedfs: SeaweedF
     from shared.settings import InferqSettings  # noqa: PLC0415
 
     assert parse_location(InferqSettings().result_store) == ("sqlite", "var/results.db")
+
+
+def test_an_unreachable_postgresql_is_one_line_without_its_password(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "inferq", "results", "get", "some-job"],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "INFERQ_RESULT_STORE": "postgresql://inferq:hunter2@127.0.0.1:9/results",
+            "PGPASSWORD": "pg-secret-value",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("inferq: error: read from postgresql://inferq@127.0.0.1:9/results failed")
+    assert "hunter2" not in done.stderr and "pg-secret-value" not in done.stderr
