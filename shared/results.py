@@ -36,7 +36,8 @@ class ResultStore(Protocol):
 
     def put_many(self, results: Sequence[Result]) -> list[Result]:
         """Store each result unless its id already has one; return what is stored for each id, in order
-        (the earlier result where there was one). Raises ``OSError`` (transient) on failure."""
+        (the earlier result where there was one; a result this call stored is returned as the very object
+        passed in). Atomic per result, durable on return. Raises ``OSError`` (transient) on failure."""
 
     def get(self, job_id: str) -> Result:
         """The stored result of ``job_id``; raises :class:`ResultNotFound`."""
