@@ -5,7 +5,10 @@ end) and, with ``--s3``, S3 (a local SeaweedFS on free ports). Rounds are interl
 sees the same machine load; the medians are printed. Each result is a fresh object (its JSON encoding is
 part of the cost, as in the worker), ~450 bytes like a two-output classifier's.
 
-    .venv/bin/python scripts/result_store_throughput.py [--results 16384] [--rounds 3] [--s3]
+With ``--drain-jobs N``, also N one-row jobs drained by one in-process worker against each store (the
+local RabbitMQ; a 50-tree forest; first job taken to last ack).
+
+    .venv/bin/python scripts/result_store_throughput.py [--results 16384] [--rounds 3] [--s3] [--drain-jobs 5000]
 """
 
 from __future__ import annotations
@@ -76,11 +79,36 @@ def postgres_schema() -> Iterator[str]:
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+def drain_rates(work: Path, locations: dict[str, Callable[[], str]], jobs: int, rounds: int) -> None:
+    """Worker drain jobs/s per store, interleaved rounds, medians."""
+    from s3_throughput import FEATURES, jobs_per_s  # noqa: PLC0415  (the model and drain of that script)
+    from sklearn.datasets import make_classification  # noqa: PLC0415
+    from sklearn.ensemble import RandomForestClassifier  # noqa: PLC0415
+
+    from model_store.base import publish  # noqa: PLC0415
+    from model_store.export import estimator_to_onnx  # noqa: PLC0415
+    from model_store.local import LocalModelStore  # noqa: PLC0415
+    from shared.logging import configure_logging  # noqa: PLC0415
+
+    configure_logging("warning", "console")
+    X, y = make_classification(n_samples=2000, n_features=FEATURES, random_state=7)
+    forest = RandomForestClassifier(n_estimators=50, max_depth=6, random_state=7).fit(X, y)
+    publish(LocalModelStore(work / "models"), "churn", estimator_to_onnx(forest))
+    drains: dict[str, list[float]] = {store: [] for store in locations}
+    for _ in range(rounds):
+        for store, location in locations.items():
+            drains[store].append(jobs_per_s(work / "models", location(), jobs))
+    print(f"\none in-process worker draining {jobs} one-row jobs, jobs/s (median of {rounds} interleaved rounds)")
+    for store, values in drains.items():
+        print(f"{store:<12}{sorted(values)[len(values) // 2]:>14,.0f}   runs {[round(v) for v in values]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=int, default=16384, help="results per store, batch size and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--s3", action="store_true", help="also S3 (a local SeaweedFS; fewer results)")
+    parser.add_argument("--drain-jobs", type=int, default=0, help="also worker drains of this many jobs per store")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="inferq-store-bench-"))
     with contextlib.ExitStack() as stack:
@@ -108,6 +136,8 @@ def main() -> None:
         for store in locations:
             medians = [sorted(rates[(store, b)])[len(rates[(store, b)]) // 2] for b in BATCHES]
             print(f"{store:<12}" + "".join(f"{m:>14,.0f}" for m in medians))
+        if args.drain_jobs:
+            drain_rates(work, locations, args.drain_jobs, args.rounds)
     shutil.rmtree(work, ignore_errors=True)
 
 

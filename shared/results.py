@@ -29,6 +29,7 @@ from shared.s3 import S3Location, is_not_found, is_precondition_failed, is_s3, m
 from shared.s3_put import SignedPutter
 
 S3_WRITE_CONCURRENCY = 16
+S3_SCAN_PAGE = 256
 
 
 class ResultStore(Protocol):
@@ -290,13 +291,20 @@ class S3ResultStore:
 
     def scan(self, model: str | None = None) -> Iterator[Result]:
         page: list[str] = []
-        for job_id in itertools.chain(self._ids(), [""]):
-            if job_id:
-                page.append(job_id)
-            if len(page) == 256 or (not job_id and page):
-                found = self.get_many(page)
+        for job_id in self._ids():
+            page.append(job_id)
+            if len(page) == S3_SCAN_PAGE:
+                yield from self._of_model(page, model)
                 page = []
-                yield from (r for r in found.values() if model is None or r.model == model)
+        yield from self._of_model(page, model)
+
+    def _of_model(self, job_ids: list[str], model: str | None) -> Iterator[Result]:
+        # Read concurrently, a page at a time; keep the listing's order.
+        found = self.get_many(job_ids)
+        for job_id in job_ids:
+            result = found.get(job_id)
+            if result is not None and (model is None or result.model == model):
+                yield result
 
     def count(self, model: str | None = None) -> int:
         if model is None:
