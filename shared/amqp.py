@@ -150,7 +150,8 @@ def topology_error(reason: BaseException) -> ConfigError | None:
     if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and reason.reply_code == PRECONDITION_FAILED:
         return ConfigError(
             f"the broker refused our queue declaration ({reason.reply_text}); delete the queue or set the "
-            "INFERQ_* settings it was declared with (e.g. INFERQ_MAX_DELIVERIES, INFERQ_MAX_QUEUE_LENGTH)"
+            "INFERQ_* settings it was declared with (e.g. INFERQ_MAX_DELIVERIES, INFERQ_MAX_QUEUE_LENGTH, "
+            "INFERQ_RESULTS_MAX_LENGTH)"
         )
     return None
 
