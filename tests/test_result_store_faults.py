@@ -31,7 +31,8 @@ def _outage_holds_jobs_and_loses_none(
         # Given a worker that has stored results already
         env.submit(before)
         wait_for(lambda: len(env.stored()) == len(before), timeout_s=60)
-        published = env.depth(env.results_queue)
+        wait_for(lambda: env.depth(env.results_queue) == len(before), timeout_s=30)  # stored, then published
+        published = len(before)
         # When the store goes down and more jobs arrive
         down()
         env.submit(during)
