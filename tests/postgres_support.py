@@ -17,7 +17,8 @@ import psycopg
 import pytest
 
 SHARED_URL = os.environ.get("INFERQ_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# Debian keeps the server programs out of PATH, one directory per major version: take the newest.
+PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
 
 
 def schema_url(base: str, schema: str) -> str:
@@ -49,8 +50,10 @@ def _free_port() -> int:
 
 
 def _bin(name: str) -> str:
-    found = PG_BIN / name
-    return str(found) if found.is_file() else (shutil.which(name) or name)
+    for directory in PG_BINS:
+        if (directory / name).is_file():
+            return str(directory / name)
+    return shutil.which(name) or name
 
 
 class PrivatePostgres:
