@@ -118,7 +118,10 @@ class PostgresResultStore:
         firsts: dict[str, Result] = {}
         for result in results:
             firsts.setdefault(result.id, result)
-        columns = _columns(list(firsts.values()))
+        # Rows in id order: two writers whose batches share ids then wait on each other's keys in the
+        # same order, instead of each holding one the other needs (a deadlock PostgreSQL would break by
+        # failing one of the batches).
+        columns = _columns(sorted(firsts.values(), key=lambda r: r.id))
         try:
             with self._connections().connection() as connection:
                 self._ensure_schema(connection)
