@@ -51,8 +51,9 @@ def publish(channel: Any, queue: str, count: int) -> None:
 def test_status_without_management_api_counts_ready_messages_and_consumers_over_amqp(
     env: dict[str, str], channel: Any, published_model: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Given 3 waiting jobs, 2 dead letters and one consumer on the results queue
+    # Given 3 waiting jobs, 4 suspects waiting to run alone, 2 dead letters and one consumer on the results queue
     publish(channel, env["INFERQ_JOBS_QUEUE"], 3)
+    publish(channel, env["INFERQ_JOBS_QUEUE"] + ".retry", 4)
     publish(channel, env["INFERQ_JOBS_QUEUE"] + ".dlq", 2)
     channel.basic_consume(env["INFERQ_RESULTS_QUEUE"], lambda *_: None)
 
@@ -64,6 +65,7 @@ def test_status_without_management_api_counts_ready_messages_and_consumers_over_
     assert "unreachable" in report["management_error"]
     queues = queues_by_role(report)
     assert (queues["jobs"]["ready"], queues["jobs"]["unacked"], queues["jobs"]["consumers"]) == (3, None, 0)
+    assert (queues["retry"]["name"], queues["retry"]["ready"]) == (env["INFERQ_JOBS_QUEUE"] + ".retry", 4)
     assert (queues["dlq"]["ready"], queues["dlq"]["consumers"]) == (2, 0)
     assert (queues["results"]["ready"], queues["results"]["consumers"]) == (0, 1)
     assert queues["dlq"]["name"] == env["INFERQ_JOBS_QUEUE"] + ".dlq"
@@ -79,24 +81,31 @@ def test_status_table_names_each_queue_and_model(
     lines = out.splitlines()
     jobs_line = next(line for line in lines if line.startswith("jobs "))
     assert jobs_line.split() == ["jobs", env["INFERQ_JOBS_QUEUE"], "4", "?", "0"]
+    retry_line = next(line for line in lines if line.startswith("retry "))
+    assert retry_line.split() == ["retry", env["INFERQ_JOBS_QUEUE"] + ".retry", "0", "?", "0"]
     assert any(line.split()[:3] == ["tiny", "1,2", "champion->1"] for line in lines)
     assert "management API unavailable" in out
 
 
 def test_status_marks_queues_that_do_not_exist_yet(env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     report = status_json(capsys)
-    assert [q["exists"] for q in report["queues"]] == [False, False, False]
+    assert [q["exists"] for q in report["queues"]] == [False, False, False, False]
     assert report["models"] == []
 
 
 def test_status_with_broker_down_is_one_line_error_without_password(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("INFERQ_AMQP_URL", f"amqp://guest:s3cret-pw@127.0.0.1:{free_port()}/%2F")
+    port = free_port()
+    monkeypatch.setenv("INFERQ_AMQP_URL", f"amqp://guest:s3cret-pw@127.0.0.1:{port}/%2F")
+    monkeypatch.setenv("INFERQ_CONNECT_TIMEOUT_S", "1")
     code, out, err = run_cli(capsys, "status")
     assert code == 1
-    assert err.startswith("inferq: error: cannot reach the broker at amqp://guest:***@127.0.0.1:")
-    assert len(err.strip().splitlines()) == 1
+    # Retried like every other client (a warning per attempt), then one line saying why.
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("inferq: error: cannot reach the broker at amqp://guest:***@127.0.0.1:")
+    assert last.endswith(f"connection refused (127.0.0.1:{port})")
+    assert all(line.startswith("{") for line in err.strip().splitlines()[:-1])
     assert "s3cret-pw" not in err + out
 
 
