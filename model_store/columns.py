@@ -59,8 +59,8 @@ def plan_inputs(
     transformer = _front(estimator)
     if names is None:
         return InputPlan(None, per_column=False, width=int(width))
-    strings = _sample_strings(names, sample)
     if not _is_column_transformer(transformer):
+        strings = _sample_strings(names, sample)
         if strings:
             raise ExportError(
                 f"column {strings[0]!r} holds text, but {type(transformer).__name__} takes numbers only: "
@@ -69,6 +69,7 @@ def plan_inputs(
         columns = [Column(name=n, datatype=Datatype.FP32, input=MATRIX_INPUT) for n in names]
         return InputPlan(columns, per_column=False, width=int(width))
     hints, used = _routed_types(transformer, names)
+    strings = _sample_strings([n for n in names if n in used], sample)  # a dropped column need not be there
     columns = [
         Column(name=n, datatype=hints.get(n) or (Datatype.BYTES if n in strings else Datatype.FP32), input=n)
         for n in names
