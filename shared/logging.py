@@ -64,7 +64,11 @@ class _StderrLogger:
     """Writes each rendered event to whatever ``sys.stderr`` is at the time (tests and tools swap it)."""
 
     def msg(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        # One write per event: print() writes the text and the newline separately, so two threads
+        # logging at once could glue two events on one line.
+        stream = sys.stderr
+        stream.write(message + "\n")
+        stream.flush()
 
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
 
