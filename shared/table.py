@@ -186,29 +186,25 @@ class Table:
         if isinstance(record, Mapping):
             if not self.named:
                 return self._positional(list(record.values()), row)
-            return tuple(
-                self._cell(record.get(c.name), c, row, name=True, present=c.name in record) for c in self.columns
-            )
+            absent = next((c for c in self.columns if c.name not in record), None)
+            if absent is not None:
+                raise RowError(row, repr(absent.name), f"missing ({self.label()} reads {self.describe()})")
+            return tuple(self._cell(record[c.name], c, row, repr(c.name)) for c in self.columns)
         if isinstance(record, str | bytes) or not isinstance(record, Sequence):
             raise RowError(row, None, f"expected an object or an array of values, found {type(record).__name__}")
         return self._positional(list(record), row)
 
     def _positional(self, items: list[Any], row: int) -> tuple[Cell, ...]:
         if self.any_width is not None:
-            return tuple(self._cell(v, self.any_width, row, name=False, position=i) for i, v in enumerate(items))
+            return tuple(self._cell(v, self.any_width, row, str(i + 1)) for i, v in enumerate(items))
         if len(items) != len(self.columns):
             names = f" ({self.describe()})" if self.named else ""
             count = f"{len(items)} value" + ("" if len(items) == 1 else "s")
             raise RowError(row, None, f"{count}, {self.label()} takes {len(self.columns)}{names}")
         pairs = enumerate(zip(items, self.columns, strict=True))
-        return tuple(self._cell(v, c, row, name=False, position=i) for i, (v, c) in pairs)
+        return tuple(self._cell(v, c, row, str(i + 1)) for i, (v, c) in pairs)
 
-    def _cell(
-        self, value: Any, column: Column, row: int, *, name: bool, present: bool = True, position: int = 0
-    ) -> Cell:
-        label = repr(column.name) if name else str(position + 1)
-        if not present:
-            raise RowError(row, label, f"missing ({self.label()} reads {self.describe()})")
+    def _cell(self, value: Any, column: Column, row: int, label: str) -> Cell:
         try:
             return convert(value, column.datatype)
         except ValueError as exc:
