@@ -178,3 +178,12 @@ def test_an_onnx_file_with_one_input_per_column_records_them(tmp_path: Path) -> 
         ("city", Datatype.BYTES),
         ("age", Datatype.FP32),
     ]
+
+
+def test_a_classifier_at_the_end_of_nested_pipelines_gives_plain_probabilities(tmp_path: Path) -> None:
+    frame = _frame()[["age", "income"]]
+    inner = Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression())])
+    pipeline = Pipeline([("first", StandardScaler()), ("model", inner)]).fit(frame, frame["age"] > 40)
+    session = ort.InferenceSession(load_model_file(_dump(tmp_path, pipeline)).onnx)
+    _labels, probabilities = session.run(None, {"X": frame.head(3).to_numpy(dtype=np.float32)})
+    np.testing.assert_allclose(probabilities, pipeline.predict_proba(frame.head(3)), atol=1e-5)
