@@ -10,8 +10,9 @@ Protocol tensors; this module is what turns rows of values, or a mapping of colu
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Annotated, Any, Protocol
 
 import numpy as np
@@ -85,22 +86,33 @@ def convert(value: Any, datatype: Datatype) -> Cell:
     Text is read as the type (a CSV cell ``"61"`` feeds a number); a number feeding a string input is
     sent as its text; a number with a fraction never becomes an integer, and NaN or infinity never
     passes (the wire contract has no such numbers)."""
+    return converter(datatype)(value)
+
+
+Converter = Callable[[Any], Cell]
+
+
+def converter(datatype: Datatype) -> Converter:
+    """The function that reads one value as ``datatype`` (chosen once per column, not per value)."""
+    if datatype is Datatype.BYTES:
+        return _text
+    if datatype is Datatype.BOOL:
+        return _boolean
+    if datatype in _INTEGERS:
+        limits = np.iinfo(NUMPY_DTYPES[datatype])
+        return partial(_integer, low=int(limits.min), high=int(limits.max), datatype=datatype)
+    return _float
+
+
+def _missing(value: Any) -> None:
     if value is None:
         raise ValueError("no value")
-    if datatype is Datatype.BYTES:
-        return _text(value)
-    if datatype is Datatype.BOOL:
-        return _boolean(value)
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"{value!r} is not a number")
-    if datatype in _INTEGERS:
-        return _integer(value, datatype)
-    return _float(value)
 
 
 def _text(value: Any) -> str:
-    if isinstance(value, str):
+    if value.__class__ is str:
         return value
+    _missing(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{value!r} is not a string")
     return str(value)
@@ -109,6 +121,7 @@ def _text(value: Any) -> str:
 def _boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value
+    _missing(value)
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _BOOLEANS:
@@ -116,7 +129,11 @@ def _boolean(value: Any) -> bool:
     raise ValueError(f"{value!r} is not a boolean")
 
 
-def _float(value: int | float | str) -> float:
+def _float(value: Any) -> float:
+    kind = value.__class__
+    if kind is not float and kind is not str and kind is not int:  # bool, None, lists... (bool is not int here)
+        _missing(value)
+        raise ValueError(f"{value!r} is not a number")
     try:
         number = float(value)
     except ValueError:
@@ -126,16 +143,15 @@ def _float(value: int | float | str) -> float:
     return number
 
 
-def _integer(value: int | float | str, datatype: Datatype) -> int:
-    if isinstance(value, int):
+def _integer(value: Any, *, low: int, high: int, datatype: Datatype) -> int:
+    if value.__class__ is int:
         number = value
     else:
         number_f = _float(value.strip() if isinstance(value, str) else value)
         if not number_f.is_integer():
             raise ValueError(f"{value!r} is not an integer")
         number = int(number_f)
-    limits = np.iinfo(NUMPY_DTYPES[datatype])
-    if not limits.min <= number <= limits.max:
+    if not low <= number <= high:
         raise ValueError(f"{value!r} is out of range for {datatype}")
     return number
 
@@ -151,6 +167,17 @@ class Table:
     columns: tuple[Column, ...]
     named: bool
     any_width: Column | None = None  # a positional input of dynamic width: its name and datatype
+    # Worked out once, used for every row: each column's converter, and each input's columns.
+    _converters: tuple[Converter, ...] = field(init=False, repr=False, compare=False)
+    _inputs: tuple[tuple[str, Datatype, tuple[int, ...]], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_converters", tuple(converter(c.datatype) for c in self.columns))
+        grouped: dict[str, list[int]] = {}
+        for index, column in enumerate(self.columns):
+            grouped.setdefault(column.input, []).append(index)
+        inputs = tuple((name, self.columns[idx[0]].datatype, tuple(idx)) for name, idx in grouped.items())
+        object.__setattr__(self, "_inputs", inputs)
 
     @classmethod
     def of(cls, model: str, version: int, columns: Sequence[Column] | None, inputs: Sequence[InputLike]) -> Table:
@@ -186,6 +213,10 @@ class Table:
         if isinstance(record, Mapping):
             if not self.named:
                 return self._positional(list(record.values()), row)
+            try:  # the common case in one pass; a row at fault is read again, cell by cell, to say why
+                return tuple([read(record[c.name]) for c, read in zip(self.columns, self._converters, strict=True)])
+            except (KeyError, ValueError):
+                pass
             absent = next((c for c in self.columns if c.name not in record), None)
             if absent is not None:
                 raise RowError(row, repr(absent.name), f"missing ({self.label()} reads {self.describe()})")
@@ -201,8 +232,11 @@ class Table:
             names = f" ({self.describe()})" if self.named else ""
             count = f"{len(items)} value" + ("" if len(items) == 1 else "s")
             raise RowError(row, None, f"{count}, {self.label()} takes {len(self.columns)}{names}")
-        pairs = enumerate(zip(items, self.columns, strict=True))
-        return tuple(self._cell(v, c, row, str(i + 1)) for i, (v, c) in pairs)
+        try:
+            return tuple([read(v) for v, read in zip(items, self._converters, strict=True)])
+        except ValueError:
+            pairs = enumerate(zip(items, self.columns, strict=True))
+            return tuple(self._cell(v, c, row, str(i + 1)) for i, (v, c) in pairs)
 
     def _cell(self, value: Any, column: Column, row: int, label: str) -> Cell:
         try:
@@ -220,15 +254,15 @@ class Table:
                 raise InvalidPayload(f"rows of different widths: {sorted({len(r) for r in rows})}")
             flat: list[Cell] = [v for r in rows for v in r]
             spec = self.any_width
-            return [Tensor(name=spec.input, shape=[len(rows), width], datatype=spec.datatype, data=flat)]
-        grouped: dict[str, list[int]] = {}
-        for index, column in enumerate(self.columns):
-            grouped.setdefault(column.input, []).append(index)
+            return [_tensor(spec.input, [len(rows), width], spec.datatype, flat)]
         tensors = []
-        for name, indexes in grouped.items():
-            data: list[Cell] = [r[i] for r in rows for i in indexes]
-            datatype = self.columns[indexes[0]].datatype
-            tensors.append(Tensor(name=name, shape=[len(rows), len(indexes)], datatype=datatype, data=data))
+        for name, datatype, indexes in self._inputs:
+            if len(indexes) == 1:
+                index = indexes[0]
+                data: list[Cell] = [r[index] for r in rows]
+            else:
+                data = [r[i] for r in rows for i in indexes]
+            tensors.append(_tensor(name, [len(rows), len(indexes)], datatype, data))
         return tensors
 
     def rows_to_tensors(self, rows: Sequence[Record]) -> list[Tensor]:
@@ -248,3 +282,9 @@ class Table:
         count = lengths.pop()
         rows = [{c.name: columns[c.name][i] for c in self.columns} for i in range(count)]
         return self.rows_to_tensors(rows)
+
+
+def _tensor(name: str, shape: list[int], datatype: Datatype, data: list[Cell]) -> Tensor:
+    """A tensor of values :meth:`Table.values` typed, and of a shape built to fit them: validating it
+    again would only cost time (the worker still decodes and checks every job it receives)."""
+    return Tensor.model_construct(name=name, shape=shape, datatype=datatype, data=data)
