@@ -57,8 +57,7 @@ def read_rows(path: Path, table: Table, id_column: str | None) -> Iterator[Row]:
             if id_column is not None:
                 if not isinstance(values, dict):
                     raise BackfillError(f"{path}:{record.line}: --id-column needs objects, found an array")
-                values = dict(values)
-                row_id = _row_id(path, record.line, values.pop(id_column, None), id_column)
+                row_id = _row_id(path, record.line, values.pop(id_column, None), id_column)  # a fresh dict per row
             try:
                 typed = table.values(values)
             except RowError as exc:

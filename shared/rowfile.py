@@ -82,8 +82,9 @@ def _csv_records(path: Path) -> Iterator[Record]:
                 continue  # a blank line
             if len(cells) > len(header):
                 raise RowFileError(f"{path}:{reader.line_num}: {len(cells)} cells, the header names {len(header)}")
-            # A short row reads as missing values (None), which the model's columns then refuse by name.
-            yield Record(reader.line_num, dict(zip(header, cells + [None] * (len(header) - len(cells)), strict=True)))
+            if len(cells) < len(header):  # missing values (None), which the model's columns refuse by name
+                cells.extend([None] * (len(header) - len(cells)))
+            yield Record(reader.line_num, dict(zip(header, cells, strict=True)))
     except csv.Error as exc:
         raise RowFileError(f"{path}:{reader.line_num}: not CSV ({exc})") from None
 
