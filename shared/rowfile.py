@@ -82,9 +82,10 @@ def _csv_records(path: Path) -> Iterator[Record]:
                 continue  # a blank line
             if len(cells) > len(header):
                 raise RowFileError(f"{path}:{reader.line_num}: {len(cells)} cells, the header names {len(header)}")
-            if len(cells) < len(header):  # missing values (None), which the model's columns refuse by name
-                cells.extend([None] * (len(header) - len(cells)))
-            yield Record(reader.line_num, dict(zip(header, cells, strict=True)))
+            values: dict[str, Any] = dict(zip(header, cells, strict=False))
+            for name in header[len(cells) :]:  # a short row: missing values, which the model's columns refuse
+                values[name] = None
+            yield Record(reader.line_num, values)
     except csv.Error as exc:
         raise RowFileError(f"{path}:{reader.line_num}: not CSV ({exc})") from None
 
