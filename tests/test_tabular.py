@@ -180,12 +180,10 @@ def test_a_gradient_boosting_regressor_on_numbers_works_as_before_and_by_name(en
     target = features["rooms"] * 10 + features["area"] + rng.normal(size=300)
     unnamed = GradientBoostingRegressor(n_estimators=30, random_state=0).fit(features.to_numpy(), target)
     named = GradientBoostingRegressor(n_estimators=30, random_state=0).fit(features, target)
-    joblib.dump(unnamed, env.tmp / "unnamed.joblib")
-    done = env.inferq("models", "publish", "unnamed", str(env.tmp / "unnamed.joblib"))
-    assert done.returncode == 0, done.stderr
-    joblib.dump(named, env.tmp / "named.joblib")
-    exported = load_model_file(env.tmp / "named.joblib")  # what `models publish` does, without a second process
-    publish(env.store, "named", exported.onnx, columns=exported.columns)
+    for name, estimator in (("unnamed", unnamed), ("named", named)):
+        joblib.dump(estimator, env.tmp / f"{name}.joblib")
+        exported = load_model_file(env.tmp / f"{name}.joblib")  # what `models publish` does, in this process
+        publish(env.store, name, exported.onnx, source=exported.source, columns=exported.columns)
     assert env.store.read_manifest("unnamed", 1).columns is None
     assert [c.name for c in env.store.read_manifest("named", 1).columns or []] == ["rooms", "area"]
     rows = features.head(20)
