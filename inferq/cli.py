@@ -10,28 +10,30 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, BinaryIO, TextIO, TypeVar
 
 import click
 import orjson
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from model_store.base import publish, resolve_version, set_alias
-from model_store.manifest import Manifest
+from model_store.base import publish, read_table, resolve_version, set_alias
 from model_store.stores import open_model_store
 from operations.dlq import DeadLetter, list_dead_letters, replay
 from operations.status import collect_status, render_status
-from producer.backfill import BackfillPlan, InputSpec, backfill_jobs, read_rows
+from producer.backfill import BackfillPlan, backfill_jobs, check_rows, read_rows
 from producer.client import Producer, new_job_id
 from producer.collect import ExpectedJob, expected_jobs, write_backfill_output
 from producer.export import FORMATS, ExportError, copy_results, export, output_format, read_ids, results_of
+from producer.rows import job_from_rows
 from shared.codec import describe_validation_error
 from shared.errors import ConfigError, InferqError, InvalidPayload, StoreError
 from shared.logging import configure_logging, redact_text
 from shared.messages import Job, Result, Tensor, VersionRef, parse_version_ref
 from shared.results import ResultStore, open_result_store
+from shared.rowfile import jsonl_records
 from shared.settings import InferqSettings, OperatorSettings, ProducerSettings, WorkerSettings, load_settings
+from shared.table import RowError, Table
 
 S = TypeVar("S", bound=InferqSettings)
 EXIT_FAILURE = 1
@@ -73,18 +75,37 @@ def models() -> None:
 @click.option("--version", "version", type=click.IntRange(min=1), help="Version number (default: next).")
 @click.option("--alias", help="Point this alias at the new version.")
 @click.option("--n-features", type=click.IntRange(min=1), help="Input width, for estimators that do not record it.")
-def models_publish(name: str, path: Path, version: int | None, alias: str | None, n_features: int | None) -> None:
-    """Publish PATH (.onnx, or a pickled/joblib scikit-learn estimator, converted with skl2onnx)."""
+@click.option(
+    "--sample",
+    type=click.Path(path_type=Path),
+    help="CSV/JSONL of a few training rows: column names (and text columns) for a model fitted without names.",
+)
+def models_publish(
+    name: str, path: Path, version: int | None, alias: str | None, n_features: int | None, sample: Path | None
+) -> None:
+    """Publish PATH: an .onnx file, or a scikit-learn estimator or pipeline saved as .joblib/.pkl/.pickle
+    (converted with skl2onnx; unpickling runs code from the file, so publish only files you trust)."""
     # scikit-learn and skl2onnx take seconds to import: only this command needs them.
     from model_store.export import framework_versions, load_model_file  # noqa: PLC0415
 
     settings = _settings(InferqSettings)
-    data, source = load_model_file(path, n_features)
-    framework = framework_versions() if source.startswith("sklearn:") else {}
+    exported = load_model_file(path, n_features, sample)
+    framework = framework_versions() if exported.source.startswith("sklearn:") else {}
     store = open_model_store(settings.model_store)
-    manifest = publish(store, name, data, version=version, alias=alias, source=source, framework=framework)
+    manifest = publish(
+        store,
+        name,
+        exported.onnx,
+        version=version,
+        alias=alias,
+        source=exported.source,
+        framework=framework,
+        columns=exported.columns,
+    )
     suffix = f" (alias {alias})" if alias else ""
     click.echo(f"published {manifest.name} version {manifest.version} sha256 {manifest.sha256[:12]}{suffix}")
+    if manifest.columns:
+        click.echo("columns: " + ", ".join(f"{c.name}:{c.datatype}" for c in manifest.columns))
 
 
 @models.command("list")
@@ -145,83 +166,94 @@ def worker(drain: bool) -> None:
 # -- producing -----------------------------------------------------------------------------------
 
 
-def _input_spec(manifest: Manifest) -> InputSpec:
-    if len(manifest.inputs) != 1 or len(manifest.inputs[0].shape) != 2:
-        raise InvalidPayload(f"model {manifest.name!r} does not take one 2-D input; send KServe tensors instead")
-    spec = manifest.inputs[0]
-    return InputSpec(spec.name, spec.datatype, spec.shape[1])
+def _table(settings: InferqSettings, model: str, version: VersionRef) -> Table:
+    return read_table(open_model_store(settings.model_store), model, version)
 
 
-def _manifest(settings: InferqSettings, model: str, version: VersionRef) -> Manifest:
-    store = open_model_store(settings.model_store)
-    return store.read_manifest(model, resolve_version(store, model, version))
+def _is_tensor(value: object) -> bool:
+    """A KServe tensor object (as opposed to a row of named columns)."""
+    return isinstance(value, dict) and {"name", "datatype", "shape", "data"} <= value.keys() <= _TENSOR_KEYS
+
+
+_TENSOR_KEYS = frozenset({"name", "datatype", "shape", "data", "parameters"})
 
 
 def _job_from_input(settings: InferqSettings, model: str, version: VersionRef, raw: str) -> Job:
-    """``--input`` is KServe tensors (a list of objects) or rows of numbers (one row or a list of rows)."""
+    """``--input`` is KServe tensors (a list of tensor objects), one row (an object by column name, or an
+    array) or a list of rows."""
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidPayload(f"--input is not JSON: {exc}") from None
     try:
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            inputs = [Tensor.model_validate(v) for v in value]
-        else:
-            rows = value if isinstance(value, list) and value and isinstance(value[0], list) else [value]
-            spec = _input_spec(_manifest(settings, model, version))
-            flat = [x for row in rows for x in row]
-            shape = [len(rows), len(rows[0])]
-            inputs = [Tensor(name=spec.name, shape=shape, datatype=spec.datatype, data=flat)]
-        return Job(id=new_job_id(), model=model, version=version, inputs=inputs)
+        if isinstance(value, list) and value and all(_is_tensor(v) for v in value):
+            return Job(id=new_job_id(), model=model, version=version, inputs=[Tensor.model_validate(v) for v in value])
+        rows = value if isinstance(value, list) and value and isinstance(value[0], list | dict) else [value]
+        return job_from_rows(_table(settings, model, version), rows, version=version)
+    except RowError as exc:
+        raise InvalidPayload(f"--input {exc}") from None
     except (ValidationError, TypeError) as exc:
         detail = describe_validation_error(exc) if isinstance(exc, ValidationError) else str(exc)
         raise InvalidPayload(f"--input: {detail}") from None
 
 
-def _jobs_from_lines(lines: Iterator[str]) -> Iterator[Job]:
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+def _jobs_from_lines(name: str, handle: BinaryIO) -> Iterator[Job]:
+    for record in jsonl_records(name, handle):
+        value = record.values
         try:
-            value = orjson.loads(line)
             if isinstance(value, dict) and "id" not in value:
                 value["id"] = new_job_id()
             yield Job.model_validate(value)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidPayload(f"line {number}: not JSON ({exc})") from None
         except ValidationError as exc:
-            raise InvalidPayload(f"line {number}: {describe_validation_error(exc)}") from None
+            raise InvalidPayload(f"{name}:{record.line}: {describe_validation_error(exc)}") from None
+
+
+def _jobs_from_row_lines(name: str, handle: BinaryIO, table: Table, version: VersionRef) -> Iterator[Job]:
+    """One job per line of rows: each line an object by column name, or an array in column order."""
+    for record in jsonl_records(name, handle):
+        try:
+            yield job_from_rows(table, [record.values], version=version)
+        except RowError as exc:
+            raise InvalidPayload(f"{name}:{record.line}: {exc.detail}") from None
 
 
 @cli.command()
-@click.argument("jobs_file", required=False, type=click.File("r"))
-@click.option("--model", help="Model name, for a single job built from --input.")
+@click.argument("jobs_file", required=False, type=click.File("rb"))
+@click.option("--model", help="Model name: for --input, or to read JOBS_FILE as rows of that model.")
 @click.option("--version", "version", default="latest", show_default=True, help="Version, 'latest' or an alias.")
-@click.option("--input", "raw_input", help="JSON rows ([[...], ...]) or KServe tensors for a single job.")
+@click.option("--input", "raw_input", help="One job: a row ({...}), rows ([{...}, ...] or [[...]]) or KServe tensors.")
 @click.option("--wait", is_flag=True, help="Wait for the single job's result and print it.")
 @click.option("--timeout", "timeout_s", default=60.0, show_default=True, help="Seconds --wait waits.")
 def submit(
-    jobs_file: TextIO | None,
+    jobs_file: BinaryIO | None,
     model: str | None,
     version: str,
     raw_input: str | None,
     wait: bool,
     timeout_s: float,
 ) -> None:
-    """Publish jobs from JOBS_FILE (JSONL, '-' for stdin), or one job with --model and --input.
+    """Publish jobs from JOBS_FILE (JSONL of jobs, '-' for stdin), or with --model one job per line of
+    rows (objects by column name, or arrays), or one job with --model and --input.
 
     Prints each job id once the broker has confirmed it."""
     settings = _settings(ProducerSettings)
-    if (jobs_file is None) == (model is None):
-        raise click.UsageError("give either JOBS_FILE or --model with --input")
+    if jobs_file is None and (model is None or raw_input is None):
+        raise click.UsageError("give JOBS_FILE, JOBS_FILE with --model (rows), or --model with --input")
+    if jobs_file is not None and raw_input is not None:
+        raise click.UsageError("give either JOBS_FILE or --input, not both")
+    ref = _version(version)
     with Producer(settings) as producer:
         if jobs_file is not None:
-            producer.publish_many(_jobs_from_lines(iter(jobs_file)), on_confirmed=_echo_flush)
+            name = "<stdin>" if jobs_file.name in ("-", "<stdin>") else str(jobs_file.name)
+            jobs = (
+                _jobs_from_row_lines(name, jobs_file, _table(settings, model, ref), ref)
+                if model is not None
+                else _jobs_from_lines(name, jobs_file)
+            )
+            producer.publish_many(jobs, on_confirmed=_echo_flush)
             return
-        assert model is not None
-        if raw_input is None:
-            raise click.UsageError("--model needs --input")
-        job = _job_from_input(settings, model, _version(version), raw_input)
+        assert model is not None and raw_input is not None
+        job = _job_from_input(settings, model, ref, raw_input)
         if not wait:
             _echo_flush(producer.publish(job))
             return
@@ -239,31 +271,31 @@ def _echo_flush(text: str) -> None:
 @cli.command()
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--model", required=True, help="Model name.")
-@click.option("--version", "version", default="latest", show_default=True, help="Version, 'latest' or an alias.")
-@click.option("--id-column", help="Column (or JSON key) holding each row's job id.")
+@click.option(
+    "--version", "version", default="latest", show_default=True, help="Version, 'latest' or an alias (resolved once)."
+)
+@click.option("--id-column", help="Column (or JSON key) holding each row's id.")
 @click.option("--batch-rows", default=1, show_default=True, type=click.IntRange(min=1), help="Rows per job.")
 @click.option("--out", type=click.Path(path_type=Path), help="Wait for every row's result and write them here.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Format of --out (default: from its suffix).")
 def backfill(
     data: Path, model: str, version: str, id_column: str | None, batch_rows: int, out: Path | None, fmt: str | None
 ) -> None:
-    """Turn every row of DATA (.csv with a header, or .jsonl) into jobs; a rerun skips finished ones.
+    """Turn every row of DATA (.csv with a header, or .jsonl) into jobs for one model version; a rerun
+    on the same version skips the rows already finished.
 
     With --out, then wait for every row's result and write the id column, the error code and the
     outputs, in input order (.csv or .jsonl)."""
     settings = _settings(ProducerSettings)
-    ref = _version(version)
     out_format = output_format(out, fmt) if out is not None else None
-    spec = _input_spec(_manifest(settings, model, ref))
+    table = _table(settings, model, _version(version))  # 'latest' or an alias: resolved once, here
     results = open_result_store(settings.result_store)
-    total = sum(1 for _ in read_rows(data, id_column))
+    total = check_rows(data, read_rows(data, table, id_column))  # the whole file, before any publish
     plan = BackfillPlan()
     with tqdm(total=total, unit="row", desc="backfill", file=sys.stderr, dynamic_ncols=True) as bar:
         jobs = backfill_jobs(
-            read_rows(data, id_column),
-            model=model,
-            version=ref,
-            spec=spec,
+            read_rows(data, table, id_column),
+            table=table,
             batch_rows=batch_rows,
             results=results,
             plan=plan,
@@ -271,9 +303,12 @@ def backfill(
         )
         with Producer(settings) as producer:
             producer.publish_many(jobs, on_confirmed=lambda _id: _advance(bar, min(batch_rows, total - int(bar.n))))
-    click.echo(f"published {plan.jobs} jobs ({plan.rows} rows), skipped {plan.skipped_jobs} already finished")
+    click.echo(
+        f"published {plan.jobs} jobs ({plan.rows} rows) on {model} version {table.version}, "
+        f"skipped {plan.skipped_jobs} already finished"
+    )
     if out is not None and out_format is not None:
-        expected = expected_jobs(read_rows(data, id_column), model, ref, batch_rows)
+        expected = expected_jobs(read_rows(data, table, id_column), model, table.version, batch_rows)
         _collect(results, expected, out, out_format, id_column or "line", total)
 
 

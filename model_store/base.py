@@ -8,6 +8,7 @@ from typing import Protocol
 from model_store.manifest import Manifest, build_manifest
 from shared.errors import InvalidName, UnknownModel, UnknownVersion, VersionExists
 from shared.messages import LATEST, VersionRef, is_valid_alias, is_valid_name
+from shared.table import Column, Table
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -83,6 +84,11 @@ def resolve_version(store: ModelStore, name: str, ref: VersionRef) -> int:
     return aliases[ref]
 
 
+def read_table(store: ModelStore, name: str, ref: VersionRef) -> Table:
+    """How rows become the inputs of the version ``ref`` names now (see :class:`shared.table.Table`)."""
+    return store.read_manifest(name, resolve_version(store, name, ref)).table()
+
+
 def _span(versions: list[int]) -> str:
     return ", ".join(str(v) for v in versions[-10:])
 
@@ -96,14 +102,16 @@ def publish(
     alias: str | None = None,
     source: str = "onnx",
     framework: dict[str, str] | None = None,
+    columns: list[Column] | None = None,
 ) -> Manifest:
-    """Publish ``model_bytes`` as a new immutable version (the next number unless ``version`` is given)."""
+    """Publish ``model_bytes`` as a new immutable version (the next number unless ``version`` is given);
+    ``columns`` names the table the model reads, when it reads named columns."""
     check_name(name)
     if alias is not None:
         check_alias(alias)
     first = version if version is not None else max(store.list_versions(name), default=0) + 1
     for number in range(first, first + MAX_PUBLISH_ATTEMPTS):
-        manifest = build_manifest(name, number, model_bytes, source, framework or {})
+        manifest = build_manifest(name, number, model_bytes, source, framework or {}, columns)
         try:
             store.put_version(manifest, model_bytes)
             break

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import ModelLoadError
 from shared.messages import DATATYPE_OF_NUMPY, Datatype
+from shared.table import Column, Table
 
 
 class TensorSpec(BaseModel):
@@ -42,6 +43,12 @@ class Manifest(BaseModel):
     framework: dict[str, str]
     source: str
     created_at: datetime
+    # The named columns of the table the model reads, in order (None: rows go by position, if at all).
+    columns: list[Column] | None = None
+
+    def table(self) -> Table:
+        """How rows become this version's input tensors; raises :class:`InvalidPayload` when they cannot."""
+        return Table.of(self.name, self.version, self.columns, self.inputs)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -49,7 +56,8 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _datatype(elem_type: int) -> Datatype:
+def datatype_of_elem(elem_type: int) -> Datatype:
+    """The Open Inference Protocol datatype of an ONNX tensor element type."""
     if elem_type == onnx.TensorProto.STRING:
         return Datatype.BYTES
     return DATATYPE_OF_NUMPY[helper.tensor_dtype_to_np_dtype(elem_type)]
@@ -58,7 +66,7 @@ def _datatype(elem_type: int) -> Datatype:
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     tensor_type = value.type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
-    return TensorSpec(name=value.name, datatype=_datatype(tensor_type.elem_type), shape=dims)
+    return TensorSpec(name=value.name, datatype=datatype_of_elem(tensor_type.elem_type), shape=dims)
 
 
 def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -120,8 +128,36 @@ def verify_model(manifest: Manifest, data: bytes) -> None:
     check_self_contained(model)
 
 
-def build_manifest(name: str, version: int, model_bytes: bytes, source: str, framework: dict[str, str]) -> Manifest:
-    """Read the ONNX signature out of ``model_bytes`` and describe the version."""
+def check_columns(columns: list[Column], inputs: list[TensorSpec]) -> None:
+    """Refuse named columns that do not feed the ONNX inputs exactly: every input fed, each by columns
+    of its own datatype, as many as its second axis holds."""
+    by_input: dict[str, list[Column]] = {}
+    for column in columns:
+        by_input.setdefault(column.input, []).append(column)
+    if len({c.name for c in columns}) != len(columns):
+        raise ModelLoadError("two columns share a name")
+    specs = {spec.name: spec for spec in inputs}
+    if set(by_input) != set(specs):
+        raise ModelLoadError(f"columns feed inputs {sorted(by_input)}, the ONNX graph takes {sorted(specs)}")
+    for name, fed in by_input.items():
+        spec = specs[name]
+        if len(spec.shape) != 2 or spec.shape[1] not in (None, len(fed)):
+            raise ModelLoadError(f"input {name!r} of shape {spec.shape} cannot take {len(fed)} column(s)")
+        wrong = [c.name for c in fed if c.datatype is not spec.datatype]
+        if wrong:
+            raise ModelLoadError(f"column {wrong[0]!r} is not {spec.datatype}, the type of input {name!r}")
+
+
+def build_manifest(
+    name: str,
+    version: int,
+    model_bytes: bytes,
+    source: str,
+    framework: dict[str, str],
+    columns: list[Column] | None = None,
+) -> Manifest:
+    """Read the ONNX signature out of ``model_bytes`` and describe the version (with the table's
+    ``columns`` when the model reads named columns)."""
     try:
         model = onnx.load_model_from_string(model_bytes)
         initializers = {i.name for i in model.graph.initializer}
@@ -132,6 +168,8 @@ def build_manifest(name: str, version: int, model_bytes: bytes, source: str, fra
     if not inputs:
         raise ModelLoadError("the ONNX graph has no inputs")
     check_self_contained(model)
+    if columns is not None:
+        check_columns(columns, inputs)
     return Manifest(
         name=name,
         version=version,
@@ -143,4 +181,5 @@ def build_manifest(name: str, version: int, model_bytes: bytes, source: str, fra
         framework={"onnx": onnx.__version__, **framework},
         source=source,
         created_at=datetime.now(UTC),
+        columns=columns,
     )

@@ -1,25 +1,26 @@
-"""Backfill: turn the rows of a CSV or JSONL file into jobs, with ids derived from the input so that a
-rerun skips every job that already has a stored result."""
+"""Backfill: turn the rows of a CSV or JSONL file into jobs for one concrete model version, with ids
+derived from the model, the version and the input, so that a rerun skips every job already finished.
+
+Rows feed the model the way its manifest says: by column name (CSV header, JSONL keys; extra columns
+ignored) for a model that records its columns, by position otherwise. The whole file is checked
+(:func:`check_rows`) before anything is published: a missing column, a value that does not fit its
+column's type, or one id on two rows is an error naming the file, the line and the column.
+"""
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import orjson
-
-from shared.errors import InferqError
-from shared.messages import Datatype, Job, Tensor, VersionRef, is_valid_job_id
+from shared.errors import InferqError, InvalidPayload
+from shared.messages import Job, is_valid_job_id
 from shared.results import ResultStore
+from shared.rowfile import RowFileError, csv_header, kind_of, read_records
+from shared.table import Cell, RowError, Table
 
-NUMERIC = frozenset(
-    {Datatype.FP16, Datatype.FP32, Datatype.FP64, Datatype.INT8, Datatype.INT16, Datatype.INT32, Datatype.INT64}
-)
+MAX_JOB_ID_CHARS = 128  # the wire contract's bound on a job id
 
 
 class BackfillError(InferqError):
@@ -28,24 +29,11 @@ class BackfillError(InferqError):
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One input row: where it came from, its explicit id (if any) and its feature values."""
+    """One input row: where it came from, its explicit id (if any) and its values in the model's column order."""
 
     line: int
     row_id: str | None
-    values: list[float]
-
-
-@dataclass(frozen=True, slots=True)
-class InputSpec:
-    """The one 2-D numeric input a backfill feeds: its name, type and width (``None``: any)."""
-
-    name: str
-    datatype: Datatype
-    width: int | None
-
-    def __post_init__(self) -> None:
-        if self.datatype not in NUMERIC:
-            raise BackfillError(f"input {self.name!r} is {self.datatype}; backfill feeds numbers")
+    values: tuple[Cell, ...]
 
 
 @dataclass(slots=True)
@@ -57,70 +45,80 @@ class BackfillPlan:
     skipped_jobs: int = 0
 
 
-def read_rows(path: Path, id_column: str | None) -> Iterator[Row]:
-    """Rows of a CSV (with a header) or JSONL file (each line an array of numbers or an object)."""
-    if not path.is_file():
-        raise BackfillError(f"{path}: no such file")
-    if path.suffix.lower() == ".csv":
-        yield from _csv_rows(path, id_column)
-    elif path.suffix.lower() in (".jsonl", ".ndjson"):
-        yield from _jsonl_rows(path, id_column)
-    else:
-        raise BackfillError(f"{path}: expected a .csv or .jsonl file")
-
-
-def _numbers(path: Path, line: int, values: list[Any]) -> list[float]:
+def read_rows(path: Path, table: Table, id_column: str | None) -> Iterator[Row]:
+    """The rows of a CSV (with a header) or JSONL file (objects, or arrays by position), typed for ``table``."""
     try:
-        numbers = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise BackfillError(f"{path}:{line}: every feature must be a number") from None
-    if not all(math.isfinite(v) for v in numbers):
-        raise BackfillError(f"{path}:{line}: NaN or infinite feature value")
-    return numbers
+        kind = kind_of(path)
+        if kind == "csv" and path.is_file():
+            _check_header(path, table, id_column)
+        for record in read_records(path):
+            values = record.values
+            row_id = None
+            if id_column is not None:
+                if not isinstance(values, dict):
+                    raise BackfillError(f"{path}:{record.line}: --id-column needs objects, found an array")
+                row_id = _row_id(path, record.line, values.pop(id_column, None), id_column)  # a fresh dict per row
+            try:
+                typed = table.values(values)
+            except RowError as exc:
+                raise BackfillError(f"{path}:{record.line}: {exc.detail}") from None
+            yield Row(record.line, row_id, typed)
+    except (RowFileError, InvalidPayload) as exc:
+        raise BackfillError(str(exc)) from None
 
 
-def _split_id(path: Path, line: int, record: dict[str, Any], id_column: str | None) -> tuple[str | None, list[Any]]:
-    if id_column is None:
-        return None, list(record.values())
-    if id_column not in record:
+def _check_header(path: Path, table: Table, id_column: str | None) -> None:
+    """A CSV header must name every column the model reads (and the id column): say so at line 1."""
+    header = csv_header(path)
+    wanted = ([id_column] if id_column else []) + ([c.name for c in table.columns] if table.named else [])
+    missing = [name for name in wanted if name not in header]
+    if missing:
+        raise BackfillError(
+            f"{path}:1: no column {missing[0]!r} in the header (model {table.model!r} version {table.version} "
+            f"reads {table.describe()})"
+        )
+
+
+def _row_id(path: Path, line: int, value: object, id_column: str) -> str:
+    if value is None:
         raise BackfillError(f"{path}:{line}: no column {id_column!r}")
-    row_id = str(record.pop(id_column))
+    row_id = str(value)
     if not is_valid_job_id(row_id):
         raise BackfillError(f"{path}:{line}: id {row_id!r} is not a valid job id ([A-Za-z0-9._:-], at most 128)")
-    return row_id, list(record.values())
+    return row_id
 
 
-def _csv_rows(path: Path, id_column: str | None) -> Iterator[Row]:
-    with path.open(newline="") as handle:
-        for line, record in enumerate(csv.DictReader(handle), start=2):
-            row_id, values = _split_id(path, line, dict(record), id_column)
-            yield Row(line, row_id, _numbers(path, line, values))
+def check_rows(path: Path, rows: Iterator[Row]) -> int:
+    """Read every row (which checks it) and refuse an id given to two rows, naming both lines; returns
+    the number of rows. Run before publishing, so a bad file publishes nothing."""
+    first_line: dict[str, int] = {}
+    count = 0
+    for row in rows:
+        count += 1
+        if row.row_id is None:
+            continue
+        seen = first_line.setdefault(row.row_id, row.line)
+        if seen != row.line:
+            raise BackfillError(f"{path}:{row.line}: id {row.row_id!r} is also the id of line {seen}")
+    return count
 
 
-def _jsonl_rows(path: Path, id_column: str | None) -> Iterator[Row]:
-    with path.open("rb") as handle:
-        for line, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise BackfillError(f"{path}:{line}: not JSON ({exc})") from None
-            if isinstance(record, list):
-                if id_column is not None:
-                    raise BackfillError(f"{path}:{line}: --id-column needs JSON objects, found an array")
-                yield Row(line, None, _numbers(path, line, record))
-            elif isinstance(record, dict):
-                row_id, values = _split_id(path, line, record, id_column)
-                yield Row(line, row_id, _numbers(path, line, values))
-            else:
-                raise BackfillError(f"{path}:{line}: expected an array of numbers or an object")
+def derive_job_id(model: str, version: int, rows: list[Row], batch_rows: int) -> str:
+    """A job id that depends only on the model, its concrete version and the input.
 
-
-def derive_job_id(model: str, version: VersionRef, rows: list[Row], batch_rows: int) -> str:
-    """A job id that depends only on the input: the same file gives the same ids on every run."""
-    if batch_rows == 1 and rows[0].row_id is not None:
-        return rows[0].row_id
+    One row with an id of its own: ``<model>:<version>:<row id>``, readable and unique per model
+    version. Otherwise ``bf-`` and a digest of model, version, rows per job and the rows (line, id,
+    values). A rerun of the same file on the same version finds the same ids; another model or version
+    gives other ids, so it runs every row."""
+    row_id = rows[0].row_id
+    if batch_rows == 1 and row_id is not None:
+        job_id = f"{model}:{version}:{row_id}"
+        if len(job_id) > MAX_JOB_ID_CHARS:
+            raise BackfillError(
+                f"line {rows[0].line}: job id {job_id!r} (model:version:row id) is longer than "
+                f"{MAX_JOB_ID_CHARS} characters: use shorter ids"
+            )
+        return job_id
     digest = hashlib.sha256(f"{model}|{version}|{batch_rows}".encode())
     for row in rows:
         digest.update(f"|{row.line}:{row.row_id or ''}:{row.values}".encode())
@@ -142,27 +140,23 @@ def chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
 def backfill_jobs(
     rows: Iterator[Row],
     *,
-    model: str,
-    version: VersionRef,
-    spec: InputSpec,
+    table: Table,
     batch_rows: int,
     results: ResultStore,
     plan: BackfillPlan,
     on_skip: Callable[[int], None] = lambda _rows: None,
 ) -> Iterator[Job]:
-    """Jobs of ``batch_rows`` rows each, skipping those whose result is already stored."""
-    width = spec.width
+    """Jobs of ``batch_rows`` rows each for the table's model version, skipping those already finished."""
     for chunk in chunks(rows, batch_rows):
-        for row in chunk:
-            if width is not None and len(row.values) != width:
-                raise BackfillError(f"line {row.line}: {len(row.values)} features, model {model!r} takes {width}")
-        job_id = derive_job_id(model, version, chunk, batch_rows)
+        job_id = derive_job_id(table.model, table.version, chunk, batch_rows)
         if results.exists(job_id):
             plan.skipped_jobs += 1
             on_skip(len(chunk))
             continue
         plan.jobs += 1
         plan.rows += len(chunk)
-        data: list[bool | int | float | str] = [v for row in chunk for v in row.values]
-        tensor = Tensor(name=spec.name, shape=[len(chunk), len(chunk[0].values)], datatype=spec.datatype, data=data)
-        yield Job(id=job_id, model=model, version=version, inputs=[tensor])
+        try:
+            inputs = table.tensors([row.values for row in chunk])
+        except InvalidPayload as exc:
+            raise BackfillError(f"lines {chunk[0].line}-{chunk[-1].line}: {exc}") from None
+        yield Job(id=job_id, model=table.model, version=table.version, inputs=inputs)

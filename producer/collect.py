@@ -16,7 +16,7 @@ from pathlib import Path
 
 from producer.backfill import Row, chunks, derive_job_id
 from producer.export import Cell, RowWriter, row_outputs
-from shared.messages import Result, VersionRef
+from shared.messages import Result
 from shared.results import ResultStore
 
 CHUNK_JOBS = 2048
@@ -31,7 +31,7 @@ class ExpectedJob:
     row_keys: list[str]
 
 
-def expected_jobs(rows: Iterator[Row], model: str, version: VersionRef, batch_rows: int) -> Iterator[ExpectedJob]:
+def expected_jobs(rows: Iterator[Row], model: str, version: int, batch_rows: int) -> Iterator[ExpectedJob]:
     """The jobs a backfill of ``rows`` publishes (the same ids it derives), each with its rows' keys: the
     row's id column value, or its line in the input."""
     for chunk in chunks(rows, batch_rows):

@@ -1,7 +1,7 @@
-"""The end-to-end demo, through the real CLI: train, publish two versions, backfill, drain with two
-workers, show results and throughput. Uses the local RabbitMQ, a model directory and a SQLite result
-store under var/demo, or, with ``--store s3``, a SeaweedFS S3 server it starts on free local ports (and
-stops at the end)."""
+"""The end-to-end demo, through the real CLI: train, publish two versions, backfill, publish a pipeline
+over named columns and submit a row to it by name, drain with two workers, show results and throughput.
+Uses the local RabbitMQ, a model directory and a SQLite result store under var/demo, or, with
+``--store s3``, a SeaweedFS S3 server it starts on free local ports (and stops at the end)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,14 @@ from pathlib import Path
 import joblib
 import numpy as np
 import orjson
+import pandas as pd
 import pika
+from sklearn.compose import ColumnTransformer
 from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seaweedfs import SeaweedFS
@@ -89,6 +93,26 @@ def run_workers(env: dict[str, str], count: int) -> float:
     return max(lasts) - min(firsts)
 
 
+def publish_table_model(env: dict[str, str]) -> Pipeline:
+    """Train a scaler + one-hot encoder + logistic regression on a DataFrame and publish it as 'plans'."""
+    rng = np.random.default_rng(7)
+    frame = pd.DataFrame(
+        {
+            "plan": rng.choice(["free", "pro", "team"], 500),
+            "tenure": rng.integers(1, 60, 500),
+            "spend": rng.gamma(2, 30, 500),
+        }
+    )
+    churned = (frame["tenure"] < 12) & (frame["plan"] != "team")
+    prep = ColumnTransformer(
+        [("numbers", StandardScaler(), ["tenure", "spend"]), ("plan", OneHotEncoder(handle_unknown="ignore"), ["plan"])]
+    )
+    pipeline = Pipeline([("prep", prep), ("model", LogisticRegression())]).fit(frame, churned)
+    joblib.dump(pipeline, WORK / "plans.joblib")
+    inferq("models", "publish", "plans", str(WORK / "plans.joblib"), env=env)
+    return pipeline
+
+
 S3_BUCKET = "inferq-demo"
 
 
@@ -150,16 +174,25 @@ def run_demo(env: dict[str, str]) -> None:
     inferq("backfill", str(WORK / "v2.csv"), "--model", "churn", "--batch-rows", "10", env=env)
     jobs = ROWS_V1 + ROWS_V2 // 10
 
+    step("a pipeline over named columns of mixed types: publish it, submit one row by name")
+    pipeline = publish_table_model(env)
+    row = {"plan": "pro", "tenure": 14, "spend": 61.5}
+    table_job = inferq("submit", "--model", "plans", "--input", orjson.dumps(row).decode(), env=env).strip()
+    jobs += 1
+
     step("run two workers in drain mode")
     started = time.monotonic()
     busy_s = run_workers(env, 2)
     wall_s = time.monotonic() - started
 
     step("a few results")
-    for job_id in ("a-00000", "a-00001"):
+    for job_id in ("churn:1:a-00000", "churn:1:a-00001"):  # a backfill job id: <model>:<version>:<row id>
         result = orjson.loads(inferq("results", "get", job_id, env=env, quiet=True))
         probabilities = result["outputs"][1]["data"]
         print(f"{job_id}: version {result['version']} label {result['outputs'][0]['data']} p={probabilities}")
+    result = orjson.loads(inferq("results", "get", table_job, env=env, quiet=True))
+    expected = pipeline.predict_proba(pd.DataFrame([row]))[0].round(4).tolist()
+    print(f"plans {row}: p={[round(p, 4) for p in result['outputs'][1]['data']]} (scikit-learn: {expected})")
     stored = count_results(env)
 
     step("rerun the backfill with --out: every job already has a result, nothing is published, predictions.csv")

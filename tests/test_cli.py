@@ -53,7 +53,7 @@ def test_submit_stops_at_a_bad_line_having_printed_exactly_the_safe_ids(iris_sto
     done = iris_store.inferq("submit", "-", stdin="\n".join(lines))
     assert done.returncode == 1
     assert done.stdout.split() == ["ok-1", "ok-2"]
-    assert done.stderr.startswith("inferq: error: line 3: not JSON")
+    assert done.stderr.startswith("inferq: error: <stdin>:3: not JSON")
     assert iris_store.depth(iris_store.jobs_queue) == 2
 
 
@@ -97,14 +97,14 @@ def test_backfill_publishes_every_row_and_a_rerun_publishes_nothing_new(iris_sto
 
     first = iris_store.inferq("backfill", str(data), "--model", "iris", "--batch-rows", "2")
     assert first.returncode == 0, first.stderr
-    assert "published 23 jobs (45 rows), skipped 0" in first.stdout
+    assert "published 23 jobs (45 rows) on iris version 2, skipped 0" in first.stdout
     assert iris_store.depth(iris_store.jobs_queue) == 23
     iris_store.drain()
     assert len(iris_store.stored()) == 23
 
     again = iris_store.inferq("backfill", str(data), "--model", "iris", "--batch-rows", "2")
     assert again.returncode == 0, again.stderr
-    assert "published 0 jobs (0 rows), skipped 23" in again.stdout
+    assert "published 0 jobs (0 rows) on iris version 2, skipped 23" in again.stdout
     assert iris_store.depth(iris_store.jobs_queue) == 0
 
 
@@ -120,11 +120,13 @@ def test_backfill_with_an_id_column_uses_those_ids(iris_store: Env, models: Mode
         )
     )
     nested = iris_store.inferq("backfill", str(data), "--model", "iris", "--id-column", "key")
-    assert nested.returncode == 1 and "every feature must be a number" in nested.stderr
+    assert nested.returncode == 1 and f"{data}:1: 1 value, model 'iris' version 2 takes 4" in nested.stderr
     done = iris_store.inferq("backfill", str(flattened), "--model", "iris", "--id-column", "key")
     assert done.returncode == 0, done.stderr
     iris_store.drain()
-    assert {k: r.status for k, r in iris_store.stored().items()} == {f"row-{i}": Status.SUCCEEDED for i in range(3)}
+    assert {k: r.status for k, r in iris_store.stored().items()} == {
+        f"iris:2:row-{i}": Status.SUCCEEDED for i in range(3)
+    }
 
 
 def test_backfill_names_the_line_of_a_bad_row(iris_store: Env) -> None:
@@ -132,7 +134,7 @@ def test_backfill_names_the_line_of_a_bad_row(iris_store: Env) -> None:
     data.write_text("a,b,c,d\n1,2,3,4\n1,2,three,4\n")
     done = iris_store.inferq("backfill", str(data), "--model", "iris")
     assert done.returncode == 1
-    assert f"{data}:3: every feature must be a number" in done.stderr
+    assert f"{data}:3: column 3: 'three' is not a number" in done.stderr
     assert iris_store.depth(iris_store.jobs_queue) == 0
 
 
@@ -140,7 +142,7 @@ def test_backfill_of_rows_of_the_wrong_width_is_refused(iris_store: Env) -> None
     data = iris_store.tmp / "narrow.csv"
     data.write_text("a,b,c\n1,2,3\n")
     done = iris_store.inferq("backfill", str(data), "--model", "iris")
-    assert done.returncode == 1 and "3 features, model 'iris' takes 4" in done.stderr
+    assert done.returncode == 1 and f"{data}:2: 3 values, model 'iris' version 2 takes 4" in done.stderr
 
 
 def test_worker_logs_never_show_the_amqp_password(iris_store: Env) -> None:

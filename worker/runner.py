@@ -54,9 +54,12 @@ def prepare_inputs(job: Job, manifest: Manifest, limits: Limits) -> Arrays:
     given = {t.name: t for t in job.inputs}
     expected = {spec.name for spec in manifest.inputs}
     if set(given) != expected:
-        raise InputMismatch(
-            f"model {manifest.name!r} v{manifest.version} takes inputs {sorted(expected)}, job gave {sorted(given)}"
+        # Named columns are inputs of their own: name what is missing or unexpected, not only the sets.
+        missing, extra = sorted(expected - set(given)), sorted(set(given) - expected)
+        gap = "; ".join(
+            part for part in (f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "") if part
         )
+        raise InputMismatch(f"model {manifest.name!r} v{manifest.version} takes inputs {sorted(expected)}: {gap}")
     arrays = {spec.name: _check_tensor(given[spec.name], spec, limits) for spec in manifest.inputs}
     rows = {a.shape[0] for a in arrays.values()}
     if len(rows) > 1:
