@@ -4,6 +4,7 @@ publisher's connection belongs to its thread) and cached, so probes cost the bro
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -61,7 +62,5 @@ class QueueProbe:
         except pika.exceptions.AMQPError as exc:
             return QueueReading(None, f"broker unreachable ({type(exc).__name__})")
         finally:
-            try:
+            with contextlib.suppress(pika.exceptions.AMQPError):  # already closed by the broker or the network
                 connection.close()
-            except pika.exceptions.AMQPError:
-                pass  # already closed by the broker or the network
