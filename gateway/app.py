@@ -188,13 +188,14 @@ def _token_check(gateway: Gateway) -> list[Any]:
     expected = hashlib.sha256(token.get_secret_value().encode()).digest()
     bearer = HTTPBearer(auto_error=False, description="INFERQ_API_TOKEN")
 
-    def check(request: Request, _scheme: Annotated[Any, Depends(bearer)]) -> None:
+    def check(request: Request) -> None:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         digest = hashlib.sha256(given.strip().encode()).digest()
         if scheme.lower() != "bearer" or not hmac.compare_digest(digest, expected):
             raise ApiError(401, ApiCode.UNAUTHORIZED, "missing or wrong bearer token (Authorization: Bearer …)")
 
-    return [Depends(check)]
+    # The HTTPBearer dependency only documents the scheme in the OpenAPI schema; ``check`` decides.
+    return [Depends(bearer), Depends(check)]
 
 
 def create_app(gateway: Gateway) -> FastAPI:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ from shared.settings import ProducerSettings
 
 log = get_logger(__name__)
 
+REFUSING_S = 1.0
+"""After the broker refused a publish (queue full), new jobs are refused at once for this long: the
+producer's retries with backoff would otherwise hold every request of a round for seconds."""
 IDLE_S = 1.0
 """How often an idle publisher runs the connection's I/O (heartbeats) and checks the broker."""
 
@@ -98,6 +102,7 @@ class Publisher:
         # Written by the publisher thread only; read anywhere (a bool is read atomically).
         self.broker_down = False
         self.connected = False
+        self._refusing_until = 0.0
 
     def start(self, timeout_s: float | None = None) -> None:
         """Start taking jobs once a first connection was tried; raises :class:`ConfigError` when the broker
@@ -118,6 +123,10 @@ class Publisher:
             return future
         self._requests.put(_Request(job, future))
         return future
+
+    def refusing(self) -> bool:
+        """True shortly after the broker refused a publish because the jobs queue was full."""
+        return time.monotonic() < self._refusing_until
 
     def stop(self, timeout_s: float) -> None:
         """Publish what was handed in, wait for its confirms, close the connection."""
@@ -184,6 +193,7 @@ class Publisher:
             self._mark_down(exc)
         except PublishError as exc:
             error = exc
+            self._refusing_until = time.monotonic() + REFUSING_S
         except Exception as exc:  # e.g. the queues were redeclared with other arguments: fail this round
             log.exception("publish_round_failed")
             error = exc

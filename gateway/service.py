@@ -123,6 +123,11 @@ class Gateway:
         if self.publisher.broker_down:
             self.metrics.jobs_refused.labels("broker_unavailable").inc()
             raise ApiError(503, ApiCode.BROKER_UNAVAILABLE, "the broker is unreachable", retry_after_s=RETRY_AFTER_S)
+        if self.publisher.refusing():
+            self.metrics.jobs_refused.labels("queue_full").inc()
+            raise ApiError(
+                429, ApiCode.QUEUE_FULL, "the jobs queue is full, try again later", retry_after_s=RETRY_AFTER_S
+            )
         future = self.publisher.submit(job)
         try:
             await asyncio.wait_for(asyncio.wrap_future(future), self.settings.publish_timeout_s)

@@ -24,8 +24,9 @@ class GatewaySettings(ProducerSettings):
     # A request must not hang on a broker that is gone: the publisher gives up on a connection after
     # this long and answers 503, instead of the 60 s a batch producer waits.
     connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
-    # A refused publish (the jobs queue is full) is retried this long, then answered with 429.
-    publish_retry_s: Annotated[float, Field(gt=0)] = 1.0
+    # A refused publish (the jobs queue is full) is retried this long, then answered with 429: an HTTP
+    # client has Retry-After for that, and holding its request would hold up every request of the round.
+    publish_retry_s: Annotated[float, Field(gt=0)] = 0.1
     publish_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     """Longest a request waits for its job's confirm before it is answered 503."""
     max_prefer_wait_s: Annotated[float, Field(ge=0, le=MAX_PREFER_WAIT_S)] = MAX_PREFER_WAIT_S
