@@ -82,5 +82,5 @@ def test_build_context_leaves_out_local_state_and_keeps_what_the_build_copies() 
         if op == "COPY" and not args.startswith("--from")
         for source in args.split()[:-1]
     }
-    assert {"pyproject.toml", "README.md", "shared", "worker", "inferq"} <= sources
+    assert {"pyproject.toml", "README.md", "shared", "model_store", "producer", "gateway", "worker", "inferq"} <= sources
     assert not sources & ignored
