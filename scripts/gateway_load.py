@@ -6,6 +6,7 @@ alternating, measures:
   each answered 202 once the broker confirmed its job;
 - producer: the same jobs with ``Producer.publish_many`` (a window of confirms), latency per job from
   its hand-over to its confirm;
+- http_live: ``GET /v2/health/live`` the same way: the HTTP stack alone, the ceiling of any route here;
 - producer, one at a time: ``Producer.publish`` per job (a confirm round trip each), the shape of one
   HTTP request without HTTP.
 No worker runs: only admission is measured. Prints requests/s and p50/p99 for each, and the ratios.
@@ -66,11 +67,13 @@ def report(name: str, count: int, elapsed_s: float, latencies_s: list[float], cp
     return {"rate": rate, "p50_ms": p50, "p99_ms": p99, "cpu_us": cpu_us}
 
 
-async def http_load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float]]:
+async def http_load(url: str, bodies: list[dict] | None, concurrency: int, count: int = 0) -> tuple[float, list[float]]:
+    """POST each body to the infer route; or, without bodies, GET the liveness probe ``count`` times
+    (the HTTP stack alone: the ceiling of any route on this machine)."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
-    queue: asyncio.Queue[dict] = asyncio.Queue()
-    for body in bodies:
+    queue: asyncio.Queue[dict | None] = asyncio.Queue()
+    for body in bodies if bodies is not None else [None] * count:
         queue.put_nowait(body)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
@@ -79,14 +82,17 @@ async def http_load(url: str, bodies: list[dict], concurrency: int) -> tuple[flo
             while not queue.empty():
                 body = queue.get_nowait()
                 started = time.perf_counter()
-                response = await client.post("/v2/models/iris/infer", json=body)
+                if body is None:
+                    response = await client.get("/v2/health/live")
+                else:
+                    response = await client.post("/v2/models/iris/infer", json=body)
                 latencies.append(time.perf_counter() - started)
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
 
         started = time.perf_counter()
         await asyncio.gather(*(loop() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    if set(statuses) != {202}:
+    if set(statuses) != ({202} if bodies is not None else {200}):
         raise SystemExit(f"unexpected answers: {statuses}")
     return elapsed, latencies
 
@@ -163,7 +169,7 @@ def main() -> None:  # noqa: PLR0915  (a script: set-up, rounds, summary, clean-
                 pass
             time.sleep(0.1)
         rows = X.astype(np.float32)
-        results: dict[str, list[dict[str, float]]] = {"http": [], "producer": [], "producer_one": []}
+        results: dict[str, list[dict[str, float]]] = {"http": [], "http_live": [], "producer": [], "producer_one": []}
         print(f"{args.requests} jobs per measure, {args.concurrency} HTTP requests in flight, {os.cpu_count()} cores")
         for round_ in range(args.rounds):
             tag = f"r{round_}-{uuid.uuid4().hex[:6]}"
@@ -186,6 +192,7 @@ def main() -> None:  # noqa: PLR0915  (a script: set-up, rounds, summary, clean-
             one_jobs = [j.model_copy(update={"id": "o" + j.id}) for j in jobs[: max(1, args.requests // 3)]]
             measures = [
                 ("http", lambda b=bodies: asyncio.run(http_load(url, b, args.concurrency))),
+                ("http_live", lambda: asyncio.run(http_load(url, None, args.concurrency, args.requests))),
                 ("producer", lambda j=jobs: producer_window(settings, j)),
                 ("producer_one", lambda j=one_jobs: producer_one_by_one(settings, j)),
             ]
@@ -194,9 +201,10 @@ def main() -> None:  # noqa: PLR0915  (a script: set-up, rounds, summary, clean-
             for name, run in measures:
                 # CPU of the publishing side: the gateway process for http, this process for the producer
                 # (for http, the load generator's own CPU is left out: it is the client).
-                before = cpu_s(server.pid) if name == "http" else time.process_time()
+                on_server = name.startswith("http")
+                before = cpu_s(server.pid) if on_server else time.process_time()
                 elapsed, latencies = run()
-                used = (cpu_s(server.pid) if name == "http" else time.process_time()) - before
+                used = (cpu_s(server.pid) if on_server else time.process_time()) - before
                 results[name].append(report(f"{name} (round {round_ + 1})", len(latencies), elapsed, latencies, used))
         print()
         for name, runs in results.items():
@@ -212,6 +220,9 @@ def main() -> None:  # noqa: PLR0915  (a script: set-up, rounds, summary, clean-
         one_ratios = [h / p for h, p in zip(http_rates, one_rates, strict=True)]
         print(f"http / producer (window) per round: {', '.join(f'{r:.3f}' for r in ratios)}")
         print(f"http / producer (one by one) per round: {', '.join(f'{r:.2f}' for r in one_ratios)}")
+        live_rates = [r["rate"] for r in results["http_live"]]
+        live_ratios = [h / v for h, v in zip(http_rates, live_rates, strict=True)]
+        print(f"http infer / http liveness per round: {', '.join(f'{r:.2f}' for r in live_ratios)}")
         print(f"uptime load average during the run: {os.getloadavg()}")
     finally:
         server.terminate()
