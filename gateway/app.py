@@ -241,6 +241,12 @@ def _add_error_handlers(app: FastAPI) -> None:
         code = codes.get(exc.status_code, ApiCode.INVALID_PAYLOAD)
         return error_response(ApiError(exc.status_code, code, str(exc.detail)))
 
+    async def unexpected(_request: Request, exc: Exception) -> Response:
+        # A bug, not a client's fault: logged with its traceback, answered in the same JSON shape.
+        log.error("request_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        return error_response(ApiError(500, ApiCode.INTERNAL_ERROR, "internal error; see the server's log"))
+
+    app.add_exception_handler(Exception, unexpected)
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(StarletteHTTPException, http_error)

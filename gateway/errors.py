@@ -36,6 +36,7 @@ class ApiCode(StrEnum):
     BROKER_UNAVAILABLE = "broker_unavailable"
     STORE_UNAVAILABLE = "store_unavailable"
     NOT_READY = "not_ready"
+    INTERNAL_ERROR = "internal_error"
 
 
 RETRY_AFTER_S = 1
