@@ -14,6 +14,7 @@ COPY shared ./shared
 COPY model_store ./model_store
 COPY producer ./producer
 COPY operations ./operations
+COPY gateway ./gateway
 COPY worker ./worker
 COPY inferq ./inferq
 RUN /opt/inferq/bin/pip install --no-compile . \

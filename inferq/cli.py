@@ -163,6 +163,21 @@ def worker(drain: bool) -> None:
     run_worker(_settings(WorkerSettings), drain=drain)
 
 
+# -- HTTP ----------------------------------------------------------------------------------------
+
+
+@cli.command()
+def serve() -> None:
+    """Serve the HTTP API (Open Inference Protocol requests in, operations out) until SIGTERM/SIGINT."""
+    from gateway.server import serve as run_gateway  # noqa: PLC0415  (FastAPI and uvicorn: load on use)
+    from gateway.settings import GatewaySettings  # noqa: PLC0415
+
+    settings = load_settings(GatewaySettings)
+    token = settings.api_token.get_secret_value() if settings.api_token is not None else None
+    configure_logging(settings.log_level, settings.log_format, [settings.amqp_url.get_secret_value(), token])
+    run_gateway(settings)
+
+
 # -- producing -----------------------------------------------------------------------------------
 
 

@@ -206,3 +206,21 @@ def test_grafana_dashboard_is_provisioned_and_queries_only_metrics_that_exist(
     assert all(any(name.startswith(f) for name in inferq_used) for f in families)
     grid = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in dashboard["panels"]]
     assert len(grid) == len(set(grid)), "panels overlap"
+
+
+def test_the_api_serves_on_localhost_waits_for_the_stack_and_stops_gracefully(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    from gateway.settings import GatewaySettings  # noqa: PLC0415
+
+    api = services["api"]
+    assert api["command"] == ["serve"] and api["image"] == services["worker"]["image"]
+    assert api["ports"] == [f"127.0.0.1:{api['environment']['INFERQ_HTTP_PORT']}:8080"]
+    assert int(api["environment"]["INFERQ_HTTP_PORT"]) == GatewaySettings.model_fields["http_port"].default
+    assert api["depends_on"] == services["worker"]["depends_on"]
+    assert "/v2/health/live" in " ".join(api["healthcheck"]["test"])
+    # Results in PostgreSQL: the operation records go to the same database, so replicas share them.
+    assert api["environment"]["INFERQ_RESULT_STORE"].startswith("postgresql://")
+    assert "INFERQ_OPERATIONS_STORE" not in api["environment"]
+    assert int(api["stop_grace_period"].rstrip("s")) > GatewaySettings.model_fields["shutdown_grace_s"].default
+    assert api["read_only"] is True

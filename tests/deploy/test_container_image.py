@@ -82,5 +82,6 @@ def test_build_context_leaves_out_local_state_and_keeps_what_the_build_copies() 
         if op == "COPY" and not args.startswith("--from")
         for source in args.split()[:-1]
     }
-    assert {"pyproject.toml", "README.md", "shared", "worker", "inferq"} <= sources
+    packages = {"shared", "model_store", "producer", "gateway", "worker", "inferq"}
+    assert {"pyproject.toml", "README.md", *packages} <= sources
     assert not sources & ignored

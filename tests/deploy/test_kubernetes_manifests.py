@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway.settings import GatewaySettings
 from shared.settings import WorkerSettings
 from shared.topology import jobs_queue, retry_queue
 from worker.metrics import MetricsServer, WorkerMetrics
@@ -60,6 +61,8 @@ def test_the_rendered_set_is_a_worker_deployment_with_config_scaling_budget_and_
         "PodDisruptionBudget/inferq-worker",
         "TriggerAuthentication/inferq-rabbitmq",
         "ScaledObject/inferq-worker",
+        "Deployment/inferq-api",
+        "Service/inferq-api",
     }
     assert all(obj["metadata"]["namespace"] == "inferq" for obj in rendered.values())
     assert "Secret" not in {obj["kind"] for obj in rendered.values()}  # created out of band, never committed
@@ -184,3 +187,56 @@ def test_disruption_budget_and_metrics_service_select_the_worker_pods(rendered: 
 def test_the_image_is_set_by_kustomize(pod: dict[str, Any]) -> None:
     image = pod["containers"][0]["image"]
     assert re.fullmatch(r"[\w./-]+/inferq:\d+\.\d+\.\d+", image), image
+
+
+@pytest.fixture(scope="module")
+def api_pod(rendered: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    spec: dict[str, Any] = rendered["Deployment/inferq-api"]["spec"]["template"]["spec"]
+    return spec
+
+
+def test_the_api_serves_on_its_http_port_with_probes_on_the_health_endpoints(api_pod: dict[str, Any]) -> None:
+    (container,) = api_pod["containers"]
+    assert container["args"] == ["serve"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    env = {e["name"]: e for e in container["env"]}
+    assert ports["http"] == int(env["INFERQ_HTTP_PORT"]["value"]) == GatewaySettings.model_fields["http_port"].default
+    readiness, liveness = container["readinessProbe"]["httpGet"], container["livenessProbe"]["httpGet"]
+    assert (readiness["path"], readiness["port"]) == ("/v2/health/ready", "http")
+    assert (liveness["path"], liveness["port"]) == ("/v2/health/live", "http")
+
+
+def test_the_api_stops_gracefully_within_its_termination_grace(api_pod: dict[str, Any], config: dict[str, str]) -> None:
+    shutdown_grace_s = float(config["INFERQ_SHUTDOWN_GRACE_S"])
+    assert GatewaySettings.model_fields["shutdown_grace_s"].default <= shutdown_grace_s
+    pre_stop = api_pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    pre_stop_s = float(re.findall(r"sleep\((\d+(?:\.\d+)?)\)", pre_stop[-1])[0])
+    assert api_pod["terminationGracePeriodSeconds"] > shutdown_grace_s + pre_stop_s
+
+
+def test_the_api_runs_non_root_read_only_with_secrets_by_reference(api_pod: dict[str, Any]) -> None:
+    assert api_pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = api_pod["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert {"cpu", "memory"} <= set(container["resources"]["limits"])
+    env = {e["name"]: e for e in container["env"]}
+    assert {"INFERQ_AMQP_URL", "INFERQ_API_TOKEN", "INFERQ_RESULT_STORE", "INFERQ_OPERATIONS_STORE"} <= set(env)
+    for name, entry in env.items():
+        if SECRET_NAME.search(name) or name in {"INFERQ_RESULT_STORE", "INFERQ_OPERATIONS_STORE"}:
+            assert entry["valueFrom"]["secretKeyRef"]["name"] == "inferq-secrets", name
+
+
+def test_the_api_service_selects_only_api_pods_and_the_worker_service_only_workers(
+    rendered: dict[str, dict[str, Any]],
+) -> None:
+    api_labels = rendered["Deployment/inferq-api"]["spec"]["template"]["metadata"]["labels"]
+    worker_labels = rendered["Deployment/inferq-worker"]["spec"]["template"]["metadata"]["labels"]
+    api_service = rendered["Service/inferq-api"]["spec"]
+    worker_service = rendered["Service/inferq-worker-metrics"]["spec"]
+    assert api_service["selector"].items() <= api_labels.items()
+    assert not api_service["selector"].items() <= worker_labels.items()
+    assert not worker_service["selector"].items() <= api_labels.items()
+    assert api_service["ports"][0]["targetPort"] == "http"
+    pdb = rendered["PodDisruptionBudget/inferq-worker"]["spec"]["selector"]["matchLabels"]
+    assert not pdb.items() <= api_labels.items()

@@ -1,0 +1,423 @@
+"""The ASGI app: routes, the OpenAPI schema, errors as JSON, the token check, body limit and metrics.
+
+Every answer that is not a success is ``{"error": message, "code": code}`` with a status from the list in
+the README; the schema at ``/openapi.json`` documents each one, so clients (and the schema fuzzer in
+the tests) can hold the server to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from anyio import to_thread
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.errors import ApiCode, ApiError
+from gateway.jobs import version_ref
+from gateway.metrics import UNMATCHED_ROUTE
+from gateway.protocol import ErrorBody, InferenceRequest, Liveness, ModelMetadata, Operation, Readiness
+from gateway.service import Answer, Gateway
+from shared.logging import get_logger, redact_text
+from shared.messages import JOB_ID_PATTERN
+
+log = get_logger(__name__)
+
+JSON = "application/json"
+MAX_VALIDATION_DETAILS = 3
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before asking again.", "schema": {"type": "integer"}}}
+_OPERATION_HEADERS = {
+    "Operation-Location": {"description": "Where to read the operation.", "schema": {"type": "string"}},
+    "Location": {"description": "The same as Operation-Location.", "schema": {"type": "string"}},
+    **_RETRY_AFTER,
+}
+
+
+def _error(description: str, *, retry: bool = False) -> dict[str, Any]:
+    doc: dict[str, Any] = {"model": ErrorBody, "description": description}
+    if retry:
+        doc["headers"] = _RETRY_AFTER
+    return doc
+
+
+def _json(status: int, body: BaseModel, headers: dict[str, str] | None = None) -> Response:
+    return Response(body.model_dump_json(exclude_none=True), status_code=status, media_type=JSON, headers=headers)
+
+
+def error_response(error: ApiError) -> Response:
+    """The JSON answer of an :class:`ApiError` (messages are redacted: a store URL may carry a password)."""
+    headers: dict[str, str] = {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(error.retry_after_s)
+    if error.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="inferq"'
+    return _json(error.status, ErrorBody(error=redact_text(error.message), code=error.code), headers)
+
+
+def _operation_response(answer: Answer, root_path: str) -> Response:
+    location = f"{root_path}/v2/operations/{answer.operation.id}"
+    headers = {"Operation-Location": location, "Location": location}
+    if answer.operation.status == "queued":
+        headers["Retry-After"] = "1"
+    return _json(answer.status, answer.operation, headers)
+
+
+_UNION_MEMBERS = frozenset({"bool", "int", "float", "str"})
+
+
+def _describe(errors: list[Any], content_type: str) -> str:
+    """One short line naming what was wrong, e.g. ``inputs.0.shape: ...`` (as the workers say it)."""
+    seen: dict[str, str] = {}
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            return f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'decode error')})"
+        loc = [str(p) for p in error.get("loc", ())]
+        if loc[:1] == ["body"]:
+            loc = loc[1:]
+            if not loc and "json" not in content_type:
+                return "the body must be a JSON object, sent with Content-Type: application/json"
+        member = loc.pop() if loc and loc[-1] in _UNION_MEMBERS else None
+        where = ".".join(loc) or "body"
+        # One line per field, not one per union member tried; the number's complaint says most.
+        if where not in seen or member == "float":
+            seen[where] = error.get("msg", "invalid")
+    parts = [f"{where}: {msg}" for where, msg in list(seen.items())[:MAX_VALIDATION_DETAILS]]
+    if len(seen) > MAX_VALIDATION_DETAILS:
+        parts.append(f"and {len(seen) - MAX_VALIDATION_DETAILS} more")
+    return "; ".join(parts) or "invalid request"
+
+
+# -- middleware ------------------------------------------------------------------------------------
+
+
+class BodyLimit:
+    """Refuses a request body above ``max_bytes`` with 400 ``too_large`` before anything parses it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"the request body is above the limit of {self.max_bytes} bytes"
+        await error_response(ApiError(400, ApiCode.TOO_LARGE, message))(scope, receive, send)
+
+
+class RequestMetrics:
+    """Counts answers by route template and status, and times them."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.metrics = gateway.metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", UNMATCHED_ROUTE)
+            method = scope["method"] if route != UNMATCHED_ROUTE else "_"
+            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.request_seconds.labels(route, method).observe(time.perf_counter() - started)
+
+
+# -- the app ---------------------------------------------------------------------------------------
+
+
+def _token_check(gateway: Gateway) -> list[Any]:
+    """Dependencies that enforce ``Authorization: Bearer <INFERQ_API_TOKEN>`` (none when it is unset)."""
+    token = gateway.settings.api_token
+    if token is None:
+        return []
+    # Both sides hashed first: the comparison takes the same time whatever the length of the guess.
+    expected = hashlib.sha256(token.get_secret_value().encode()).digest()
+    bearer = HTTPBearer(auto_error=False, description="INFERQ_API_TOKEN")
+
+    def check(request: Request) -> None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(given.strip().encode()).digest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, expected):
+            raise ApiError(401, ApiCode.UNAUTHORIZED, "missing or wrong bearer token (Authorization: Bearer …)")
+
+    # The HTTPBearer dependency only documents the scheme in the OpenAPI schema; ``check`` decides.
+    return [Depends(bearer), Depends(check)]
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    """The ASGI app over a built :class:`Gateway`; stopping the app stops the gateway, in order."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        # The server stopped taking requests and the in-flight ones have been answered (their
+        # confirms included): publish whatever is left, then close the stores.
+        await to_thread.run_sync(gateway.close)
+
+    app = FastAPI(
+        title="inferq",
+        summary="Open Inference Protocol requests in, asynchronous operations out.",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    _add_error_handlers(app)
+    app.include_router(_v2_router(gateway, _token_check(gateway)))
+    app.include_router(_service_router(gateway))
+    app.add_middleware(BodyLimit, max_bytes=gateway.settings.max_message_bytes)
+    app.add_middleware(RequestMetrics, gateway=gateway)
+    app.openapi = _openapi_without_422(app)  # type: ignore[method-assign]
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def api_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return error_response(exc)
+
+    async def invalid_request(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        message = _describe(list(exc.errors()), request.headers.get("content-type", ""))
+        return error_response(ApiError(400, ApiCode.INVALID_PAYLOAD, message))
+
+    async def http_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        codes = {404: ApiCode.NOT_FOUND, 405: ApiCode.METHOD_NOT_ALLOWED}
+        code = codes.get(exc.status_code, ApiCode.INVALID_PAYLOAD)
+        return error_response(ApiError(exc.status_code, code, str(exc.detail)))
+
+    async def unexpected(_request: Request, exc: Exception) -> Response:
+        # A bug, not a client's fault: logged with its traceback, answered in the same JSON shape.
+        log.error("request_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+        return error_response(ApiError(500, ApiCode.INTERNAL_ERROR, "internal error; see the server's log"))
+
+    app.add_exception_handler(Exception, unexpected)
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+# The two headers are read straight from the request (FastAPI's header parameters cost more per request
+# than the rest of the routing) and documented here for the schema.
+_INFER_HEADERS = {
+    "parameters": [
+        {
+            "name": "Prefer",
+            "in": "header",
+            "required": False,
+            "description": "RFC 7240: `wait=N` waits up to N seconds (at most 60) for the result before answering.",
+            "schema": {"type": "string"},
+        },
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": "The job id when the body has none: a retry with it is safe.",
+            "schema": {"type": "string", "pattern": JOB_ID_PATTERN},
+        },
+    ]
+}
+
+_INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": Operation,
+        "description": "Finished (Prefer: wait, or the id was accepted before).",
+        "headers": _OPERATION_HEADERS,
+    },
+    202: {
+        "model": Operation,
+        "description": "Accepted and queued: the broker confirmed the job.",
+        "headers": _OPERATION_HEADERS,
+    },
+    400: _error("The body breaks the contract: invalid_payload, input_mismatch or too_large."),
+    404: _error("No such model or version: unknown_model, unknown_version."),
+    409: _error("The id was already used for a different request: id_conflict."),
+    429: _error("The jobs queue is full: queue_full.", retry=True),
+    503: _error("The broker or a store is unreachable.", retry=True),
+}
+
+
+def _v2_router(gateway: Gateway, auth: list[Any]) -> APIRouter:
+    responses: dict[int | str, dict[str, Any]] = {401: _error("Missing or wrong bearer token.")} if auth else {}
+    router = APIRouter(prefix="/v2", dependencies=auth, responses=responses)
+
+    async def submit(request: Request, model: str, version: str, body: InferenceRequest) -> Response:
+        headers = request.headers
+        answer = await gateway.submit(
+            model, version_ref(version), body, headers.get("idempotency-key"), headers.get("prefer")
+        )
+        return _operation_response(answer, request.scope.get("root_path", ""))
+
+    @router.post(
+        "/models/{model_name}/infer",
+        status_code=202,
+        response_model=None,
+        responses=_INFER_RESPONSES,
+        openapi_extra=_INFER_HEADERS,
+    )
+    async def infer(
+        request: Request,
+        model_name: str,
+        body: InferenceRequest,
+    ) -> Response:
+        """Submit a job to the latest version of a model."""
+        return await submit(request, model_name, "latest", body)
+
+    @router.post(
+        "/models/{model_name}/versions/{model_version}/infer",
+        status_code=202,
+        response_model=None,
+        responses=_INFER_RESPONSES,
+        openapi_extra=_INFER_HEADERS,
+    )
+    async def infer_version(
+        request: Request,
+        model_name: str,
+        model_version: str,
+        body: InferenceRequest,
+    ) -> Response:
+        """Submit a job to a version of a model: a number, `latest` or an alias."""
+        return await submit(request, model_name, model_version, body)
+
+    @router.get(
+        "/operations/{operation_id}",
+        response_model=None,
+        responses={
+            200: {"model": Operation, "description": "Queued or finished.", "headers": _OPERATION_HEADERS},
+            404: _error("No operation with that id was accepted: not_found."),
+            503: _error("A store is unreachable.", retry=True),
+        },
+    )
+    async def operation(request: Request, operation_id: str) -> Response:
+        """The status of an operation and, once finished, its result or error."""
+        answer = await gateway.operation(operation_id)
+        return _operation_response(answer, request.scope.get("root_path", ""))
+
+    metadata_responses: dict[int | str, dict[str, Any]] = {
+        200: {"model": ModelMetadata, "description": "From the manifest of the version."},
+        400: _error("The version is not a number, latest or an alias name."),
+        404: _error("No such model or version."),
+        503: _error("The model store is unreachable.", retry=True),
+    }
+
+    @router.get("/models/{model_name}", response_model=None, responses=metadata_responses)
+    async def model_metadata(model_name: str) -> Response:
+        """Model metadata of the latest version."""
+        return _json(200, await gateway.metadata(model_name, None))
+
+    @router.get("/models/{model_name}/versions/{model_version}", response_model=None, responses=metadata_responses)
+    async def model_version_metadata(model_name: str, model_version: str) -> Response:
+        """Model metadata of a version: a number, `latest` or an alias."""
+        return _json(200, await gateway.metadata(model_name, version_ref(model_version)))
+
+    return router
+
+
+def _service_router(gateway: Gateway) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/v2/health/live", response_model=None, responses={200: {"model": Liveness, "description": "Alive."}})
+    async def live() -> Response:
+        """The process answers."""
+        return _json(200, Liveness(live=True))
+
+    @router.get(
+        "/v2/health/ready",
+        response_model=None,
+        responses={
+            200: {"model": Readiness, "description": "Connected to the broker, the jobs queue below its bound."},
+            503: _error("Not ready: not_ready, with the reason.", retry=True),
+        },
+    )
+    async def ready() -> Response:
+        """Whether the gateway can accept jobs now."""
+        problem = await gateway.not_ready()
+        if problem is not None:
+            raise ApiError(503, ApiCode.NOT_READY, problem, retry_after_s=1)
+        return _json(200, Readiness(ready=True))
+
+    @router.get(
+        "/metrics",
+        response_model=None,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus."}},
+    )
+    async def metrics() -> Response:
+        """Prometheus metrics."""
+        gateway.metrics.broker_connected.set(1 if gateway.publisher.connected else 0)
+        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+def _openapi_without_422(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI documents a 422 for every route with parameters; this app answers those with 400."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = original()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            schemas = schema.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi

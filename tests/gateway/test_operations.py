@@ -1,0 +1,134 @@
+"""The operation record, on SQLite and on the real PostgreSQL: one body per job id, whoever claims it,
+and the pure pieces of admission (Prefer parsing, where records go by default, the content digest)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from gateway.jobs import digest, prefer_wait_s
+from gateway.operations import (
+    OperationRecord,
+    OperationStore,
+    PostgresOperationStore,
+    SqliteOperationStore,
+    default_location,
+    open_operation_store,
+)
+from gateway.protocol import InferenceRequest
+from shared.errors import ConfigError, StoreUnreachable
+from shared.messages import Job
+
+POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def postgres_schema() -> Iterator[str]:
+    schema = f"test_ops_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(POSTGRES, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OperationStore]:
+    location = f"sqlite:{tmp_path}/ops.db" if request.param == "sqlite" else request.getfixturevalue("postgres_schema")
+    opened = open_operation_store(location)
+    yield opened
+    opened.close()
+
+
+def record(job_id: str, body_digest: str = "d1") -> OperationRecord:
+    return OperationRecord(job_id, "iris", "latest", body_digest, ("label",), 1.5)
+
+
+def test_the_first_claim_of_an_id_wins_and_confirm_marks_it_queued(store: OperationStore) -> None:
+    assert store.claim(record("a")) == record("a")
+    assert store.claim(record("a", "other")) == record("a")  # the earlier body is what the id means
+    assert store.get("a") is not None and not store.get("a").confirmed  # type: ignore[union-attr]
+    store.confirm("a")
+    assert store.get("a") == OperationRecord("a", "iris", "latest", "d1", ("label",), 1.5, confirmed=True)
+    assert store.get("never") is None
+
+
+def test_racing_claims_of_one_id_all_see_the_same_winner(store: OperationStore) -> None:
+    # Given 16 threads claiming 50 ids, each with a body of its own
+    winners: dict[str, set[str]] = {}
+    lock = threading.Lock()
+
+    def claim(n: int) -> None:
+        for i in range(50):
+            won = store.claim(record(f"id-{i}", f"body-{n}"))
+            with lock:
+                winners.setdefault(won.id, set()).add(won.digest)
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # Then every claimer of an id was told the same body
+    assert len(winners) == 50 and all(len(bodies) == 1 for bodies in winners.values())
+
+
+def test_two_stores_on_one_database_share_claims(tmp_path: Path, postgres_schema: str) -> None:
+    for location in (f"sqlite:{tmp_path}/shared.db", postgres_schema):
+        first, second = open_operation_store(location), open_operation_store(location)
+        first.claim(record("shared"))
+        assert second.claim(record("shared", "different")).digest == "d1"
+        first.close()
+        second.close()
+
+
+def test_an_unreachable_postgres_is_a_store_error_without_the_password() -> None:
+    with pytest.raises(StoreUnreachable) as caught:
+        PostgresOperationStore("postgresql://inferq:hunter2-secret@127.0.0.1:1/none")
+    assert "hunter2-secret" not in str(caught.value)
+
+
+def test_records_go_beside_the_results_by_default() -> None:
+    assert default_location("./var/results") == "sqlite:var/results-operations.db"
+    assert default_location("sqlite:///srv/inferq/results.db") == "sqlite:/srv/inferq/results-operations.db"
+    assert default_location("sqlite:var/results.db") == "sqlite:var/results-operations.db"
+    assert default_location("file:///data/results") == "sqlite:/data/results-operations.db"
+    assert default_location(POSTGRES) == POSTGRES
+    with pytest.raises(ConfigError, match="INFERQ_OPERATIONS_STORE"):
+        default_location("s3://bucket/results")
+    assert isinstance(open_operation_store("sqlite:/tmp/inferq-test-ops.db"), SqliteOperationStore)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, 0.0),
+        ("wait=5", 5.0),
+        ("respond-async, wait=10", 10.0),
+        ("wait=2.5;foo", 2.5),
+        ("wait=600", 60.0),
+        ("handling=lenient", 0.0),
+        ("wait=abc", 0.0),
+        ("nowait=5", 0.0),
+    ],
+)
+def test_prefer_wait_is_read_as_rfc_7240_says_and_capped(header: str | None, expected: float) -> None:
+    assert prefer_wait_s(header, 60.0) == expected
+
+
+def test_the_digest_covers_what_the_job_asks_for_not_its_id() -> None:
+    tensor = {"name": "X", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}
+    request = InferenceRequest.model_validate({"inputs": [tensor], "parameters": {"b": 1, "a": 2}})
+    reordered = InferenceRequest.model_validate({"inputs": [tensor], "parameters": {"a": 2, "b": 1}})
+    job = Job(id="one", model="iris", version="latest", inputs=request.inputs, parameters=request.parameters)
+    same_under_other_id = job.model_copy(update={"id": "two"})
+    other_version = job.model_copy(update={"version": 2})
+    assert digest(job, request) == digest(same_under_other_id, reordered)
+    assert digest(job, request) != digest(other_version, request)
