@@ -18,6 +18,7 @@ broker confirmed the result's publish.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import queue
 import signal
@@ -50,6 +51,7 @@ log = get_logger(__name__)
 PROCESSING_THREADS = 1
 """Units of work in flight at once. One: measured against two (one computing while the other stores),
 one thread does as well or better under the GIL, with fewer handoffs (see the commit that set it)."""
+GC_THRESHOLD = 50_000
 HOLD_RETRY_S = 1.0
 """How soon a job held for an unreachable model or result store is tried again."""
 SUSPECT_DELIVERIES = 2
@@ -467,6 +469,11 @@ def run_worker(settings: WorkerSettings, *, drain: bool = False) -> Counters:
         drain=drain,
     )
     worker.metrics.watch(worker)
+    # Every job allocates a few short-lived objects and none forms a cycle that matters; the default
+    # thresholds ran a collection every few hundred allocations, ~9 % of a drain's CPU in a profile.
+    # The objects made at start (modules, schemas, sessions) move out of the collector's sight.
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 50, 1000)
     server = start_metrics_server(worker.metrics, worker, settings.metrics_host, settings.metrics_port)
     try:
         counters = worker.run()
