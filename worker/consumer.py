@@ -290,8 +290,11 @@ class Consumer:
         """True when ``delivery`` belongs to the open channel and may still be acked."""
         return delivery.epoch == self._epoch and self._channel is not None and self._channel.is_open
 
-    def publish_result(self, delivery: Delivery, job_id: str, body: bytes, on_confirm: ConfirmCallback) -> None:
-        """Publish a result to the results queue and, when asked, to the job's ``reply_to``."""
+    def publish_result(
+        self, delivery: Delivery, job_id: str, body: bytes, on_confirm: ConfirmCallback, *, routing_key: str
+    ) -> None:
+        """Publish a result to the results exchange under ``routing_key`` (``<model>.<status>``) and,
+        when asked, to the job's ``reply_to``."""
         if not self.is_current(delivery) or self._confirms is None:
             on_confirm(False)
             return
@@ -301,8 +304,10 @@ class Consumer:
             message_id=job_id,
             correlation_id=delivery.correlation_id,
         )
+        # Not mandatory: a result notification nobody is bound to is not an error, the result is stored.
+        exchange = self.settings.results_exchange_name
         if not delivery.reply_to:
-            self._confirms.publish(self.settings.results_queue, body, props, on_confirm)
+            self._confirms.publish(routing_key, body, props, on_confirm, mandatory=False, exchange=exchange)
             return
         waiting = {"count": 2, "ok": True}
 
@@ -312,7 +317,7 @@ class Consumer:
             if waiting["count"] == 0:
                 on_confirm(bool(waiting["ok"]))
 
-        self._confirms.publish(self.settings.results_queue, body, props, both)
+        self._confirms.publish(routing_key, body, props, both, mandatory=False, exchange=exchange)
         # The caller may have gone away: an unroutable reply is not an error, the result is stored.
         self._confirms.publish(delivery.reply_to, body, props, both, mandatory=False)
 

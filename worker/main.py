@@ -39,6 +39,7 @@ from shared.errors import Expired, InferqError
 from shared.logging import get_logger
 from shared.results import ResultStore, open_result_store
 from shared.settings import WorkerSettings
+from shared.topology import result_routing_key
 from worker.acks import AckWindow
 from worker.batcher import Batch, Batcher
 from worker.consumer import Consumer, Delivery
@@ -341,6 +342,7 @@ class Worker:
                     outcome.result.id,
                     outcome.result.to_json(),
                     partial(self._finished, outcome.delivery),
+                    routing_key=result_routing_key(outcome.result),
                 )
             for rejection in done.rejections:
                 self._dead_letter(rejection.delivery, rejection.reason)
