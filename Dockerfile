@@ -13,6 +13,7 @@ COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY model_store ./model_store
 COPY producer ./producer
+COPY operations ./operations
 COPY worker ./worker
 COPY inferq ./inferq
 RUN /opt/inferq/bin/pip install --no-compile . \

@@ -20,14 +20,14 @@ from tqdm import tqdm
 from model_store.base import publish, resolve_version, set_alias
 from model_store.manifest import Manifest
 from model_store.stores import open_model_store
+from operations.dlq import DeadLetter, list_dead_letters, replay
+from operations.status import collect_status, render_status
 from producer.backfill import BackfillPlan, InputSpec, backfill_jobs, read_rows
 from producer.client import Producer, new_job_id
 from producer.collect import ExpectedJob, expected_jobs, write_backfill_output
-from producer.dlq import list_dead_letters, replay
 from producer.export import FORMATS, ExportError, copy_results, export, output_format, read_ids, results_of
-from producer.status import collect_status, render_status
 from shared.codec import describe_validation_error
-from shared.errors import ConfigError, InferqError, InvalidPayload
+from shared.errors import ConfigError, InferqError, InvalidPayload, StoreError
 from shared.logging import configure_logging, redact_text
 from shared.messages import Job, Result, Tensor, VersionRef, parse_version_ref
 from shared.results import ResultStore, open_result_store
@@ -309,7 +309,13 @@ def results() -> None:
 def results_get(job_id: str) -> None:
     """Print the stored result of JOB_ID; exit 1 when there is none."""
     store = open_result_store(_settings(InferqSettings).result_store)
-    click.echo(store.get(job_id).model_dump_json(indent=2))
+    try:
+        result = store.get(job_id)
+    except ValidationError as exc:
+        raise StoreError(
+            f"the stored result of job {job_id!r} is unreadable: {describe_validation_error(exc)}"
+        ) from None
+    click.echo(result.model_dump_json(indent=2))
 
 
 @results.command("export")
@@ -415,8 +421,14 @@ def dlq_replay(job_id: str | None, replay_all: bool) -> None:
     Prints each replayed id as soon as it is safe."""
     if (job_id is None) == (not replay_all):
         raise click.UsageError("give either --id ID or --all")
-    replayed = replay(_settings(OperatorSettings), job_id=job_id, on_replayed=lambda d: _echo_flush(str(d.message_id)))
+    replayed = replay(_settings(OperatorSettings), job_id=job_id, on_replayed=_echo_replayed)
     click.echo(f"replayed {len(replayed)}", err=True)
+
+
+def _echo_replayed(letter: DeadLetter) -> None:
+    # A dead letter without an AMQP message id (published by hand, or a body that was never a job)
+    # is still replayed: say so, with what is known about it, rather than print "None".
+    _echo_flush(letter.message_id or f"(no id: {letter.size_bytes}B, reason {letter.reason})")
 
 
 # -- entry point ---------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 A job is "published" only when the broker confirmed it. A nack (the jobs queue is full and refuses
 publishes) is backpressure: the job is retried with backoff for up to ``publish_retry_s``, then the
-call fails with :class:`PublishError`. A lost connection is re-opened and every unconfirmed job is
-published again, so a confirmed id is never lost and an unconfirmed one is never reported as safe.
+call fails with :class:`PublishError`. A lost connection is re-opened (:mod:`shared.connection`) and
+every unconfirmed job is published again, so a confirmed id is never lost and an unconfirmed one is
+never reported as safe: a call returns only when every job it took was confirmed, and raises otherwise.
 
 The client drives pika's I/O loop in the calling thread for the duration of each call; it is not
 thread-safe (use one client per thread).
@@ -19,29 +20,26 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import pika
 from pika.adapters.select_connection import IOLoop
 from pika.channel import Channel
 from pika.spec import BasicProperties
+from pydantic import ValidationError
 
-from shared.amqp import (
-    CONTENT_TYPE,
-    PERSISTENT,
-    PUBLISHED_MS_HEADER,
-    Backoff,
-    ConfirmTracker,
-    connection_parameters,
-    declare_queues,
-    redacted_url,
-    topology_error,
-)
-from shared.errors import BrokerUnavailable, PublishError
+from shared.amqp import CONTENT_TYPE, PERSISTENT, PUBLISHED_MS_HEADER, Backoff
+from shared.connection import Link, Session
+from shared.errors import InferqError, PublishError, ResultNotFound
 from shared.logging import get_logger
 from shared.messages import Job, Result
+from shared.results import ResultStore, open_result_store
 from shared.settings import ProducerSettings
 from shared.topology import RESENT_HEADER, all_queues
 
 log = get_logger(__name__)
+
+REPLY_QUEUE_PREFIX = "inferq.reply."
+REPLY_QUEUE_GRACE_S = 60.0
+"""How long a reply queue outlives its producer's connection: replies that arrive while it reconnects
+wait there."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +94,7 @@ class _Run:
     retry: deque[_Message] = field(default_factory=deque)
     in_flight: int = 0
     exhausted: bool = False
+    taken: int = 0
     confirmed: int = 0
     error: Exception | None = None
     backoff: Backoff = field(default_factory=lambda: Backoff(base_s=0.05, cap_s=2.0))
@@ -109,19 +108,22 @@ class Producer:
 
     def __init__(self, settings: ProducerSettings, name: str = "inferq-producer") -> None:
         self.settings = settings
-        self._name = name
         self._ioloop = IOLoop()
-        self._connection: pika.SelectConnection | None = None
-        self._channel: Channel | None = None
-        self._confirms: ConfirmTracker | None = None
-        self._reply_queue: str | None = None
-        self._replies: dict[str, Result] = {}
-        self._run: _Run | None = None
+        self._link = Link(settings, name, self._ioloop, self, queues=all_queues(settings))
         self._on_ready: Callable[[], None] = lambda: None
+        self._calling = False
+        self._error: InferqError | None = None
+        self._run: _Run | None = None
+        # One reply queue per producer, under a name that survives reconnects: it is declared again on
+        # every new connection, and the broker deletes it only once it has been unused for a while.
+        self._reply_queue = f"{REPLY_QUEUE_PREFIX}{uuid.uuid4().hex}"
+        self._wants_replies = False
+        self._replies_epoch = 0  # the session consuming the reply queue
+        self._replies: dict[str, Result] = {}
         self._waiting_for: str | None = None
-        self._connect_error: Exception | None = None
-        self._connect_backoff = Backoff()
-        self._connect_deadline = 0.0
+        self._results: ResultStore | None = None
+        self._closed = False
+        self._released = False
 
     def __enter__(self) -> Producer:
         return self
@@ -138,8 +140,9 @@ class Producer:
 
     def publish_many(self, jobs: Iterable[Job | Outgoing], on_confirmed: Callable[[str], None] | None = None) -> int:
         """Publish ``jobs`` with up to ``confirm_window`` unconfirmed at once; ``on_confirmed(id)`` runs
-        for each job as the broker confirms it. Returns how many were confirmed; raises
-        :class:`PublishError` or :class:`BrokerUnavailable` after reporting every job that was."""
+        for each job as the broker confirms it. Returns how many were confirmed, which is every job
+        taken from ``jobs``; raises :class:`PublishError` or :class:`BrokerUnavailable` after reporting
+        every job that was."""
         run = _Run((_message(j) for j in jobs), on_confirmed or (lambda _id: None))
         self._run = run
         try:
@@ -148,140 +151,181 @@ class Producer:
             self._run = None
         if run.error is not None:
             raise run.error
+        if run.confirmed != run.taken or run.in_flight or run.retry:
+            # Every path above should have raised; this is the last line of defence for "exit 0 means
+            # every job was confirmed".
+            raise PublishError(f"{run.taken - run.confirmed} of {run.taken} jobs were not confirmed by the broker")
         return run.confirmed
 
     def request(self, job: Job, timeout_s: float = 30.0) -> Result:
-        """Publish ``job`` with a private ``reply_to`` queue and wait for its result."""
-        self._drive(self._ioloop.stop)  # make sure the channel and the reply queue exist
-        assert self._reply_queue is not None
+        """Publish ``job`` with this producer's ``reply_to`` queue and wait for its result.
+
+        A result that was stored while the connection was down (its reply lost with it) is found in the
+        result store: a timeout is reported only when no result is stored either."""
+        self._wants_replies = True
+        self._drive(lambda: self._with_reply_queue(self._ioloop.stop))
         self.publish(job, reply_to=self._reply_queue, correlation_id=job.id)
-        if job.id not in self._replies:
-            self._waiting_for = job.id
-            timer = self._ioloop.call_later(timeout_s, self._ioloop.stop)
-            try:
-                self._drive(lambda: None)  # runs until the reply arrives or the timer fires
-            finally:
-                self._ioloop.remove_timeout(timer)
-                self._waiting_for = None
-        result = self._replies.pop(job.id, None)
+        result = self._wait_for_reply(job.id, time.monotonic() + timeout_s)
+        if result is None:
+            result = self._stored(job.id)
         if result is None:
             raise TimeoutError(f"no result for job {job.id} within {timeout_s:g}s (it is still queued or running)")
         return result
 
     def close(self) -> None:
         """Close the connection and release the I/O loop; the client cannot be used after."""
-        if self._connection is not None and self._connection.is_open:
-            self._connection.close()
-            self._ioloop.start()  # returns once the close completed (see _on_closed)
-        self._connection = None
+        if self._released:
+            return
+        self._released = True
+        self._closed = False
+        self._link.close()  # calls on_closed at once when there is nothing to close
+        if not self._closed:
+            self._ioloop.start()  # returns once the close completed (see on_closed)
         self._ioloop.close()
 
     # -- the I/O loop -----------------------------------------------------------------------------
 
-    def _drive(self, on_ready: Callable[[], None]) -> None:
-        """Run the I/O loop until the current operation stops it; connect first if needed.
-        ``on_ready`` runs once the channel is usable."""
-        self._connect_error = None
+    def _drive(self, on_ready: Callable[[], None], *, if_open: bool = True) -> None:
+        """Run the I/O loop until the current operation stops it, connecting first if needed.
+        ``on_ready`` runs once a session is usable: at once if one is open (unless ``if_open`` is false),
+        and again after every reconnect."""
+        self._error = None
         self._on_ready = on_ready
-        if self._channel is not None and self._channel.is_open:
-            self._ioloop.call_later(0, on_ready)
-        elif self._connection is None or self._connection.is_closed:
-            self._connect_deadline = time.monotonic() + self.settings.connect_timeout_s
-            self._connect()
-        self._ioloop.start()
-        if self._connect_error is not None:
-            raise self._connect_error
+        if self._link.session is None:
+            self._link.open()
+        elif if_open:
+            self._ioloop.call_later(0, self._ready_again)
+        self._calling = True
+        try:
+            self._ioloop.start()
+        finally:
+            self._calling = False
+        if self._error is not None:
+            raise self._error
 
-    def _connect(self) -> None:
-        self._connection = pika.SelectConnection(
-            connection_parameters(self.settings, self._name),
-            on_open_callback=lambda c: c.channel(on_open_callback=self._on_channel_open),
-            on_open_error_callback=self._on_open_error,
-            on_close_callback=self._on_closed,
-            custom_ioloop=self._ioloop,
+    def _ready_again(self) -> None:
+        if self._link.session is not None:  # else the next session calls it
+            self._on_ready()
+
+    # Link handler: the connection layer's events, on the I/O loop.
+
+    def on_ready(self, _session: Session) -> None:
+        """A new session: resend what was unconfirmed, consume replies again, go on with the call."""
+        if self._wants_replies:
+            self._with_reply_queue(self._on_ready)
+        else:
+            self._on_ready()
+
+    def on_lost(self, reason: str) -> bool:
+        """Reconnect while a call is under way; a call that has failed anyway ends instead."""
+        run = self._run
+        if run is not None and run.error is not None:
+            self._stop_if_done(run)
+            return False
+        return self._calling
+
+    def on_failed(self, error: InferqError) -> None:
+        """No broker (or a permanent refusal): the call fails with ``error``."""
+        self._error = error
+        if self._run is not None and self._run.error is None:
+            self._run.error = error
+        self._ioloop.stop()
+
+    def on_closed(self) -> None:
+        """The connection is closed."""
+        self._closed = True
+        self._ioloop.stop()
+
+    # -- replies ----------------------------------------------------------------------------------
+
+    def _with_reply_queue(self, then: Callable[[], None]) -> None:
+        """Make sure this session consumes the reply queue, then call ``then``."""
+        session = self._link.session
+        if session is None:
+            return  # the next session comes back here
+        if self._replies_epoch == session.epoch:
+            then()
+            return
+
+        def consume(_frame: Any) -> None:
+            self._replies_epoch = session.epoch
+            session.channel.basic_consume(self._reply_queue, self._on_reply, auto_ack=True)
+            then()
+
+        grace_ms = int((self.settings.connect_timeout_s + REPLY_QUEUE_GRACE_S) * 1000)
+        session.channel.queue_declare(
+            self._reply_queue,
+            durable=False,
+            arguments={"x-queue-type": "classic", "x-expires": grace_ms},
+            callback=consume,
         )
 
-    def _on_open_error(self, _connection: Any, error: BaseException) -> None:
-        if time.monotonic() >= self._connect_deadline:
-            url = redacted_url(self.settings.amqp_url.get_secret_value())
-            self._connect_error = BrokerUnavailable(
-                f"cannot reach the broker at {url} within {self.settings.connect_timeout_s:g}s ({error})"
-            )
-            self._fail(self._connect_error)
-            return
-        delay = self._connect_backoff.next_delay()
-        log.warning("broker_unavailable", reason=str(error), retry_in_s=round(delay, 2))
-        self._ioloop.call_later(delay, self._connect)
-
-    def _on_closed(self, _connection: Any, reason: BaseException) -> None:
-        confirms = self._confirms
-        self._channel = self._confirms = self._reply_queue = None
-        if confirms is not None:
-            confirms.fail_all()  # unconfirmed publishes go back to the retry queue
-        failed = self._run is not None and self._run.error is not None
-        if failed or (self._run is None and self._waiting_for is None):
-            self._ioloop.stop()  # an orderly close, or a drop while idle: reconnect on next use
-            return
-        # Dropped mid-call: publishes in flight were not confirmed; they are resent after reconnecting.
-        log.warning("broker_connection_lost", reason=str(reason))
-        self._connect_deadline = time.monotonic() + self.settings.connect_timeout_s
-        self._ioloop.call_later(self._connect_backoff.next_delay(), self._connect)
-
-    def _on_channel_open(self, channel: Channel) -> None:
-        self._connect_backoff.reset()
-        self._channel = channel
-        channel.add_on_close_callback(self._on_channel_closed)
-        self._confirms = ConfirmTracker(channel)
-        declare_queues(channel, all_queues(self.settings), self._declare_reply_queue)
-
-    def _on_channel_closed(self, _channel: Channel, reason: BaseException) -> None:
-        if self._connection is None or not self._connection.is_open:
-            return  # the connection's close handler takes it from here
-        # A channel error is the broker refusing something for good (a queue declared with other
-        # arguments, a publish to a queue we may not use): fail the call rather than retry forever.
-        self._connect_error = topology_error(reason) or PublishError(f"the broker closed the channel: {reason}")
-        self._fail(self._connect_error)
-        self._waiting_for = None
-        self._connection.close()
-
-    def _declare_reply_queue(self) -> None:
-        assert self._channel is not None
-        self._channel.queue_declare("", exclusive=True, auto_delete=True, callback=self._on_reply_queue)
-
-    def _on_reply_queue(self, frame: Any) -> None:
-        assert self._channel is not None
-        self._reply_queue = frame.method.queue
-        self._channel.basic_consume(self._reply_queue, self._on_reply, auto_ack=True)
-        self._on_ready()
-
     def _on_reply(self, _ch: Channel, _method: Any, props: BasicProperties, body: bytes) -> None:
-        result = Result.model_validate_json(body)
+        try:
+            result = Result.model_validate_json(body)
+        except ValidationError as exc:
+            # NOTE: raising here would drop the connection; the store still has the result.
+            log.warning("reply_unreadable", correlation_id=props.correlation_id, error=str(exc).splitlines()[0])
+            return
         self._replies[props.correlation_id or result.id] = result
         if self._waiting_for in self._replies:
             self._ioloop.stop()
 
-    def _fail(self, error: Exception) -> None:
-        if self._run is not None and self._run.error is None:
-            self._run.error = error
-        self._ioloop.stop()
+    def _wait_for_reply(self, job_id: str, deadline: float) -> Result | None:
+        """Run the loop until the reply arrives or ``deadline``; after each reconnect, look in the result
+        store (a reply sent while the connection was down is lost, the stored result is not)."""
+        while job_id not in self._replies:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            epoch = self._link.epoch
+            self._waiting_for = job_id
+            timer = self._ioloop.call_later(remaining, self._ioloop.stop)
+            try:
+                # A new session stops the loop: the store is read here, never on the I/O loop.
+                self._drive(self._ioloop.stop, if_open=False)
+            finally:
+                self._ioloop.remove_timeout(timer)
+                self._waiting_for = None
+            if self._link.epoch != epoch and job_id not in self._replies:
+                stored = self._stored(job_id)
+                if stored is not None:
+                    return stored
+        return self._replies.pop(job_id)
+
+    def _stored(self, job_id: str) -> Result | None:
+        """The result of ``job_id`` from the result store, or ``None`` when it has none (or cannot say)."""
+        try:
+            if self._results is None:
+                self._results = open_result_store(self.settings.result_store)
+            return self._results.get(job_id)
+        except ResultNotFound:
+            return None
+        except (InferqError, OSError, ValueError) as exc:
+            log.warning("result_store_unreadable", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
+            return None
 
     # -- publishing with a window of confirms -------------------------------------------------------
 
     def _pump(self) -> None:
         run = self._run
-        if run is None or self._confirms is None:
+        session = self._link.session
+        if run is None or session is None:
             return
         while run.error is None and run.in_flight < self.settings.confirm_window:
             message = self._next_message(run)
             if message is None:
                 break
             run.in_flight += 1
-            self._confirms.publish(
+            session.confirms.publish(
                 self.settings.jobs_queue,
                 message.body,
                 message.properties(),
                 partial(self._on_confirm, message),
             )
+        self._stop_if_done(run)
+
+    def _stop_if_done(self, run: _Run) -> None:
         if run.done():
             self._ioloop.stop()
 
@@ -291,18 +335,31 @@ class Producer:
         if run.exhausted:
             return None
         try:
-            return next(run.source)
+            message = next(run.source)
         except StopIteration:
             run.exhausted = True
+            return None
         except Exception as exc:  # the caller's iterator failed (e.g. a bad input line): stop, and say so
             run.error = exc
-        return None
+            return None
+        run.taken += 1
+        return message
 
     def _on_confirm(self, message: _Message, ok: bool) -> None:
         run = self._run
         if run is None:
             return
         run.in_flight -= 1
+        try:
+            self._settle(run, message, ok)
+        except Exception as exc:
+            # NOTE: an exception escaping into pika drops the connection, and with it the job in hand.
+            # Keep the job (it is retried unless the call fails) and fail the call loudly instead.
+            run.retry.append(message)
+            run.error = run.error or exc
+        self._pump()
+
+    def _settle(self, run: _Run, message: _Message, ok: bool) -> None:
         if ok:
             run.confirmed += 1
             run.backoff.reset()
@@ -310,26 +367,27 @@ class Producer:
                 run.on_confirmed(message.job_id)
             except Exception as exc:  # e.g. stdout closed under `inferq submit | head`
                 run.error = run.error or exc
-        elif self._channel is None:
+        elif self._link.session is None:
             # The connection dropped before the broker answered: the job may or may not be queued.
             # Resend it, marked, so a worker looks for a stored result before running it twice.
             message.resent = True
             run.retry.append(message)
         else:
             self._backpressure(run, message)
-        self._pump()
 
     def _backpressure(self, run: _Run, message: _Message) -> None:
         now = time.monotonic()
         message.first_nack_at = message.first_nack_at or now
         if now - message.first_nack_at > self.settings.publish_retry_s:
+            run.retry.append(message)  # never confirmed: the call fails and says so
             run.error = PublishError(
                 f"broker kept refusing job {message.job_id} for {self.settings.publish_retry_s:g}s "
                 f"(queue {self.settings.jobs_queue} full?)"
             )
             return
+        if run.backoff.attempt == 0:  # once per spell of refusals, not once per refused job
+            log.warning("publish_refused_retrying", job_id=message.job_id, queue=self.settings.jobs_queue)
         delay = run.backoff.next_delay()
-        log.warning("publish_refused_retrying", job_id=message.job_id, retry_in_s=round(delay, 2))
         run.in_flight += 1  # hold the slot until the retry is queued
 
         def requeue() -> None:

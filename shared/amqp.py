@@ -13,8 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pika
 from pika.channel import Channel
 
-from shared.errors import ConfigError
-from shared.settings import InferqSettings
+from shared.errors import BrokerRefused
 from shared.topology import ALL_RESULTS, QueueSpec
 
 PRECONDITION_FAILED = 406
@@ -35,28 +34,23 @@ def redacted_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def connection_parameters(settings: InferqSettings, name: str) -> pika.URLParameters:
-    """Parameters for a connection named ``name`` (shown in the management UI)."""
-    params = pika.URLParameters(settings.amqp_url.get_secret_value())
-    params.heartbeat = settings.heartbeat_s
-    params.blocked_connection_timeout = 300
-    params.connection_attempts = 1
-    params.socket_timeout = 10
-    params.client_properties = {"connection_name": name}
-    return params
+MAX_BACKOFF_EXPONENT = 60
+"""``2**60`` times any sane base is far past any cap; a larger exponent would only overflow a float."""
 
 
 @dataclass(slots=True)
 class Backoff:
-    """Capped exponential backoff with full jitter."""
+    """Capped exponential backoff with jitter (between half and all of the capped delay)."""
 
     base_s: float = 0.2
     cap_s: float = 10.0
     attempt: int = 0
 
     def next_delay(self) -> float:
-        """The delay before the next attempt."""
-        delay = min(self.cap_s, self.base_s * 2**self.attempt)
+        """The delay before the next attempt; never above ``cap_s``, whatever the attempt count."""
+        # NOTE: `2**attempt` is an int; past ~1,000 attempts the product no longer fits a float
+        # (OverflowError). Clamp the exponent instead of the result.
+        delay = min(self.cap_s, self.base_s * 2.0 ** min(self.attempt, MAX_BACKOFF_EXPONENT))
         self.attempt += 1
         return random.uniform(delay / 2, delay)
 
@@ -114,6 +108,7 @@ class ConfirmTracker:
             # Pending tags are in publish order: stop at the first one above the ack, instead of
             # scanning every publish in flight on each of the broker's many acks.
             tags = list(itertools.takewhile(lambda t: t <= method.delivery_tag, self._pending))
+        answers = []
         for tag in tags:
             entry = self._pending.pop(tag, None)
             if entry is None:
@@ -122,13 +117,26 @@ class ConfirmTracker:
             returned = message_id is not None and message_id in self._returned
             if returned:
                 self._returned.discard(message_id)
-            callback(acked and not returned)
+            answers.append((callback, acked and not returned))
+        _answer_all(answers)
 
     def fail_all(self) -> None:
         """The channel is gone: every unconfirmed publish counts as refused."""
         pending, self._pending = self._pending, OrderedDict()
-        for _message_id, callback in pending.values():
-            callback(False)
+        _answer_all([(callback, False) for _message_id, callback in pending.values()])
+
+
+def _answer_all(answers: list[tuple[ConfirmCallback, bool]]) -> None:
+    """Run every callback even if one raises: a publish taken off the pending list and never answered
+    would be lost without a trace. The first error is raised once all have run."""
+    first: Exception | None = None
+    for callback, ok in answers:
+        try:
+            callback(ok)
+        except Exception as exc:
+            first = first or exc
+    if first is not None:
+        raise first
 
 
 def forwarded_properties(original: pika.BasicProperties, headers: dict[str, Any]) -> pika.BasicProperties:
@@ -144,11 +152,11 @@ def forwarded_properties(original: pika.BasicProperties, headers: dict[str, Any]
     )
 
 
-def topology_error(reason: BaseException) -> ConfigError | None:
+def topology_error(reason: BaseException) -> BrokerRefused | None:
     """A channel closed because a queue exists with other arguments: a configuration error that no
     retry will fix (returns ``None`` for any other reason)."""
     if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and reason.reply_code == PRECONDITION_FAILED:
-        return ConfigError(
+        return BrokerRefused(
             f"the broker refused our queue declaration ({reason.reply_text}); delete the queue or set the "
             "INFERQ_* settings it was declared with (e.g. INFERQ_MAX_DELIVERIES, INFERQ_MAX_QUEUE_LENGTH)"
         )

@@ -90,6 +90,15 @@ class BrokerUnavailable(InferqError):
     """The broker could not be reached within the connect timeout."""
 
 
+class BrokerRefused(ConfigError):
+    """The broker refused us for good (wrong credentials, unknown or forbidden virtual host, a queue
+    declared with other arguments): retrying cannot help, so it fails at once as a configuration error."""
+
+
+class ManagementUnavailable(InferqError):
+    """The RabbitMQ management API did not answer usefully."""
+
+
 class PublishError(InferqError):
     """The broker refused a publish (nacked, or returned it as unroutable)."""
 

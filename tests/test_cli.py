@@ -146,7 +146,7 @@ def test_worker_logs_never_show_the_amqp_password(iris_store: Env) -> None:
 
 def test_queues_declared_with_other_arguments_stop_the_worker_with_one_line(iris_store: Env) -> None:
     iris_store.publish_raw(dumps(job_dict()))  # declares the queues with the default delivery limit (5)
-    done = iris_store.inferq("worker", "--drain", INFERQ_MAX_DELIVERIES="3")
+    done = iris_store.inferq("worker", "--drain", INFERQ_MAX_DELIVERIES="3", INFERQ_LOG_LEVEL="debug")
     assert done.returncode == 2
     last = done.stderr.splitlines()[-1]
     assert last.startswith("inferq: error: the broker refused our queue declaration")

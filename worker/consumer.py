@@ -1,8 +1,9 @@
 """pika, and only pika: the worker's connection, channel, consumer, confirmed publishes and acks.
 
 Everything here runs on the I/O loop's thread (STYLE §8): other threads reach it through
-:meth:`Consumer.call_threadsafe`. A lost connection is re-opened with capped backoff; delivery tags
-belong to one connection *epoch*, and a tag from an older epoch is never acked.
+:meth:`Consumer.call_threadsafe`. Connecting, reconnecting and declaring the queues are the connection
+layer's (:mod:`shared.connection`); delivery tags belong to one connection *epoch*, and a tag from an
+older epoch is never acked.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import pika
 from pika.adapters.select_connection import IOLoop
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
@@ -21,16 +21,12 @@ from shared.amqp import (
     CONTENT_TYPE,
     PERSISTENT,
     PUBLISHED_MS_HEADER,
-    Backoff,
     ConfirmCallback,
     ConfirmTracker,
-    connection_parameters,
-    declare_queues,
     forwarded_properties,
-    redacted_url,
-    topology_error,
 )
-from shared.errors import BrokerUnavailable
+from shared.connection import Link, Session
+from shared.errors import InferqError
 from shared.logging import get_logger
 from shared.settings import WorkerSettings
 from shared.topology import REASON_HEADER, RESENT_HEADER, all_queues, jobs_queue, retry_queue
@@ -98,16 +94,13 @@ class Consumer:
     def __init__(self, settings: WorkerSettings, handler: DeliveryHandler, name: str) -> None:
         self.settings = settings
         self._handler = handler
-        self._name = name
         self._ioloop = IOLoop()
-        self._connection: pika.SelectConnection | None = None
+        # A worker is a service: once connected, it reconnects until stopped (shared/connection.py).
+        self._link = Link(settings, name, self._ioloop, self, queues=all_queues(settings), reconnect_forever=True)
         self._channel: Channel | None = None
         self._confirms: ConfirmTracker | None = None
         self._consumer_tags: list[str] = []
         self._epoch = 0
-        self._backoff = Backoff()
-        self._connected_once = False
-        self._connect_deadline = 0.0
         self._stopping = False
         self._wanted = True  # consume whenever a channel is up; false after cancel() until resume()
         self.failure: BaseException | None = None
@@ -116,8 +109,7 @@ class Consumer:
 
     def run(self) -> None:
         """Connect and serve until :meth:`stop`; raises :class:`BrokerUnavailable` if never connected."""
-        self._connect_deadline = time.monotonic() + self.settings.connect_timeout_s
-        self._connect()
+        self._link.open()
         try:
             self._ioloop.start()
         finally:
@@ -128,15 +120,13 @@ class Consumer:
     def stop(self) -> None:
         """Close the connection (unacked deliveries return to the queue) and leave the I/O loop."""
         self._stopping = True
-        connection, channel = self._connection, self._channel
-        if connection is None or not connection.is_open:
-            self._ioloop.stop()
-        elif channel is not None and channel.is_open:
+        channel = self._channel
+        if channel is not None and channel.is_open:
             # NOTE: a synchronous round trip first, so the broker has taken every ack we sent before
             # the channel closes (closing returns whatever it still counts as unacked to the queue).
-            channel.basic_qos(prefetch_count=self.settings.prefetch, callback=lambda _frame: connection.close())
+            channel.basic_qos(prefetch_count=self.settings.prefetch, callback=lambda _frame: self._link.close())
         else:
-            connection.close()
+            self._link.close()
 
     @property
     def epoch(self) -> int:
@@ -148,73 +138,39 @@ class Consumer:
         """True while a channel is open and consuming."""
         return self._channel is not None and self._channel.is_open and bool(self._consumer_tags)
 
-    def _connect(self) -> None:
-        url = redacted_url(self.settings.amqp_url.get_secret_value())
-        log.info("broker_connecting", url=url, attempt=self._backoff.attempt + 1)
-        self._connection = pika.SelectConnection(
-            connection_parameters(self.settings, self._name),
-            on_open_callback=self._on_connection_open,
-            on_open_error_callback=self._on_connection_open_error,
-            on_close_callback=self._on_connection_closed,
-            custom_ioloop=self._ioloop,
-        )
+    # Link handler: the connection layer's events.
 
-    def _on_connection_open(self, connection: pika.SelectConnection) -> None:
-        self._connected_once = True
-        self._backoff.reset()
-        connection.channel(on_open_callback=self._on_channel_open)
+    def on_ready(self, session: Session) -> None:
+        """A new session: consume again (unless stopping)."""
+        self._epoch = session.epoch
+        self._channel, self._confirms = session.channel, session.confirms
+        if self._stopping:
+            self._link.close()
+            return
+        self._on_queues_declared()
 
-    def _on_connection_open_error(self, _connection: Any, error: BaseException) -> None:
-        self._retry_connect(f"{type(error).__name__}: {error}")
-
-    def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
+    def on_lost(self, reason: str) -> bool:
+        """Every unacked delivery will be redelivered; reconnect unless stopping."""
+        # Tags of the lost session are dead: its channel is gone, and the next session has a new epoch.
         self._channel = self._confirms = None
         self._consumer_tags = []
-        self._epoch += 1
         if self._stopping:
             self._ioloop.stop()
-            return
-        log.warning("broker_connection_lost", reason=str(reason))
+            return False
         self._handler.on_connection_lost()
-        self._retry_connect(str(reason))
+        return True
 
-    def _retry_connect(self, reason: str) -> None:
-        if self._stopping:
-            self._ioloop.stop()
-            return
-        # Before the first success the wait is bounded; a connection we had is retried until stopped.
-        if not self._connected_once and time.monotonic() >= self._connect_deadline:
-            url = redacted_url(self.settings.amqp_url.get_secret_value())
-            self.failure = BrokerUnavailable(
-                f"cannot reach the broker at {url} within {self.settings.connect_timeout_s:g}s ({reason})"
-            )
-            self._ioloop.stop()
-            return
-        delay = self._backoff.next_delay()
-        log.warning("broker_unavailable", reason=reason, retry_in_s=round(delay, 2))
-        self._ioloop.call_later(delay, self._connect)
+    def on_failed(self, error: InferqError) -> None:
+        """No broker within the connect timeout, or a permanent refusal: the worker exits with it."""
+        self.failure = error
+        self._stopping = True
+        self._ioloop.stop()
 
-    def _on_channel_open(self, channel: Channel) -> None:
-        self._channel = channel
-        channel.add_on_close_callback(self._on_channel_closed)
-        self._confirms = ConfirmTracker(channel)
-        declare_queues(channel, all_queues(self.settings), self._on_queues_declared)
-
-    def _on_channel_closed(self, _channel: Channel, reason: BaseException) -> None:
-        if self._confirms is not None:
-            self._confirms.fail_all()
-        if self._stopping or self._connection is None or not self._connection.is_open:
-            return
-        fatal = topology_error(reason)
-        if fatal is not None:
-            self.failure = fatal
-            self._stopping = True
-            self._connection.close()
-            return
-        # A channel-level error (e.g. a queue declared with other arguments) is fatal for this
-        # connection: close it, and the reconnect path starts over.
-        log.error("broker_channel_closed", reason=str(reason))
-        self._connection.close()
+    def on_closed(self) -> None:
+        """Closed after :meth:`stop`."""
+        self._channel = self._confirms = None
+        self._consumer_tags = []
+        self._ioloop.stop()
 
     def _on_queues_declared(self) -> None:
         # NOTE: after a reconnect, consume again only if the worker still wants jobs: a stop (or a

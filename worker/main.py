@@ -213,6 +213,8 @@ class Worker:
     # -- drain mode -------------------------------------------------------------------------------
 
     def on_consuming(self) -> None:
+        if self._acks.epoch != self.consumer.epoch:
+            self._acks.reset(self.consumer.epoch)  # a new channel: its tags start over
         if self.drain is not None:
             self.drain.consuming()
             self.consumer.call_later(self.settings.drain_poll_ms / 1000, self._drain_tick)
@@ -413,7 +415,7 @@ class Worker:
         # Every unacked delivery returns to the queue; whatever was stored is republished from the
         # store when it comes back (redelivered jobs look there first). Work at the processing thread
         # finishes, and its publishes are refused as stale.
-        self._acks.reset(self.consumer.epoch)
+        self._acks.reset(epoch=-1)  # no channel: nothing may be acked until the next one consumes
         if self.drain is not None and not self._stopping.is_set():
             self.consumer.resume()  # a drain's cancel does not outlive its channel; a stop's does
         if self._ack_timer is not None:

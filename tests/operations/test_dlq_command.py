@@ -10,7 +10,7 @@ import pika
 import pytest
 
 from inferq.cli import _run, cli
-from producer.dlq import REPLAYED_HEADER
+from operations.dlq import REPLAYED_HEADER
 from shared.settings import InferqSettings
 from shared.topology import REASON_HEADER, all_queues
 

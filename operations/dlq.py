@@ -21,8 +21,8 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import BasicProperties
 
-from producer.status import open_blocking
 from shared.amqp import PUBLISHED_MS_HEADER, forwarded_properties
+from shared.connection import open_blocking
 from shared.errors import BrokerUnavailable, DeadLetterNotFound, PublishError
 from shared.settings import OperatorSettings
 from shared.topology import REASON_HEADER
@@ -77,19 +77,21 @@ def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def _model(body: bytes) -> str | None:
+def _body_field(body: bytes, name: str) -> str | None:
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    model = value.get("model") if isinstance(value, dict) else None
-    return model if isinstance(model, str) else None
+    field = value.get(name) if isinstance(value, dict) else None
+    return field if isinstance(field, str) and field else None
 
 
 def describe(properties: BasicProperties, body: bytes) -> DeadLetter:
-    """What an operator needs to know about one dead letter."""
+    """What an operator needs to know about one dead letter; its id from the AMQP message id or, failing
+    that, from the body."""
     reason, source = _reason(dict(properties.headers or {}))
-    return DeadLetter(properties.message_id, reason, source, len(body), _model(body))
+    message_id = properties.message_id or _body_field(body, "id")
+    return DeadLetter(message_id, reason, source, len(body), _body_field(body, "model"))
 
 
 @contextmanager
@@ -143,9 +145,9 @@ def replay(
     with _dlq_channel(settings, "inferq-dlq-replay") as (channel, total):
         channel.confirm_delivery()
         for tag, properties, body in _taken(channel, settings.dlq_queue, total):
-            if job_id is not None and properties.message_id != job_id:
-                continue  # held unacked until the end, then handed back
             letter = describe(properties, body)
+            if job_id is not None and letter.message_id != job_id:
+                continue  # held unacked until the end, then handed back
             _republish(channel, settings.jobs_queue, properties, body)
             channel.basic_ack(tag)
             replayed.append(letter)

@@ -18,9 +18,11 @@ import pika
 import pika.exceptions
 
 from model_store.stores import open_model_store
-from shared.amqp import connection_parameters, redacted_url
-from shared.errors import BrokerUnavailable, InferqError
+from shared.amqp import redacted_url
+from shared.connection import open_blocking
+from shared.errors import InferqError, ManagementUnavailable
 from shared.settings import OperatorSettings
+from shared.topology import retry_queue
 
 Source = Literal["management", "amqp"]
 
@@ -63,7 +65,12 @@ class Status:
 
 def queue_roles(settings: OperatorSettings) -> list[tuple[str, str]]:
     """``(role, queue name)`` of every queue inferq owns."""
-    return [("jobs", settings.jobs_queue), ("results", settings.results_queue), ("dlq", settings.dlq_queue)]
+    return [
+        ("jobs", settings.jobs_queue),
+        ("retry", retry_queue(settings).name),
+        ("results", settings.results_queue),
+        ("dlq", settings.dlq_queue),
+    ]
 
 
 def collect_status(settings: OperatorSettings) -> Status:
@@ -81,10 +88,6 @@ def collect_status(settings: OperatorSettings) -> Status:
 
 
 # -- management API -------------------------------------------------------------------------------
-
-
-class ManagementUnavailable(Exception):
-    """The management API did not answer usefully; AMQP is asked instead."""
 
 
 def management_base_url(settings: OperatorSettings) -> str:
@@ -138,15 +141,6 @@ def _count(value: Any) -> int | None:
 
 
 # -- AMQP fallback --------------------------------------------------------------------------------
-
-
-def open_blocking(settings: OperatorSettings, name: str) -> pika.BlockingConnection:
-    """A short-lived blocking connection for an operator command; one clear error when it fails."""
-    try:
-        return pika.BlockingConnection(connection_parameters(settings, name))
-    except pika.exceptions.AMQPError as exc:
-        url = redacted_url(settings.amqp_url.get_secret_value())
-        raise BrokerUnavailable(f"cannot reach the broker at {url} ({type(exc).__name__}: {exc})") from None
 
 
 def _amqp_queues(settings: OperatorSettings, roles: list[tuple[str, str]]) -> list[QueueStatus]:
