@@ -213,8 +213,6 @@ class Worker:
     # -- drain mode -------------------------------------------------------------------------------
 
     def on_consuming(self) -> None:
-        if self._acks.epoch != self.consumer.epoch:
-            self._acks.reset(self.consumer.epoch)  # a new channel: its tags start over
         if self.drain is not None:
             self.drain.consuming()
             self.consumer.call_later(self.settings.drain_poll_ms / 1000, self._drain_tick)
@@ -250,6 +248,8 @@ class Worker:
         self.counters.received += 1
         if self.counters.first_job_at is None:
             self.counters.first_job_at = time.time()
+        if delivery.epoch != self._acks.epoch:
+            self._acks.reset(delivery.epoch)  # the first delivery of a new channel: its tags start over
         self._acks.received(delivery.epoch, delivery.tag)
         if delivery.delivery_count >= SUSPECT_DELIVERIES and not delivery.suspect:
             # In flight at two crashes: perhaps it causes them. It moves to the retry queue and runs
