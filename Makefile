@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	scripts/ensure-python.sh $(PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --quiet -e '.[dev,monitor]'
 	touch $(STAMP)
 
 env: $(STAMP)
@@ -49,7 +49,7 @@ format: env
 
 # The bench extra (matplotlib, psutil) is installed only for the benchmark.
 $(BENCH_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/pip install --quiet --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet --quiet -e '.[dev,monitor,bench]'
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP) broker

@@ -73,17 +73,39 @@ def models() -> None:
 @click.option("--version", "version", type=click.IntRange(min=1), help="Version number (default: next).")
 @click.option("--alias", help="Point this alias at the new version.")
 @click.option("--n-features", type=click.IntRange(min=1), help="Input width, for estimators that do not record it.")
-def models_publish(name: str, path: Path, version: int | None, alias: str | None, n_features: int | None) -> None:
+@click.option(
+    "--reference",
+    "reference_path",
+    type=click.Path(path_type=Path),
+    help="Training inputs (.csv with a header, .jsonl rows or .npy): the distribution drift is measured against.",
+)
+@click.option("--feature-names", help="Comma-separated feature names for --reference (default: the CSV header).")
+def models_publish(
+    name: str,
+    path: Path,
+    version: int | None,
+    alias: str | None,
+    n_features: int | None,
+    reference_path: Path | None,
+    feature_names: str | None,
+) -> None:
     """Publish PATH (.onnx, or a pickled/joblib scikit-learn estimator, converted with skl2onnx)."""
     # scikit-learn and skl2onnx take seconds to import: only this command needs them.
     from model_store.export import framework_versions, load_model_file  # noqa: PLC0415
+    from model_store.reference import read_reference_data  # noqa: PLC0415
 
     settings = _settings(InferqSettings)
+    names = [n.strip() for n in feature_names.split(",")] if feature_names else None
+    reference = read_reference_data(reference_path, names) if reference_path is not None else None
     data, source = load_model_file(path, n_features)
     framework = framework_versions() if source.startswith("sklearn:") else {}
     store = open_model_store(settings.model_store)
-    manifest = publish(store, name, data, version=version, alias=alias, source=source, framework=framework)
+    manifest = publish(
+        store, name, data, version=version, alias=alias, source=source, framework=framework, reference=reference
+    )
     suffix = f" (alias {alias})" if alias else ""
+    if manifest.reference is not None:
+        suffix += f", reference of {manifest.reference.rows} rows"
     click.echo(f"published {manifest.name} version {manifest.version} sha256 {manifest.sha256[:12]}{suffix}")
 
 
@@ -429,6 +451,56 @@ def _echo_replayed(letter: DeadLetter) -> None:
     # A dead letter without an AMQP message id (published by hand, or a body that was never a job)
     # is still replayed: say so, with what is known about it, rather than print "None".
     _echo_flush(letter.message_id or f"(no id: {letter.size_bytes}B, reason {letter.reason})")
+
+
+# -- monitoring ----------------------------------------------------------------------------------
+
+
+@cli.group()
+def monitor() -> None:
+    """Drift of live inputs and outputs against each version's reference."""
+
+
+@monitor.command("drift")
+@click.argument("model")
+@click.option("--version", "version", default="latest", show_default=True, help="Version number or alias.")
+@click.option("--since", help="Only windows that started this long ago or later: 30m, 1h, 7d (default: all).")
+@click.option("--min-rows", default=1000, show_default=True, type=click.IntRange(min=1), help="Fewer: insufficient.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Draw reference and live shares per feature (PNG).")
+def monitor_drift(model: str, version: str, since: str | None, min_rows: int, as_json: bool, plot: Path | None) -> None:
+    """PSI, Jensen-Shannon distance, chi-square p-value and a status per feature and output of MODEL.
+
+    Exits 0 whether or not drift is found."""
+    from operations.drift import drift_report, parse_since, plot_drift, render_drift  # noqa: PLC0415
+    from shared.monitor_store import open_monitor_store  # noqa: PLC0415
+
+    try:
+        since_s = parse_since(since) if since is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    settings = _settings(InferqSettings)
+    monitor_store = open_monitor_store(settings.result_store)
+    try:
+        report = drift_report(
+            open_model_store(settings.model_store),
+            monitor_store,
+            model,
+            _version(version),
+            since_s=since_s,
+            min_rows=min_rows,
+        )
+    finally:
+        monitor_store.close()
+    if plot is not None:
+        try:
+            plot_drift(report, plot)
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib: pip install 'inferq[monitor]'") from None
+    if as_json:
+        click.echo(orjson.dumps(report.to_dict()).decode())
+    else:
+        click.echo("\n".join(render_drift(report)))
 
 
 # -- entry point ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import onnx
 from onnx import helper
 from pydantic import BaseModel, ConfigDict, Field
 
+from model_store.reference import Reference
 from shared.errors import ModelLoadError
 from shared.messages import DATATYPE_OF_NUMPY, Datatype
 
@@ -42,6 +43,8 @@ class Manifest(BaseModel):
     framework: dict[str, str]
     source: str
     created_at: datetime
+    reference: Reference | None = None
+    """Bins and shares of the training inputs and outputs (``publish --reference``): what drift is measured against."""
 
 
 def sha256_hex(data: bytes) -> str:

@@ -79,6 +79,10 @@ class WorkerSettings(InferqSettings):
     job_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     broker_consumer_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
     shutdown_grace_s: Annotated[float, Field(gt=0)] = 25.0
+    monitor: bool = True
+    """Count inputs and outputs of versions published with a reference (drift); false turns it off."""
+    monitor_window_s: Annotated[int, Field(ge=1, le=86_400)] = 60
+    """Length of the tumbling windows drift counts are written in."""
     ort_providers: str = "CPUExecutionProvider"
     """onnxruntime execution providers in order of preference, comma-separated, e.g.
     ``CUDAExecutionProvider,CPUExecutionProvider`` where onnxruntime-gpu is installed."""

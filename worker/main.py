@@ -37,6 +37,7 @@ from model_store.stores import open_model_store
 from shared.codec import Rejected, Undecodable, decode_job
 from shared.errors import Expired, InferqError
 from shared.logging import get_logger
+from shared.monitor_store import open_monitor_store
 from shared.results import ResultStore, open_result_store
 from shared.settings import WorkerSettings
 from shared.topology import result_routing_key
@@ -45,6 +46,7 @@ from worker.batcher import Batch, Batcher
 from worker.consumer import Consumer, Delivery
 from worker.drain import DrainDetector, Step
 from worker.metrics import MeteredRegistry, WorkerMetrics, start_metrics_server
+from worker.monitor import Monitor
 from worker.processor import ModelKey, Outcome, Pending, Processed, Processor
 from worker.runner import Limits, LoadedModel, Watchdog, check_providers, load_model
 
@@ -122,6 +124,7 @@ class Worker:
         *,
         drain: bool,
         metrics: WorkerMetrics | None = None,
+        monitor: Monitor | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics if metrics is not None else WorkerMetrics()
@@ -134,7 +137,7 @@ class Worker:
         limits = Limits(settings.max_rows_per_job, settings.max_elements_per_tensor)
         watchdog = Watchdog(settings.job_timeout_s)
         self.processor = Processor(
-            registry, store, limits, self.name, self._stopping, settings.store_retry_max_s, watchdog
+            registry, store, limits, self.name, self._stopping, settings.store_retry_max_s, watchdog, monitor
         )
         self._batcher: Batcher[ModelKey, Pending] = Batcher(
             settings.max_batch_rows, settings.max_wait_ms, time.monotonic
@@ -157,6 +160,8 @@ class Worker:
             self.consumer.run()
         finally:
             self._threads.close()  # NOTE: not joined: after a forced stop one may be stuck in a run
+            if self.processor.monitor is not None:  # monitoring seam: the open window, so short runs show
+                self.processor.monitor.flush()
         elapsed = time.monotonic() - self.counters.started
         counts = {k: v for k, v in dataclasses.asdict(self.counters).items() if k != "started"}
         log.info("worker_stopped", **counts, elapsed_s=round(elapsed, 3))
@@ -444,7 +449,13 @@ def build_worker(settings: WorkerSettings, *, drain: bool) -> Worker:
         cache=ModelCache(settings.model_cache, settings.max_model_bytes),
         load_retry_s=0.0,  # an unreachable store holds the batch's jobs instead of blocking the thread
     )
-    return Worker(settings, registry, open_result_store(settings.result_store), drain=drain, metrics=metrics)
+    name = worker_name()
+    monitor = None
+    if settings.monitor:
+        monitor = Monitor(open_monitor_store(settings.result_store), settings.monitor_window_s, name)
+        monitor.register(metrics.registry)
+    store = open_result_store(settings.result_store)
+    return Worker(settings, registry, store, drain=drain, metrics=metrics, monitor=monitor)
 
 
 def run_worker(settings: WorkerSettings, *, drain: bool = False) -> Counters:

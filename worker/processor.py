@@ -21,6 +21,7 @@ from shared.messages import ErrorInfo, Job, OutputTensor, Result, Status, Timing
 from shared.results import ResultStore
 from worker.batcher import Batch
 from worker.consumer import Delivery
+from worker.monitor import Monitor
 from worker.runner import Arrays, Limits, LoadedModel, Watchdog, prepare_inputs, run_isolating
 
 log = get_logger(__name__)
@@ -110,6 +111,7 @@ class Processor:
         stopping: threading.Event,
         retry_max_s: float,
         watchdog: Watchdog | None = None,
+        monitor: Monitor | None = None,
     ) -> None:
         self.registry = registry
         self.store = store
@@ -118,6 +120,7 @@ class Processor:
         self._stopping = stopping
         self._retry_max_s = retry_max_s
         self.watchdog = watchdog
+        self.monitor = monitor
         # With more than one processing thread, one runs onnxruntime at a time (the watchdog guards one
         # run); nothing that waits on I/O happens under this lock.
         self._compute = threading.Lock()
@@ -253,6 +256,8 @@ class Processor:
                 done.outcomes.append(self.failed(item.delivery, item.job, result))
             else:
                 done.outcomes.append(self._succeeded(item, version, sha256, result, seconds * 1000))
+        if self.monitor is not None:  # monitoring seam: drift counts of this batch (worker/monitor.py)
+            self.monitor.observe(model.manifest, [arrays for _, arrays in runnable], results)
         rows = sum(item.job.rows for item, _ in runnable)
         done.runs.append(BatchRun(model.manifest.name, rows, seconds))
         log.info(
