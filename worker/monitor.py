@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from model_store.manifest import Manifest
@@ -216,15 +216,21 @@ class _MonitorCollector(Collector):
         rows = CounterMetricFamily(
             "inferq_monitored_rows", "Rows counted for drift (versions with a reference).", labels=["model", "version"]
         )
+        # The reference shares beside the live counts let a dashboard compute PSI in PromQL.
+        feature_reference = GaugeMetricFamily(
+            "inferq_feature_reference_ratio", "Reference share of each feature bin (fixed at publish).", labels=labels
+        )
+        output_reference = GaugeMetricFamily(
+            "inferq_output_reference_ratio", "Reference share of each output bin (fixed at publish).", labels=labels
+        )
         for model, version, running in snapshot or []:
-            for family, columns, counts in (
-                (features, running.reference.features, running.inputs),
-                (outputs, running.reference.outputs, running.outputs),
+            for family, shares, columns, counts in (
+                (features, feature_reference, running.reference.features, running.inputs),
+                (outputs, output_reference, running.reference.outputs, running.outputs),
             ):
                 for column, array in zip(columns, counts, strict=True):
-                    for label, count in zip(column.labels(), array.tolist(), strict=True):
+                    for label, count, share in zip(column.labels(), array.tolist(), column.proportions, strict=True):
                         family.add_metric([model, str(version), column.name, label], count)
+                        shares.add_metric([model, str(version), column.name, label], share)
             rows.add_metric([model, str(version)], running.rows)
-        yield features
-        yield outputs
-        yield rows
+        yield from (features, outputs, rows, feature_reference, output_reference)
