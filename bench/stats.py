@@ -48,6 +48,7 @@ RATIOS: dict[str, tuple[str, str]] = {
     "inferq-x1 / ceiling": ("inferq-x1", "ceiling"),
     "inferq-x1 / naive": ("inferq-x1", "naive"),
     "inferq-x2 / inferq-x1": ("inferq-x2", "inferq-x1"),
+    "inferq-x1 / inferq-x1-nomon": ("inferq-x1", "inferq-x1-nomon"),
 }
 """The comparisons the targets are stated in, each as (numerator system, denominator system)."""
 

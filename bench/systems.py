@@ -24,11 +24,13 @@ class System:
     name: str
     kind: str
     processes: int
+    monitor: bool = True
+    """inferq only: count drift (the models are published with a reference); off measures what it costs."""
 
     @property
     def slug(self) -> str:
         """A queue- and path-safe form of the name."""
-        return f"{self.kind}{self.processes}"
+        return f"{self.kind}{self.processes}" + ("" if self.monitor else "-nomon")
 
 
 SYSTEMS = {
@@ -36,6 +38,7 @@ SYSTEMS = {
     for s in (
         System("inferq-x1", "inferq", 1),
         System("inferq-x2", "inferq", 2),
+        System("inferq-x1-nomon", "inferq", 1, monitor=False),
         System("ceiling", "ceiling", 1),
         System("naive", "naive", 1),
     )
@@ -124,6 +127,7 @@ def start(system: System, settings: InferqSettings, run_dir: Path, *, drain: boo
         if system.kind == "inferq":
             command = [sys.executable, "-m", "inferq", "worker", *(["--drain"] if drain else [])]
             env = _inferq_env(settings, run_dir / "results")
+            env["INFERQ_MONITOR"] = "true" if system.monitor else "false"
         else:
             command = [
                 sys.executable,
