@@ -13,6 +13,7 @@ from shared.messages import LATEST, VersionRef, is_valid_alias, is_valid_name
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 ALIASES_FILE = "aliases.json"
+SHADOW_FILE = "shadow.json"
 MAX_PUBLISH_ATTEMPTS = 20
 
 
@@ -45,6 +46,12 @@ class ModelStore(Protocol):
 
     def put_version(self, manifest: Manifest, model_bytes: bytes) -> None:
         """Publish a version atomically; raises :class:`VersionExists` if the number is taken."""
+
+    def read_shadow(self, name: str) -> bytes | None:
+        """The shadow-traffic setting of ``name`` as stored (``<model>/shadow.json``), or ``None``."""
+
+    def write_shadow(self, name: str, data: bytes | None) -> None:
+        """Replace the shadow-traffic setting of ``name`` (atomically); ``None`` removes it."""
 
 
 def check_name(name: str) -> str:

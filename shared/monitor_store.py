@@ -30,6 +30,8 @@ MONITOR_PREFIX = "_monitor"
 INPUT = "input"
 OUTPUT = "output"
 ROWS = "rows"
+SHADOW_SKIPPED = "shadow_skipped"
+SHADOW_PREFIX = "_shadow"
 BUSY_TIMEOUT_S = 10.0
 
 CountRow = tuple[str, int, int, int]
@@ -49,10 +51,15 @@ class WindowCounts:
     rows: int = 0
     inputs: dict[int, list[int]] = field(default_factory=dict)
     outputs: dict[int, list[int]] = field(default_factory=dict)
+    shadow_skipped: int = 0
+    """Jobs sampled for shadow traffic but not shadowed (the jobs queue was too deep)."""
 
     def count_rows(self) -> Iterator[CountRow]:
         """The counts as flat rows (zero counts left out)."""
-        yield ROWS, 0, 0, self.rows
+        if self.rows or not self.shadow_skipped:
+            yield ROWS, 0, 0, self.rows
+        if self.shadow_skipped:
+            yield SHADOW_SKIPPED, 0, 0, self.shadow_skipped
         for kind, columns in ((INPUT, self.inputs), (OUTPUT, self.outputs)):
             for index, counts in columns.items():
                 yield from ((kind, index, b, c) for b, c in enumerate(counts) if c)
@@ -66,11 +73,15 @@ class Totals:
     windows: int = 0
     inputs: dict[int, list[int]] = field(default_factory=dict)
     outputs: dict[int, list[int]] = field(default_factory=dict)
+    shadow_skipped: int = 0
 
     def add(self, kind: str, index: int, bin_: int, count: int) -> None:
         """Add one flat count row."""
         if kind == ROWS:
             self.rows += count
+            return
+        if kind == SHADOW_SKIPPED:
+            self.shadow_skipped += count
             return
         columns = self.inputs if kind == INPUT else self.outputs
         counts = columns.setdefault(index, [])
@@ -79,8 +90,39 @@ class Totals:
         counts[bin_] += count
 
 
+@dataclass(frozen=True, slots=True)
+class ShadowPair:
+    """One job run by its own version and by the shadow version: both outputs, both inference times."""
+
+    job_id: str
+    model: str
+    version: int
+    shadow_version: int
+    outputs: list[dict[str, Any]]
+    shadow_outputs: list[dict[str, Any]] | None
+    inference_ms: float
+    shadow_inference_ms: float | None
+    shadow_error: str | None
+    worker: str
+
+    def to_json(self) -> bytes:
+        """The stored document."""
+        return orjson.dumps({name: getattr(self, name) for name in self.__slots__})
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> ShadowPair:
+        """Read a stored document back."""
+        return cls(**orjson.loads(data))
+
+
 class MonitorStore(Protocol):
-    """Where workers write window counts and ``inferq monitor`` reads them."""
+    """Where workers write window counts and shadow pairs, and ``inferq monitor`` reads them."""
+
+    def put_pairs(self, pairs: list[ShadowPair]) -> None:
+        """Store shadow pairs (a job's pair stored before is kept); raises ``OSError`` when it cannot now."""
+
+    def pairs(self, model: str) -> list[ShadowPair]:
+        """Every stored shadow pair of ``model``."""
 
     def put_window(self, window: WindowCounts) -> None:
         """Add ``window``'s counts; raises ``OSError`` (transient) when the store cannot take them now."""
@@ -136,6 +178,18 @@ class FileMonitorStore:
                 _add_document(totals, path.read_bytes())
         return totals
 
+    def put_pairs(self, pairs: list[ShadowPair]) -> None:
+        for pair in pairs:
+            directory = self.root.parent / SHADOW_PREFIX / pair.model
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = directory / f".{pair.job_id}-v{pair.shadow_version}.partial"
+            tmp.write_bytes(pair.to_json())
+            os.replace(tmp, directory / f"{pair.job_id}-v{pair.shadow_version}.json")
+
+    def pairs(self, model: str) -> list[ShadowPair]:
+        directory = self.root.parent / SHADOW_PREFIX / model
+        return [ShadowPair.from_json(p.read_bytes()) for p in sorted(directory.glob("*.json"))]
+
     def close(self) -> None:
         """Nothing to release."""
 
@@ -169,6 +223,28 @@ class S3MonitorStore:
             raise translate(exc, f"read s3://{self.location.bucket}/{prefix}") from None
         return totals
 
+    def put_pairs(self, pairs: list[ShadowPair]) -> None:
+        for pair in pairs:
+            key = self.location.key(SHADOW_PREFIX, pair.model, f"{pair.job_id}-v{pair.shadow_version}.json")
+            try:
+                self._client.put_object(Bucket=self.location.bucket, Key=key, Body=pair.to_json())
+            except Exception as exc:  # see put_window
+                raise translate(exc, f"put s3://{self.location.bucket}/{key}", always_transient=True) from None
+
+    def pairs(self, model: str) -> list[ShadowPair]:
+        prefix = self.location.key(SHADOW_PREFIX, model, "")
+        found = []
+        try:
+            for page in self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.location.bucket, Prefix=prefix
+            ):
+                for item in page.get("Contents", []):
+                    body = self._client.get_object(Bucket=self.location.bucket, Key=item["Key"])["Body"].read()
+                    found.append(ShadowPair.from_json(body))
+        except Exception as exc:  # see put_window
+            raise translate(exc, f"read s3://{self.location.bucket}/{prefix}") from None
+        return found
+
     def close(self) -> None:
         """Nothing to release: the client's pool closes with the process."""
 
@@ -179,6 +255,11 @@ _SQLITE_SCHEMA = (
     " worker TEXT NOT NULL, kind TEXT NOT NULL, feature INTEGER NOT NULL, bin INTEGER NOT NULL,"
     " count INTEGER NOT NULL,"
     " PRIMARY KEY (model, version, window_start, worker, kind, feature, bin))"
+)
+_SQLITE_PAIRS = (
+    "CREATE TABLE IF NOT EXISTS shadow_pairs ("
+    " job_id TEXT NOT NULL, shadow_version INTEGER NOT NULL, model TEXT NOT NULL, version INTEGER NOT NULL,"
+    " pair TEXT NOT NULL, PRIMARY KEY (job_id, shadow_version))"
 )
 _SQLITE_UPSERT = (
     "INSERT INTO monitor_counts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -221,8 +302,35 @@ class SQLiteMonitorStore:
             )
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute(_SQLITE_SCHEMA)
+            connection.execute(_SQLITE_PAIRS)
             self._connection = connection
         return self._connection
+
+    def put_pairs(self, pairs: list[ShadowPair]) -> None:
+        rows = [(p.job_id, p.shadow_version, p.model, p.version, p.to_json().decode()) for p in pairs]
+        with self._lock:
+            try:
+                connection = self._connect()
+                connection.execute("BEGIN IMMEDIATE")
+                try:
+                    connection.executemany("INSERT OR IGNORE INTO shadow_pairs VALUES (?, ?, ?, ?, ?)", rows)
+                    connection.execute("COMMIT")
+                except BaseException:
+                    if connection.in_transaction:
+                        connection.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                self._drop()
+                raise StoreUnreachable(f"write of shadow pairs to sqlite:{self.path} failed: {exc}") from None
+
+    def pairs(self, model: str) -> list[ShadowPair]:
+        with self._lock:
+            try:
+                rows = self._connect().execute("SELECT pair FROM shadow_pairs WHERE model = ?", (model,)).fetchall()
+            except sqlite3.Error as exc:
+                self._drop()
+                raise StoreUnreachable(f"read of shadow pairs from sqlite:{self.path} failed: {exc}") from None
+        return [ShadowPair.from_json(row[0]) for row in rows]
 
     def put_window(self, window: WindowCounts) -> None:
         with self._lock:
@@ -274,6 +382,16 @@ _PG_UPSERT = (
     " ON CONFLICT (model, version, window_start, worker, kind, feature, bin)"
     " DO UPDATE SET count = c.count + excluded.count"
 )
+_PG_PAIRS = (
+    "CREATE TABLE IF NOT EXISTS inferq_shadow_pairs ("
+    " job_id text NOT NULL, shadow_version integer NOT NULL, model text NOT NULL, version integer NOT NULL,"
+    " created_at timestamptz NOT NULL DEFAULT now(), pair jsonb NOT NULL, PRIMARY KEY (job_id, shadow_version))"
+)
+_PG_INSERT_PAIRS = (
+    "INSERT INTO inferq_shadow_pairs (job_id, shadow_version, model, version, pair)"
+    " SELECT * FROM unnest(%s::text[], %s::integer[], %s::text[], %s::integer[], %s::text[]::jsonb[])"
+    " ON CONFLICT (job_id, shadow_version) DO NOTHING"
+)
 _PG_SCHEMA_LOCK = 0x1F3E_9A7D
 
 
@@ -293,11 +411,14 @@ class PostgresMonitorStore:
             with connection.transaction(), connection.cursor() as cursor:
                 cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
                 cursor.execute(_PG_SCHEMA)
+                cursor.execute(_PG_PAIRS)
             self._connection = connection
         return self._connection
 
     def _run(self, action: str, sql: str, parameters: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         import psycopg  # noqa: PLC0415
+
+        from shared.results_postgres import without_password  # noqa: PLC0415  (imports psycopg)
 
         with self._lock:
             try:
@@ -310,11 +431,26 @@ class PostgresMonitorStore:
                     self._connection.close()
                 self._connection = None
                 first = (str(exc).strip().splitlines() or [""])[0]
-                raise StoreUnreachable(redact_text(f"{action} monitor counts failed: {first}")) from None
+                where = without_password(self.url).split("?", 1)[0]
+                raise StoreUnreachable(redact_text(f"{action} monitoring data in {where} failed: {first}")) from None
 
     def put_window(self, window: WindowCounts) -> None:
         columns = tuple(list(column) for column in zip(*_rows(window), strict=True))
         self._run("write of", _PG_UPSERT, columns)
+
+    def put_pairs(self, pairs: list[ShadowPair]) -> None:
+        columns = (
+            [p.job_id for p in pairs],
+            [p.shadow_version for p in pairs],
+            [p.model for p in pairs],
+            [p.version for p in pairs],
+            [p.to_json().decode() for p in pairs],
+        )
+        self._run("write of", _PG_INSERT_PAIRS, columns)
+
+    def pairs(self, model: str) -> list[ShadowPair]:
+        rows = self._run("read of", "SELECT pair::text FROM inferq_shadow_pairs WHERE model = %s", (model,))
+        return [ShadowPair.from_json(row[0]) for row in rows]
 
     def totals(self, model: str, version: int, since_s: float | None = None) -> Totals:
         sql = _TOTALS_SQL.format(table="inferq_monitor_counts", p="%s").replace(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from model_store.manifest import Manifest
-from model_store.reference import BinnedColumn, Reference, bin_counts, column_values
+from model_store.reference import Binner, Reference
 from shared.errors import JobError
 from shared.logging import get_logger
 from shared.messages import OutputTensor
@@ -35,32 +35,70 @@ MAX_UNWRITTEN_WINDOWS = 10_000
 """Closed windows kept while the store refuses them; beyond this the oldest are dropped, and logged."""
 
 
-@dataclass(slots=True)
-class _Running:
-    """Counts of one version since the worker started, for Prometheus."""
+class _Version:
+    """One monitored version: its binners, its open window's counts and its running totals."""
 
-    reference: Reference
-    rows: int
-    inputs: list[npt.NDArray[np.int64]]
-    outputs: list[npt.NDArray[np.int64]]
+    def __init__(self, manifest: Manifest, reference: Reference) -> None:
+        self.model, self.version, self.reference = manifest.name, manifest.version, reference
+        self.inputs = Binner(reference.features)
+        self.outputs = Binner(reference.outputs)
+        self.window_start: int | None = None
+        self.window = np.zeros(self.inputs.size + self.outputs.size, dtype=np.int64)
+        self.window_rows = 0
+        self.running = self.window.copy()
+        self.running_rows = 0
+
+    def add(self, start: int, rows: int, counts: npt.NDArray[np.int64]) -> WindowCounts | None:
+        """Count a batch into the window starting at ``start``; the window it closed, if any."""
+        closed = self.close() if self.window_start is not None and self.window_start != start else None
+        self.window_start = start
+        self.window += counts
+        self.window_rows += rows
+        self.running += counts
+        self.running_rows += rows
+        return closed
+
+    def close(self) -> WindowCounts | None:
+        """The open window as a record to write (``None`` when empty), and a fresh one."""
+        if self.window_start is None or not self.window_rows:
+            self.window_start = None
+            return None
+        split = self.inputs.size
+        closed = WindowCounts(
+            self.model,
+            self.version,
+            self.window_start,
+            0,
+            "",
+            self.window_rows,
+            self.inputs.split(self.window[:split]),
+            self.outputs.split(self.window[split:]),
+        )
+        self.window = np.zeros_like(self.window)
+        self.window_rows = 0
+        self.window_start = None
+        return closed
 
 
 def _concat(parts: list[npt.NDArray[Any]]) -> npt.NDArray[Any]:
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
 
-def _output_arrays(names: set[str], outputs: list[list[OutputTensor]]) -> Arrays:
+def _output_arrays(names: list[str], outputs: list[list[OutputTensor]]) -> Arrays:
     """Whole-batch arrays of the named outputs, rebuilt from each job's output tensors."""
     arrays: Arrays = {}
-    for name in names:
-        tensors = [t for job in outputs for t in job if t.name == name]
-        flat = [x for t in tensors for x in t.data] if len(tensors) > 1 else list(tensors[0].data) if tensors else []
-        rows = sum(t.shape[0] for t in tensors if t.shape)
+    first = outputs[0]
+    for position, tensor in enumerate(first):
+        if tensor.name not in names:
+            continue
+        parts = [job[position] for job in outputs]
+        flat = list(chain.from_iterable(t.data for t in parts)) if len(parts) > 1 else list(tensor.data)
+        rows = sum(t.shape[0] for t in parts) if tensor.shape else 0
         try:  # NOTE: the wire spells NaN and ±Inf as strings; numpy parses those when asked for floats.
             array = np.asarray(flat, dtype=np.float64)
         except (ValueError, TypeError):  # string labels
             array = np.asarray(flat, dtype=object)
-        arrays[name] = array.reshape(rows, -1) if rows and array.size % rows == 0 else array
+        arrays[tensor.name] = array.reshape(rows, -1) if rows and array.size % rows == 0 else array
     return arrays
 
 
@@ -74,9 +112,8 @@ class Monitor:
         self._clock = clock
         self._lock = threading.Lock()  # observe runs on the processing thread, flush on the I/O thread
         self._write_lock = threading.Lock()
-        self._open: dict[tuple[str, int], WindowCounts] = {}
+        self._versions: dict[tuple[str, int], _Version] = {}
         self._unwritten: list[WindowCounts] = []
-        self._running: dict[tuple[str, int], _Running] = {}
         self.dropped_windows = 0
 
     # -- the seam: one call per batch -------------------------------------------------------------
@@ -90,55 +127,32 @@ class Monitor:
         ran = [(a, r) for a, r in zip(inputs, results, strict=True) if not isinstance(r, JobError)]
         if not ran:
             return
+        key = (manifest.name, manifest.version)
+        state = self._versions.get(key)
+        if state is None:
+            state = self._versions.setdefault(key, _Version(manifest, reference))
         feeds = {name: _concat([a[name] for a, _ in ran]) for name in ran[0][0]}
         rows = next(iter(feeds.values())).shape[0]
-        feature_counts = [bin_counts(c, column_values(c, feeds[c.tensor])) for c in reference.features]
-        outputs = _output_arrays({c.tensor for c in reference.outputs}, [r for _, r in ran])  # type: ignore[misc]
-        output_counts = [self._count_output(c, outputs) for c in reference.outputs]
-        closed = self._add(manifest, rows, feature_counts, output_counts)
+        wanted = [c.tensor for c in reference.outputs]
+        outputs = _output_arrays(wanted, [r for _, r in ran])  # type: ignore[misc]
+        counts = np.concatenate([state.inputs.counts(feeds), state.outputs.counts(outputs)])
+        start = int(self._clock() // self.window_s) * self.window_s
+        with self._lock:
+            closed = self._close_before(start, keep=state)
+            done = state.add(start, rows, counts)
+        if done is not None:
+            closed.append(done)
         if closed:
             self._write(closed)
 
-    @staticmethod
-    def _count_output(column: BinnedColumn, outputs: Arrays) -> npt.NDArray[np.int64]:
-        array = outputs.get(column.tensor)
-        if array is None or array.size == 0:
-            return np.zeros(column.bins, dtype=np.int64)
-        return bin_counts(column, column_values(column, array))
-
-    def _add(
-        self,
-        manifest: Manifest,
-        rows: int,
-        inputs: list[npt.NDArray[np.int64]],
-        outputs: list[npt.NDArray[np.int64]],
-    ) -> list[WindowCounts]:
-        key = (manifest.name, manifest.version)
-        start = int(self._clock() // self.window_s) * self.window_s
-        with self._lock:
-            closed = self._close_before(start)
-            window = self._open.get(key)
-            if window is None:
-                window = WindowCounts(manifest.name, manifest.version, start, self.window_s, self.worker)
-                self._open[key] = window
-            window.rows += rows
-            _merge(window.inputs, inputs)
-            _merge(window.outputs, outputs)
-            running = self._running.get(key)
-            if running is None:
-                assert manifest.reference is not None
-                self._running[key] = _Running(manifest.reference, rows, list(inputs), list(outputs))
-            else:
-                running.rows += rows
-                running.inputs = [a + b for a, b in zip(running.inputs, inputs, strict=True)]
-                running.outputs = [a + b for a, b in zip(running.outputs, outputs, strict=True)]
-        return closed
-
-    def _close_before(self, start: int) -> list[WindowCounts]:
-        """Windows that ended before ``start`` leave the open set (called with the lock held)."""
-        closed = [w for w in self._open.values() if w.window_start < start]
-        for window in closed:
-            del self._open[(window.model, window.version)]
+    def _close_before(self, start: int, keep: _Version | None = None) -> list[WindowCounts]:
+        """Windows of other versions that ended before ``start`` (called with the lock held)."""
+        closed = []
+        for state in self._versions.values():
+            if state is not keep and state.window_start is not None and state.window_start < start:
+                window = state.close()
+                if window is not None:
+                    closed.append(window)
         return closed
 
     # -- writing ----------------------------------------------------------------------------------
@@ -149,6 +163,7 @@ class Monitor:
             pending = [*self._unwritten, *windows]
             self._unwritten = []
             for number, window in enumerate(pending):
+                window.window_s, window.worker = self.window_s, self.worker
                 try:
                     self.store.put_window(window)
                 except OSError as exc:
@@ -169,7 +184,7 @@ class Monitor:
     def flush(self) -> bool:
         """Write every window, the open ones included (at stop and at the end of a drain)."""
         with self._lock:
-            closed = self._close_before(2**62)
+            closed = [w for w in (state.close() for state in self._versions.values()) if w is not None]
         return self._write(closed)
 
     # -- Prometheus -------------------------------------------------------------------------------
@@ -178,18 +193,20 @@ class Monitor:
         """Export the running counts on ``registry``."""
         registry.register(_MonitorCollector(self))
 
-    def snapshot(self) -> list[tuple[str, int, _Running]]:
-        """Running counts per (model, version), copied under the lock."""
+    def snapshot(self) -> list[tuple[Reference, str, int, int, dict[int, list[int]], dict[int, list[int]]]]:
+        """Running counts per version: reference, model, version, rows, input and output counts."""
         with self._lock:
-            return [(m, v, _Running(r.reference, r.rows, r.inputs, r.outputs)) for (m, v), r in self._running.items()]
-
-
-def _merge(into: dict[int, list[int]], counts: list[npt.NDArray[np.int64]]) -> None:
-    for index, array in enumerate(counts):
-        current = into.get(index)
-        into[index] = (
-            array.tolist() if current is None else [a + b for a, b in zip(current, array.tolist(), strict=True)]
-        )
+            return [
+                (
+                    s.reference,
+                    s.model,
+                    s.version,
+                    s.running_rows,
+                    s.inputs.split(s.running[: s.inputs.size]),
+                    s.outputs.split(s.running[s.inputs.size :]),
+                )
+                for s in self._versions.values()
+            ]
 
 
 class _MonitorCollector(Collector):
@@ -205,7 +222,9 @@ class _MonitorCollector(Collector):
         yield from self._families(self._monitor.snapshot())
 
     @staticmethod
-    def _families(snapshot: list[tuple[str, int, _Running]] | None = None) -> Iterator[Metric]:
+    def _families(
+        snapshot: list[tuple[Reference, str, int, int, dict[int, list[int]], dict[int, list[int]]]] | None = None,
+    ) -> Iterator[Metric]:
         labels = ["model", "version", "feature", "bin"]
         features = CounterMetricFamily(
             "inferq_feature_bin", "Input rows per feature bin of the version's reference.", labels=labels
@@ -223,14 +242,15 @@ class _MonitorCollector(Collector):
         output_reference = GaugeMetricFamily(
             "inferq_output_reference_ratio", "Reference share of each output bin (fixed at publish).", labels=labels
         )
-        for model, version, running in snapshot or []:
+        for reference, model, version, running_rows, inputs, outputs_counts in snapshot or []:
             for family, shares, columns, counts in (
-                (features, feature_reference, running.reference.features, running.inputs),
-                (outputs, output_reference, running.reference.outputs, running.outputs),
+                (features, feature_reference, reference.features, inputs),
+                (outputs, output_reference, reference.outputs, outputs_counts),
             ):
-                for column, array in zip(columns, counts, strict=True):
-                    for label, count, share in zip(column.labels(), array.tolist(), column.proportions, strict=True):
+                for column in columns:
+                    per_bin = counts[column.index]
+                    for label, count, share in zip(column.labels(), per_bin, column.proportions, strict=True):
                         family.add_metric([model, str(version), column.name, label], count)
                         shares.add_metric([model, str(version), column.name, label], share)
-            rows.add_metric([model, str(version)], running.rows)
+            rows.add_metric([model, str(version)], running_rows)
         yield from (features, outputs, rows, feature_reference, output_reference)
