@@ -152,6 +152,29 @@ def models_alias(name: str, alias: str, version: int) -> None:
     click.echo(f"{name} {alias} -> version {version}")
 
 
+@models.command("shadow")
+@click.argument("name")
+@click.option("--target", help="The version or alias that runs in the shadow of the jobs' own version.")
+@click.option("--fraction", type=click.FloatRange(min=0, max=1, min_open=True), help="Share of jobs, 0 < F <= 1.")
+@click.option("--off", is_flag=True, help="Stop shadow traffic.")
+def models_shadow(name: str, target: str | None, fraction: float | None, off: bool) -> None:
+    """Run TARGET on a share of NAME's jobs and keep both answers (workers pick it up within
+    INFERQ_ALIAS_REFRESH_S); shadow answers never reach the results queue."""
+    from model_store.shadow import clear_shadow, set_shadow  # noqa: PLC0415
+
+    store = open_model_store(_settings(InferqSettings).model_store)
+    if off:
+        if target is not None or fraction is not None:
+            raise click.UsageError("--off takes no --target or --fraction")
+        clear_shadow(store, name)
+        click.echo(f"{name}: shadow traffic off")
+        return
+    if target is None or fraction is None:
+        raise click.UsageError("give --target ALIAS|VERSION and --fraction F, or --off")
+    version = set_shadow(store, name, _version(target), fraction)
+    click.echo(f"{name}: {fraction:g} of jobs also run on {target} (version {version} now)")
+
+
 # -- worker --------------------------------------------------------------------------------------
 
 
@@ -501,6 +524,23 @@ def monitor_drift(model: str, version: str, since: str | None, min_rows: int, as
         click.echo(orjson.dumps(report.to_dict()).decode())
     else:
         click.echo("\n".join(render_drift(report)))
+
+
+@monitor.command("shadow")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
+def monitor_shadow(model: str, as_json: bool) -> None:
+    """Agreement of MODEL's shadow version with the version that answered, over the stored pairs."""
+    from operations.shadow import render_shadow, shadow_report  # noqa: PLC0415
+    from shared.monitor_store import open_monitor_store  # noqa: PLC0415
+
+    settings = _settings(InferqSettings)
+    monitor_store = open_monitor_store(settings.result_store)
+    try:
+        report = shadow_report(open_model_store(settings.model_store), monitor_store, model)
+    finally:
+        monitor_store.close()
+    click.echo(orjson.dumps(report.to_dict()).decode() if as_json else "\n".join(render_shadow(report)))
 
 
 # -- entry point ---------------------------------------------------------------------------------

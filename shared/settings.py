@@ -83,6 +83,8 @@ class WorkerSettings(InferqSettings):
     """Count inputs and outputs of versions published with a reference (drift); false turns it off."""
     monitor_window_s: Annotated[int, Field(ge=1, le=86_400)] = 60
     """Length of the tumbling windows drift counts are written in."""
+    shadow_max_backlog: Annotated[int, Field(ge=0)] = 10_000
+    """Shadow traffic is skipped (and counted) while more jobs than this wait in the jobs queue."""
     ort_providers: str = "CPUExecutionProvider"
     """onnxruntime execution providers in order of preference, comma-separated, e.g.
     ``CUDAExecutionProvider,CPUExecutionProvider`` where onnxruntime-gpu is installed."""

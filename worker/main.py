@@ -49,6 +49,7 @@ from worker.metrics import MeteredRegistry, WorkerMetrics, start_metrics_server
 from worker.monitor import Monitor
 from worker.processor import ModelKey, Outcome, Pending, Processed, Processor
 from worker.runner import Limits, LoadedModel, Watchdog, check_providers, load_model
+from worker.shadow import Shadow
 
 log = get_logger(__name__)
 PROCESSING_THREADS = 1
@@ -125,6 +126,7 @@ class Worker:
         drain: bool,
         metrics: WorkerMetrics | None = None,
         monitor: Monitor | None = None,
+        shadow: Shadow | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics if metrics is not None else WorkerMetrics()
@@ -137,7 +139,7 @@ class Worker:
         limits = Limits(settings.max_rows_per_job, settings.max_elements_per_tensor)
         watchdog = Watchdog(settings.job_timeout_s)
         self.processor = Processor(
-            registry, store, limits, self.name, self._stopping, settings.store_retry_max_s, watchdog, monitor
+            registry, store, limits, self.name, self._stopping, settings.store_retry_max_s, watchdog, monitor, shadow
         )
         self._batcher: Batcher[ModelKey, Pending] = Batcher(
             settings.max_batch_rows, settings.max_wait_ms, time.monotonic
@@ -160,8 +162,11 @@ class Worker:
             self.consumer.run()
         finally:
             self._threads.close()  # NOTE: not joined: after a forced stop one may be stuck in a run
-            if self.processor.monitor is not None:  # monitoring seam: the open window, so short runs show
+            # Monitoring seam: the open window and the pending shadow pairs, so a short run shows at once.
+            if self.processor.monitor is not None:
                 self.processor.monitor.flush()
+            if self.processor.shadow is not None:
+                self.processor.shadow.finish(self.settings.shutdown_grace_s)
         elapsed = time.monotonic() - self.counters.started
         counts = {k: v for k, v in dataclasses.asdict(self.counters).items() if k != "started"}
         log.info("worker_stopped", **counts, elapsed_s=round(elapsed, 3))
@@ -339,6 +344,8 @@ class Worker:
             log.error("batch_not_completed", error=f"{type(done).__name__}: {done}")
             for delivery in [i.delivery for b in batches for i in b.items] + [o.delivery for o in ready]:
                 self._finished(delivery, ok=False)
+            if self.processor.shadow is not None:  # shadow seam: these jobs return to the queue
+                self.processor.shadow.discard()
         else:
             self.counters.batches += len(done.runs)
             self.metrics.observe_processed(done.runs, done.outcomes)
@@ -355,6 +362,8 @@ class Worker:
                 self._dead_letter(rejection.delivery, rejection.reason)
             for pending in done.held:
                 self._hold(pending)
+            if self.processor.shadow is not None:  # shadow seam: results stored and published first
+                self.processor.shadow.release()
         self._flush()
         self._after_settled()
 
@@ -450,12 +459,14 @@ def build_worker(settings: WorkerSettings, *, drain: bool) -> Worker:
         load_retry_s=0.0,  # an unreachable store holds the batch's jobs instead of blocking the thread
     )
     name = worker_name()
+    monitoring = open_monitor_store(settings.result_store)
     monitor = None
     if settings.monitor:
-        monitor = Monitor(open_monitor_store(settings.result_store), settings.monitor_window_s, name)
+        monitor = Monitor(monitoring, settings.monitor_window_s, name)
         monitor.register(metrics.registry)
+    shadow = Shadow(settings, registry, monitoring, name)
     store = open_result_store(settings.result_store)
-    return Worker(settings, registry, store, drain=drain, metrics=metrics, monitor=monitor)
+    return Worker(settings, registry, store, drain=drain, metrics=metrics, monitor=monitor, shadow=shadow)
 
 
 def run_worker(settings: WorkerSettings, *, drain: bool = False) -> Counters:

@@ -23,6 +23,7 @@ from worker.batcher import Batch
 from worker.consumer import Delivery
 from worker.monitor import Monitor
 from worker.runner import Arrays, Limits, LoadedModel, Watchdog, prepare_inputs, run_isolating
+from worker.shadow import Shadow
 
 log = get_logger(__name__)
 
@@ -112,6 +113,7 @@ class Processor:
         retry_max_s: float,
         watchdog: Watchdog | None = None,
         monitor: Monitor | None = None,
+        shadow: Shadow | None = None,
     ) -> None:
         self.registry = registry
         self.store = store
@@ -121,6 +123,7 @@ class Processor:
         self._retry_max_s = retry_max_s
         self.watchdog = watchdog
         self.monitor = monitor
+        self.shadow = shadow
         # With more than one processing thread, one runs onnxruntime at a time (the watchdog guards one
         # run); nothing that waits on I/O happens under this lock.
         self._compute = threading.Lock()
@@ -256,8 +259,12 @@ class Processor:
                 done.outcomes.append(self.failed(item.delivery, item.job, result))
             else:
                 done.outcomes.append(self._succeeded(item, version, sha256, result, seconds * 1000))
-        if self.monitor is not None:  # monitoring seam: drift counts of this batch (worker/monitor.py)
+        # Monitoring seam: drift counts (worker/monitor.py) and shadow sampling (worker/shadow.py) per batch.
+        if self.monitor is not None:
             self.monitor.observe(model.manifest, [arrays for _, arrays in runnable], results)
+        if self.shadow is not None:
+            job_ids = [item.job.id for item, _ in runnable]
+            self.shadow.offer(model.manifest, job_ids, [a for _, a in runnable], results, seconds * 1000)
         rows = sum(item.job.rows for item, _ in runnable)
         done.runs.append(BatchRun(model.manifest.name, rows, seconds))
         log.info(
