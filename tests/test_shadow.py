@@ -72,3 +72,16 @@ def test_shadow_commands_refuse_what_cannot_work(iris_store: Env) -> None:
     assert unknown_target.returncode == 1
     assert unknown_target.stderr.startswith("inferq: error: model 'iris' has no version 9")
     assert no_pairs.returncode == 1 and no_pairs.stderr.startswith("inferq: error: no shadow pairs of model 'iris'")
+
+
+def test_sampled_jobs_are_skipped_and_counted_while_the_queue_is_deep(iris_store: Env, models: Models) -> None:
+    # Given a backlog limit of zero: once the shadow thread has seen jobs waiting, it stops shadowing
+    set_shadow(iris_store.store, "iris", 2, 1.0)
+    jobs = [make_job(models.X[i % 150 : i % 150 + 1], version=1) for i in range(3000)]
+    iris_store.submit(jobs)
+
+    iris_store.drain(shadow_max_backlog=0, prefetch=64, max_batch_rows=32)
+
+    report = orjson.loads(iris_store.inferq("monitor", "shadow", "iris", "--json").stdout)
+    assert report["skipped"] > 0 and report["pairs"] > 0
+    assert report["pairs"] + report["skipped"] == len(jobs)  # each sampled job either shadowed or counted

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from model_store.drift import chi_square_p_value, js_distance, measure, psi, status_of
-from model_store.reference import MISSING, OTHER, bin_counts, categorical_column, describe_outputs, numeric_column
+from model_store.reference import (
+    MISSING,
+    OTHER,
+    Binner,
+    bin_counts,
+    categorical_column,
+    describe_outputs,
+    numeric_column,
+)
 
 
 def test_psi_of_identical_shares_is_zero_and_grows_with_the_shift() -> None:
@@ -80,3 +88,22 @@ def test_outputs_are_class_shares_for_labels_and_deciles_per_score_column() -> N
     assert columns[0].proportions == pytest.approx([0.25, 0.5, 0.25, 0.0, 0.0])
     # live labels arrive as floats or ints: both land in the same bin
     assert bin_counts(columns[0], np.array([1.0, 2.0, 7.0])).tolist() == [0, 1, 1, 1, 0]
+
+
+def test_the_batch_binner_gives_the_same_bins_as_one_column_at_a_time() -> None:
+    rng = np.random.default_rng(3)
+    train = rng.standard_normal((500, 5))
+    train[:, 4] = np.round(train[:, 4])  # few distinct values: merged edges
+    columns = describe_outputs({"label": rng.integers(0, 3, 500)}) + [
+        numeric_column(i + 1, f"x{i}", "X", i, train[:, i]) for i in range(5)
+    ]
+    live = rng.standard_normal((64, 5)) * 2
+    live[0, 1], live[1, 4] = np.nan, 1e9
+    labels = np.array([0, 1, 2, 7] * 16, dtype=np.int64)
+    arrays = {"X": live.astype(np.float32), "label": labels}
+
+    binned = Binner(columns).split(Binner(columns).counts(arrays))
+
+    for column in columns:
+        values = labels if column.tensor == "label" else live.astype(np.float32)[:, column.column]
+        assert binned[column.index] == bin_counts(column, values).tolist(), column.name
