@@ -167,6 +167,9 @@ class Shadow:
         except (InferqError, OSError) as exc:
             log.warning("shadow_model_unavailable", model=model, target=str(target), error=str(exc))
             return [self._pair(c, -1, None, None, str(exc)) for c in group]
+        group = [c for c in group if c.version != version]  # the target answered these itself: nothing to compare
+        if not group:
+            return []
         started = time.perf_counter()
         results = run_isolating(loaded, [c.arrays for c in group])
         ms = (time.perf_counter() - started) * 1000
