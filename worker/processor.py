@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import orjson
+from pydantic import ValidationError
 
 from model_store.registry import Registry
 from shared.amqp import Backoff
-from shared.codec import Rejected
-from shared.errors import ErrorCode, JobError, StoreUnreachable
+from shared.codec import Rejected, describe_validation_error
+from shared.errors import ErrorCode, JobError, StoreError, StoreUnreachable
 from shared.logging import get_logger
 from shared.messages import ErrorInfo, Job, OutputTensor, Result, Status, Timings, trusted
 from shared.results import ResultStore
@@ -28,6 +29,9 @@ log = get_logger(__name__)
 ModelKey = tuple[str, int | str]
 """A batch's key: the model and the version reference its jobs asked for (resolved when it runs)."""
 ID_CONFLICT = "id_conflict"
+"""Dead-letter reason: the job's id already has a result, of another job (its digest differs)."""
+STORED_RESULT_UNREADABLE = "stored_result_unreadable"
+"""Dead-letter reason: a result is stored for the job's id but cannot be read back."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,9 +221,13 @@ class Processor:
                 continue
             try:
                 stored = self.store.get(item.job.id) if self.store.exists(item.job.id) else None
-            except OSError as exc:
+            except (OSError, StoreError) as exc:  # this job waits; the others of the unit go on
                 log.warning("result_store_unavailable", job_id=item.job.id, error=str(exc))
                 done.held.append(item)
+                continue
+            except ValidationError as exc:  # no retry will make it readable: an operator must look
+                log.error("stored_result_unreadable", job_id=item.job.id, error=describe_validation_error(exc))
+                done.rejections.append(Rejection(item.delivery, STORED_RESULT_UNREADABLE))
                 continue
             if stored is None:
                 fresh.append(item)
