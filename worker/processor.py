@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 import orjson
 from pydantic import ValidationError
 
-from model_store.registry import Registry
 from shared.amqp import Backoff
 from shared.codec import Rejected, describe_validation_error
-from shared.errors import ErrorCode, JobError, StoreError, StoreUnreachable
+from shared.errors import ErrorCode, JobError, StoreError
 from shared.logging import get_logger
 from shared.messages import ErrorInfo, Job, OutputTensor, Result, Status, Timings, trusted
 from shared.results import ResultStore
 from worker.batcher import Batch
 from worker.consumer import Delivery
+from worker.models import ModelFetcher
 from worker.runner import Arrays, Limits, LoadedModel, Watchdog, prepare_inputs, run_isolating
 
 log = get_logger(__name__)
@@ -107,7 +107,7 @@ class Processor:
 
     def __init__(
         self,
-        registry: Registry[LoadedModel],
+        models: ModelFetcher,
         store: ResultStore,
         limits: Limits,
         worker_name: str,
@@ -115,7 +115,7 @@ class Processor:
         retry_max_s: float,
         watchdog: Watchdog | None = None,
     ) -> None:
-        self.registry = registry
+        self.models = models
         self.store = store
         self.limits = limits
         self.worker_name = worker_name
@@ -200,16 +200,17 @@ class Processor:
     def _process_batch(self, batch: Batch[ModelKey, Pending], done: Processed) -> None:
         name, ref = batch.key
         try:
-            version = self.registry.resolve(name, ref)
-            fresh = self._reuse_stored(batch.items, done)
-            if fresh:
-                manifest, model = self.registry.get(name, version)
-                self._run(fresh, version, manifest.sha256, model, done)
+            ready = self.models.lookup(name, ref)
         except JobError as error:
             done.outcomes.extend(self.failed(i.delivery, i.job, error) for i in batch.items)
-        except StoreUnreachable as exc:
-            log.warning("model_store_unreachable", model=name, version=str(ref), jobs=len(batch.items), error=str(exc))
+            return
+        if ready is None:  # being fetched from the model store: these jobs wait, the others go on
             done.held.extend(batch.items)
+            return
+        version, manifest, model = ready
+        fresh = self._reuse_stored(batch.items, done)
+        if fresh:
+            self._run(fresh, version, manifest.sha256, model, done)
 
     def _reuse_stored(self, items: list[Pending], done: Processed) -> list[Pending]:
         """A redelivered job may have finished before a crash: send its stored result again instead of
