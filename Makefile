@@ -15,7 +15,7 @@ help:
 	@echo "make demo STORE=s3   the same demo on S3 stores (a local SeaweedFS it starts and stops)"
 	@echo "make test   run the whole test suite against the real broker"
 	@echo "make lint   ruff + mypy --strict"
-	@echo "make bench  inferq vs a naive worker vs the ceiling (BENCH_ARGS='--jobs 20000' for a shorter run)"
+	@echo "make bench  inferq vs the ideal pipeline, a naive worker and Celery (BENCH_ARGS='--jobs 20000' for a shorter run)"
 
 $(STAMP): pyproject.toml
 	scripts/ensure-python.sh $(PYTHON)

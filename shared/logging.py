@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
@@ -63,8 +64,14 @@ def _redact_value(value: Any) -> Any:
 class _StderrLogger:
     """Writes each rendered event to whatever ``sys.stderr`` is at the time (tests and tools swap it)."""
 
+    _lock = threading.Lock()
+
     def msg(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        # One write per event, under a lock: print() writes the line and its newline separately, and
+        # two threads (the worker's I/O and processing threads) interleaved them into unreadable lines.
+        with self._lock:
+            sys.stderr.write(message + "\n")
+            sys.stderr.flush()
 
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
 

@@ -46,6 +46,7 @@ from worker.batcher import Batch, Batcher
 from worker.consumer import Consumer, Delivery
 from worker.drain import DrainDetector, Step
 from worker.metrics import MeteredRegistry, WorkerMetrics, start_metrics_server
+from worker.models import ModelFetcher
 from worker.monitor import Monitor
 from worker.processor import ModelKey, Outcome, Pending, Processed, Processor
 from worker.runner import Limits, LoadedModel, Watchdog, check_providers, load_model
@@ -138,15 +139,18 @@ class Worker:
         self._stopping = threading.Event()
         limits = Limits(settings.max_rows_per_job, settings.max_elements_per_tensor)
         watchdog = Watchdog(settings.job_timeout_s)
+        # A model fetched in the background: its held jobs are tried again at once.
+        models = ModelFetcher(registry, on_fetched=lambda: self.consumer.call_threadsafe(self._release_held))
         self.processor = Processor(
-            registry, store, limits, self.name, self._stopping, settings.store_retry_max_s, watchdog, monitor, shadow
+            models, store, limits, self.name, self._stopping, settings.store_retry_max_s, watchdog, monitor, shadow
         )
         self._batcher: Batcher[ModelKey, Pending] = Batcher(
             settings.max_batch_rows, settings.max_wait_ms, time.monotonic
         )
         self._ready: list[Outcome] = []  # results known without running (rejected, expired)
         self._suspects: list[Pending] = []  # from the retry queue: each runs alone
-        self._held = 0  # jobs waiting to be tried again
+        self._held: list[Pending] = []  # jobs waiting for their model (or stored result) to be readable
+        self._hold_timer: object | None = None
         self._threads = ProcessingThreads(PROCESSING_THREADS)
         self._units = 0  # units of work at the processing threads
         self._alone = False  # a suspect is running: nothing else may
@@ -197,6 +201,7 @@ class Worker:
         self._stopping.set()
         self.consumer.call_later(self.settings.shutdown_grace_s, self._grace_expired)
         self.consumer.cancel(self._after_settled)
+        self._release_held()  # handed back: another worker may reach their store
         self._flush()
 
     def _grace_expired(self) -> None:
@@ -377,26 +382,33 @@ class Worker:
 
     def _hold(self, pending: Pending) -> None:
         """The model or result store cannot answer for this job now: keep it (unacked, so nothing is
-        lost and no delivery attempt is spent) and try again shortly, without holding up the acks of
+        lost and no delivery attempt is spent) and try again soon, without holding up the acks of
         other jobs. On stop, it goes back to the queue."""
         delivery = pending.delivery
         if self._stopping.is_set():
             self._finished(delivery, ok=False)
             return
         self._acks.hold(delivery.epoch, delivery.tag)
-        self._held += 1
+        self._held.append(pending)
+        if self._hold_timer is None:
+            self._hold_timer = self.consumer.call_later(HOLD_RETRY_S, self._release_held)
+        self._schedule_acks()
 
-        def again() -> None:
-            self._held -= 1
+    def _release_held(self) -> None:
+        """Try held jobs again (a model was fetched, or the retry time came); on stop, hand them back."""
+        if self._hold_timer is not None:
+            self.consumer.cancel_timer(self._hold_timer)
+            self._hold_timer = None
+        held, self._held = self._held, []
+        for pending in held:
+            delivery = pending.delivery
             if self._stopping.is_set():
                 self._finished(delivery, ok=False)
             elif self.consumer.is_current(delivery):
                 self._acks.release(delivery.epoch, delivery.tag)
                 self._batch(pending)
-                self._schedule_flush(0.0)
-
-        self.consumer.call_later(HOLD_RETRY_S, again)
-        self._schedule_acks()
+        if held:
+            self._schedule_flush(0.0)
 
     # -- 4. ack (I/O thread) ----------------------------------------------------------------------
 
@@ -438,6 +450,7 @@ class Worker:
         self._batcher.take_all()
         self._ready = []
         self._suspects = []
+        self._held = []
         if self._flush_timer is not None:
             self.consumer.cancel_timer(self._flush_timer)
             self._flush_timer = None

@@ -11,16 +11,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import orjson
+from pydantic import ValidationError
 
-from model_store.registry import Registry
 from shared.amqp import Backoff
-from shared.codec import Rejected
-from shared.errors import ErrorCode, JobError, StoreUnreachable
+from shared.codec import Rejected, describe_validation_error
+from shared.errors import ErrorCode, JobError, StoreError
 from shared.logging import get_logger
 from shared.messages import ErrorInfo, Job, OutputTensor, Result, Status, Timings, trusted
 from shared.results import ResultStore
 from worker.batcher import Batch
 from worker.consumer import Delivery
+from worker.models import ModelFetcher
 from worker.monitor import Monitor
 from worker.runner import Arrays, Limits, LoadedModel, Watchdog, prepare_inputs, run_isolating
 from worker.shadow import Shadow
@@ -30,6 +31,9 @@ log = get_logger(__name__)
 ModelKey = tuple[str, int | str]
 """A batch's key: the model and the version reference its jobs asked for (resolved when it runs)."""
 ID_CONFLICT = "id_conflict"
+"""Dead-letter reason: the job's id already has a result, of another job (its digest differs)."""
+STORED_RESULT_UNREADABLE = "stored_result_unreadable"
+"""Dead-letter reason: a result is stored for the job's id but cannot be read back."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +109,7 @@ class Processor:
 
     def __init__(
         self,
-        registry: Registry[LoadedModel],
+        models: ModelFetcher,
         store: ResultStore,
         limits: Limits,
         worker_name: str,
@@ -115,7 +119,7 @@ class Processor:
         monitor: Monitor | None = None,
         shadow: Shadow | None = None,
     ) -> None:
-        self.registry = registry
+        self.models = models
         self.store = store
         self.limits = limits
         self.worker_name = worker_name
@@ -202,16 +206,17 @@ class Processor:
     def _process_batch(self, batch: Batch[ModelKey, Pending], done: Processed) -> None:
         name, ref = batch.key
         try:
-            version = self.registry.resolve(name, ref)
-            fresh = self._reuse_stored(batch.items, done)
-            if fresh:
-                manifest, model = self.registry.get(name, version)
-                self._run(fresh, version, manifest.sha256, model, done)
+            ready = self.models.lookup(name, ref)
         except JobError as error:
             done.outcomes.extend(self.failed(i.delivery, i.job, error) for i in batch.items)
-        except StoreUnreachable as exc:
-            log.warning("model_store_unreachable", model=name, version=str(ref), jobs=len(batch.items), error=str(exc))
+            return
+        if ready is None:  # being fetched from the model store: these jobs wait, the others go on
             done.held.extend(batch.items)
+            return
+        version, manifest, model = ready
+        fresh = self._reuse_stored(batch.items, done)
+        if fresh:
+            self._run(fresh, version, manifest.sha256, model, done)
 
     def _reuse_stored(self, items: list[Pending], done: Processed) -> list[Pending]:
         """A redelivered job may have finished before a crash: send its stored result again instead of
@@ -223,9 +228,13 @@ class Processor:
                 continue
             try:
                 stored = self.store.get(item.job.id) if self.store.exists(item.job.id) else None
-            except OSError as exc:
+            except (OSError, StoreError) as exc:  # this job waits; the others of the unit go on
                 log.warning("result_store_unavailable", job_id=item.job.id, error=str(exc))
                 done.held.append(item)
+                continue
+            except ValidationError as exc:  # no retry will make it readable: an operator must look
+                log.error("stored_result_unreadable", job_id=item.job.id, error=describe_validation_error(exc))
+                done.rejections.append(Rejection(item.delivery, STORED_RESULT_UNREADABLE))
                 continue
             if stored is None:
                 fresh.append(item)

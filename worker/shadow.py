@@ -68,9 +68,10 @@ class Shadow:
         self.worker = worker
         self.backlog = 0  # jobs waiting, as last seen by the shadow thread
         self._settings_seen: dict[str, tuple[ShadowSetting | None, float]] = {}
+        self._refreshing: set[str] = set()
         self._staged: list[Candidate] = []
         self._lock = threading.Lock()
-        self._work: queue.SimpleQueue[list[Candidate] | None] = queue.SimpleQueue()
+        self._work: queue.SimpleQueue[list[Candidate] | str | None] = queue.SimpleQueue()
         self._skipped: Counter[tuple[str, int]] = Counter()
         self._unwritten: list[ShadowPair] = []
         self._depth_at = 0.0
@@ -105,17 +106,25 @@ class Shadow:
             self._submit([])  # wakes the shadow thread to look at the depth again
 
     def _setting(self, model: str) -> ShadowSetting | None:
-        """The model's shadow setting, read from the store at most every ``INFERQ_ALIAS_REFRESH_S``."""
-        now = time.monotonic()
+        """The model's shadow setting as last read. NOTE: only a model's first batch reads the store on
+        this thread (right after its version was fetched, so the store just answered); later reads, every
+        ``INFERQ_ALIAS_REFRESH_S``, happen on the shadow thread, so a slow store never stalls processing."""
         seen = self._settings_seen.get(model)
-        if seen is not None and now - seen[1] < self.settings.alias_refresh_s:
-            return seen[0]
+        if seen is None:
+            return self._read_setting(model)
+        if time.monotonic() - seen[1] >= self.settings.alias_refresh_s and model not in self._refreshing:
+            self._refreshing.add(model)
+            self._submit(model)
+        return seen[0]
+
+    def _read_setting(self, model: str) -> ShadowSetting | None:
+        seen = self._settings_seen.get(model)
         try:
             setting = read_shadow(self.registry.store, model)
         except (InferqError, OSError) as exc:
             log.warning("shadow_setting_unreadable", model=model, error=str(exc))
             setting = seen[0] if seen is not None else None
-        self._settings_seen[model] = (setting, now)
+        self._settings_seen[model] = (setting, time.monotonic())
         return setting
 
     # -- the I/O thread: after the unit's results were stored and published -----------------------
@@ -127,7 +136,7 @@ class Shadow:
         if staged:
             self._submit(staged)
 
-    def _submit(self, candidates: list[Candidate]) -> None:
+    def _submit(self, candidates: list[Candidate] | str) -> None:
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="inferq-shadow", daemon=True)
@@ -143,6 +152,10 @@ class Shadow:
 
     def _serve(self) -> None:
         while (candidates := self._work.get()) is not None:
+            if isinstance(candidates, str):  # a model whose setting is due to be read again
+                self._read_setting(candidates)
+                self._refreshing.discard(candidates)
+                continue
             try:
                 self._shadow(candidates)
             except Exception as exc:  # a bug here must never stop the worker; the pairs are lost, and logged
