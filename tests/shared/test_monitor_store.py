@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from support import S3_BUCKET
 
-from shared.monitor_store import MonitorStore, WindowCounts, open_monitor_store
+from shared.monitor_store import MonitorStore, ShadowPair, WindowCounts, open_monitor_store
 
 
 @pytest.fixture(params=["sqlite", "postgresql", "file", "s3"])
@@ -55,3 +55,25 @@ def test_the_same_window_written_twice_adds_both(store: MonitorStore) -> None:
     store.put_window(window(600, "a:1", 3, {0: [0, 3]}))
     totals = store.totals("m", 1)
     assert totals.rows == 5 and totals.inputs[0] == [2, 3]
+
+
+def pair(job_id: str, model: str = "m", shadow_version: int = 2) -> ShadowPair:
+    tensor = {"name": "label", "shape": [1], "datatype": "INT64", "data": [1]}
+    return ShadowPair(job_id, model, 1, shadow_version, [tensor], [tensor], 1.5, 0.5, None, "a:1")
+
+
+def test_shadow_pairs_are_kept_once_per_job_and_shadow_version(store: MonitorStore) -> None:
+    store.put_pairs([pair("j1"), pair("j2"), pair("j1", model="other")])
+    store.put_pairs([pair("j1"), pair("j3")])  # j1 again: a redelivered job makes the same pair
+
+    pairs = sorted(store.pairs("m"), key=lambda p: p.job_id)
+
+    assert [p.job_id for p in pairs] == ["j1", "j2", "j3"]
+    assert pairs[0] == pair("j1")
+    assert store.pairs("nothing") == []
+
+
+def test_skipped_shadow_jobs_add_up(store: MonitorStore) -> None:
+    store.put_window(WindowCounts("m", 1, 0, 0, "a:1", shadow_skipped=5))
+    store.put_window(WindowCounts("m", 1, 60, 0, "b:2", shadow_skipped=2))
+    assert store.totals("m", 1).shadow_skipped == 7
