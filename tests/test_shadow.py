@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+from onnx import TensorProto, helper
 from support import Env, Models, make_job
 
+from model_store.base import publish
 from model_store.shadow import sampled, set_shadow
 
 
@@ -85,3 +87,33 @@ def test_sampled_jobs_are_skipped_and_counted_while_the_queue_is_deep(iris_store
     report = orjson.loads(iris_store.inferq("monitor", "shadow", "iris", "--json").stdout)
     assert report["skipped"] > 0 and report["pairs"] > 0
     assert report["pairs"] + report["skipped"] == len(jobs)  # each sampled job either shadowed or counted
+
+
+def failing_model() -> bytes:
+    """Takes X [N, 4] like iris, and fails at run time, whatever the rows (column 10 does not exist)."""
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["X", "column"], ["probabilities"], axis=1)],
+        "fails",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 1])],
+        [helper.make_tensor("column", TensorProto.INT64, [1], [10])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_a_failing_shadow_model_never_touches_the_jobs_results(iris_store: Env, models: Models) -> None:
+    publish(iris_store.store, "iris", failing_model())  # version 3
+    set_shadow(iris_store.store, "iris", 3, 1.0)
+    jobs = [make_job(models.X[i : i + 1], version=1) for i in range(40)]
+    iris_store.submit(jobs)
+
+    iris_store.drain()
+
+    stored = iris_store.stored()
+    assert len(stored) == len(jobs) and {r.status.value for r in stored.values()} == {"succeeded"}
+    assert len(iris_store.results_on_queue()) == len(jobs)
+    report = orjson.loads(iris_store.inferq("monitor", "shadow", "iris", "--json").stdout)
+    assert report["pairs"] == len(jobs) and report["errors"] == {"version": 0, "shadow_version": len(jobs)}
+    assert report["agreement"] is None and report["agreement_ci"] is None
