@@ -477,6 +477,7 @@ def build_worker(settings: WorkerSettings, *, drain: bool) -> Worker:
     if settings.monitor:
         monitor = Monitor(monitoring, settings.monitor_window_s, name)
         monitor.register(metrics.registry)
+        monitor.start_timer()
     shadow = Shadow(settings, registry, monitoring, name)
     store = open_result_store(settings.result_store)
     return Worker(settings, registry, store, drain=drain, metrics=metrics, monitor=monitor, shadow=shadow)

@@ -2,8 +2,9 @@
 
 Per (model, version) the worker keeps integer counts per input feature and output bin in tumbling
 windows of ``INFERQ_MONITOR_WINDOW_S`` aligned to the clock (so windows of different workers line up).
-A closed window is written to the monitor store as soon as the next batch notices it closed; the open
-one when the worker stops or finishes a drain. Prometheus reads running totals at scrape time, so the
+A closed window is written to the monitor store by the next batch that notices it closed, or by a
+timer thread within a few seconds when no batch comes; the open one when the worker stops or finishes
+a drain. Prometheus reads running totals at scrape time, so the
 hot path adds no metric calls. A version without a reference costs one attribute read per batch.
 """
 
@@ -154,6 +155,20 @@ class Monitor:
                 if window is not None:
                     closed.append(window)
         return closed
+
+    def start_timer(self) -> None:
+        """Write windows that closed while no batch came, from a daemon thread (checked every few seconds)."""
+
+        def tick() -> None:
+            while True:
+                time.sleep(min(5.0, self.window_s))
+                start = int(self._clock() // self.window_s) * self.window_s
+                with self._lock:
+                    closed = self._close_before(start)
+                if closed:
+                    self._write(closed)
+
+        threading.Thread(target=tick, name="inferq-monitor", daemon=True).start()
 
     # -- writing ----------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,16 @@ def test_prometheus_sees_running_counts_and_reference_shares() -> None:
     assert rows == [4.0]
     assert sum(s.value for s in feature_a) == 4 and {s.labels["model"] for s in feature_a} == {"m"}
     assert shares[:2] == [0.5, 0.5]
+
+
+def test_a_window_that_closed_while_no_batch_came_is_written_by_the_timer(tmp_path: Path) -> None:
+    store = FileMonitorStore(tmp_path)
+    monitor = Monitor(store, 1, "host:1")  # one-second windows, the real clock
+    monitor.start_timer()
+    monitor.observe(manifest(), [{"X": ROWS}], [labels(0, 1, 0, 1)])
+
+    deadline = time.monotonic() + 10
+    while store.totals("m", 3).rows == 0:  # no other batch, no flush: only the timer can write it
+        assert time.monotonic() < deadline, "the closed window was never written"
+        time.sleep(0.1)
+    assert store.totals("m", 3).windows == 1
