@@ -13,11 +13,12 @@ import numpy as np
 import orjson
 import pytest
 from sklearn.linear_model import LogisticRegression
-from support import Env, make_job
+from support import BackgroundWorker, Env, make_job, wait_for
 
 from model_store.base import publish
 from model_store.export import estimator_to_onnx
 from model_store.reference import read_reference_data
+from shared.monitor_store import open_monitor_store
 
 FEATURES = 6
 SHIFTED = 3
@@ -139,3 +140,22 @@ def test_a_reference_that_does_not_fit_the_model_is_refused(env: Env, tmp_path: 
 
     assert refused.returncode == 1
     assert refused.stderr.strip() == "inferq: error: --reference: the model takes 4 features per row, the data has 3"
+
+
+def test_a_stopped_worker_writes_its_open_window(monitored: tuple[Env, np.random.Generator], tmp_path: Path) -> None:
+    env, rng = monitored
+    data, names = read_reference_data(tmp_path / "train.csv")
+    publish(env.store, "risk", (tmp_path / "risk.onnx").read_bytes(), reference=(data, names))
+    jobs = live_jobs(rng, 12, 5)
+
+    with BackgroundWorker(env.worker_settings(metrics_port=0, monitor_window_s=3600)):
+        env.submit(jobs)
+        wait_for(lambda: len(env.stored()) == len(jobs), timeout_s=60)
+    # the worker stopped gracefully: an hour-long window could only have been written at the stop
+
+    monitoring = open_monitor_store(env.result_store_at)
+    try:
+        totals = monitoring.totals("risk", 1)
+    finally:
+        monitoring.close()
+    assert totals.rows == 60 and sum(totals.inputs[SHIFTED]) == 60
