@@ -43,7 +43,7 @@ from shared.topology import result_routing_key
 from worker.acks import AckWindow
 from worker.batcher import Batch, Batcher
 from worker.consumer import Consumer, Delivery
-from worker.drain import DrainDetector, Step
+from worker.drain import DrainLoop
 from worker.metrics import MeteredRegistry, WorkerMetrics, start_metrics_server
 from worker.models import ModelFetcher
 from worker.processor import ModelKey, Outcome, Pending, Processed, Processor
@@ -127,11 +127,12 @@ class Worker:
         self.settings = settings
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.registry = registry
-        self.drain = DrainDetector() if drain else None
         self.name = worker_name()
         self.counters = Counters()
         self.consumer = Consumer(settings, self, f"inferq-worker {self.name}")
         self._stopping = threading.Event()
+        poll_s = settings.drain_poll_ms / 1000
+        self.drain = DrainLoop(self.consumer, poll_s, self._idle, self._stopping.is_set) if drain else None
         limits = Limits(settings.max_rows_per_job, settings.max_elements_per_tensor)
         watchdog = Watchdog(settings.job_timeout_s)
         # A model fetched in the background: its held jobs are tried again at once.
@@ -213,39 +214,11 @@ class Worker:
         if self._stopping.is_set():
             self.consumer.stop()
         elif self.drain is not None:
-            self._drain_step(self.drain.settled(idle=True))
-
-    # -- drain mode -------------------------------------------------------------------------------
+            self.drain.settled()
 
     def on_consuming(self) -> None:
         if self.drain is not None:
             self.drain.consuming()
-            self.consumer.call_later(self.settings.drain_poll_ms / 1000, self._drain_tick)
-
-    def _drain_tick(self) -> None:
-        if self.drain is None or self._stopping.is_set() or not self.consumer.ready:
-            return
-        self._drain_step(self.drain.tick(self._idle()))
-
-    def _drain_step(self, step: Step) -> None:
-        assert self.drain is not None
-        drain = self.drain
-        if step is Step.WAIT and self.consumer.ready:
-            self.consumer.call_later(self.settings.drain_poll_ms / 1000, self._drain_tick)
-        elif step in (Step.ASK_DEPTH, Step.ASK_FINAL_DEPTH):
-            self.consumer.queue_depth(lambda ready_jobs: self._drain_step(drain.depth(ready_jobs, self._idle())))
-        elif step is Step.CANCEL:
-            self.consumer.cancel(self._on_drain_cancelled)
-        elif step is Step.RESUME:
-            self.consumer.resume()
-        elif step is Step.DONE:
-            log.info("queue_drained", queue=self.settings.jobs_queue)
-            self.consumer.stop()
-
-    def _on_drain_cancelled(self) -> None:
-        assert self.drain is not None
-        self.drain.cancelled()
-        self._after_settled()
 
     # -- 1. receive → decode → batch --------------------------------------------------------------
 
