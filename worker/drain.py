@@ -1,4 +1,5 @@
-"""Drain mode's rule for "the queue is empty and every job is done": pure logic, no I/O.
+"""Drain mode's rule for "the queue is empty and every job is done" (:class:`DrainDetector`, pure logic,
+no I/O) and the loop that drives it on the worker's I/O thread (:class:`DrainLoop`).
 
 While consuming, whenever the worker is idle it asks the broker for the queue's depth. At zero it
 cancels its consumer (deliveries sent before the cancel arrive before its confirmation, so none is
@@ -9,7 +10,13 @@ channel (after a reconnect) always restarts the cycle, whatever step it was at.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum, auto
+from typing import Protocol
+
+from shared.logging import get_logger
+
+log = get_logger(__name__)
 
 
 class Step(Enum):
@@ -88,3 +95,67 @@ class DrainDetector:
             self._phase = _Phase.FINAL_ASKING
             return Step.ASK_FINAL_DEPTH
         return Step.WAIT
+
+
+class DrainBroker(Protocol):
+    """What drain mode asks of the broker side (the worker's consumer)."""
+
+    @property
+    def ready(self) -> bool:
+        """Consuming on an open channel."""
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> object:
+        """Run ``callback`` on the I/O thread after ``delay_s``."""
+
+    def queue_depth(self, on_count: Callable[[int], None]) -> None:
+        """Ask how many jobs are ready."""
+
+    def cancel(self, on_cancelled: Callable[[], None]) -> None:
+        """Stop consuming."""
+
+    def resume(self) -> None:
+        """Consume again."""
+
+    def stop(self) -> None:
+        """Close and leave the I/O loop."""
+
+
+class DrainLoop:
+    """Drives a :class:`DrainDetector` on the I/O thread: ticks, broker questions, cancel and resume."""
+
+    def __init__(self, broker: DrainBroker, poll_s: float, idle: Callable[[], bool], stopping: Callable[[], bool]):
+        self.detector = DrainDetector()
+        self._broker = broker
+        self._poll_s = poll_s
+        self._idle = idle
+        self._stopping = stopping
+
+    def consuming(self) -> None:
+        """A channel consumes: start (over) ticking."""
+        self.detector.consuming()
+        self._broker.call_later(self._poll_s, self._tick)
+
+    def settled(self) -> None:
+        """The worker became idle: perhaps the moment of the final check."""
+        self._step(self.detector.settled(self._idle()))
+
+    def _tick(self) -> None:
+        if not self._stopping() and self._broker.ready:
+            self._step(self.detector.tick(self._idle()))
+
+    def _step(self, step: Step) -> None:
+        if step is Step.WAIT and self._broker.ready:
+            self._broker.call_later(self._poll_s, self._tick)
+        elif step in (Step.ASK_DEPTH, Step.ASK_FINAL_DEPTH):
+            self._broker.queue_depth(lambda ready_jobs: self._step(self.detector.depth(ready_jobs, self._idle())))
+        elif step is Step.CANCEL:
+            self._broker.cancel(self._cancelled)
+        elif step is Step.RESUME:
+            self._broker.resume()
+        elif step is Step.DONE:
+            log.info("queue_drained")
+            self._broker.stop()
+
+    def _cancelled(self) -> None:
+        self.detector.cancelled()
+        self.settled()

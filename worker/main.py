@@ -44,7 +44,7 @@ from shared.topology import result_routing_key
 from worker.acks import AckWindow
 from worker.batcher import Batch, Batcher
 from worker.consumer import Consumer, Delivery
-from worker.drain import DrainDetector, Step
+from worker.drain import DrainLoop
 from worker.metrics import MeteredRegistry, WorkerMetrics, start_metrics_server
 from worker.models import ModelFetcher
 from worker.monitor import Monitor
@@ -56,7 +56,7 @@ log = get_logger(__name__)
 PROCESSING_THREADS = 1
 """Units of work in flight at once. One: measured against two (one computing while the other stores),
 one thread does as well or better under the GIL, with fewer handoffs (see the commit that set it)."""
-GC_THRESHOLD = 50_000
+GC_EVERY_S = 10.0
 HOLD_RETRY_S = 1.0
 """How soon a job held for an unreachable model or result store is tried again."""
 SUSPECT_DELIVERIES = 2
@@ -132,11 +132,12 @@ class Worker:
         self.settings = settings
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.registry = registry
-        self.drain = DrainDetector() if drain else None
         self.name = worker_name()
         self.counters = Counters()
         self.consumer = Consumer(settings, self, f"inferq-worker {self.name}")
         self._stopping = threading.Event()
+        poll_s = settings.drain_poll_ms / 1000
+        self.drain = DrainLoop(self.consumer, poll_s, self._idle, self._stopping.is_set) if drain else None
         limits = Limits(settings.max_rows_per_job, settings.max_elements_per_tensor)
         watchdog = Watchdog(settings.job_timeout_s)
         # A model fetched in the background: its held jobs are tried again at once.
@@ -223,39 +224,11 @@ class Worker:
         if self._stopping.is_set():
             self.consumer.stop()
         elif self.drain is not None:
-            self._drain_step(self.drain.settled(idle=True))
-
-    # -- drain mode -------------------------------------------------------------------------------
+            self.drain.settled()
 
     def on_consuming(self) -> None:
         if self.drain is not None:
             self.drain.consuming()
-            self.consumer.call_later(self.settings.drain_poll_ms / 1000, self._drain_tick)
-
-    def _drain_tick(self) -> None:
-        if self.drain is None or self._stopping.is_set() or not self.consumer.ready:
-            return
-        self._drain_step(self.drain.tick(self._idle()))
-
-    def _drain_step(self, step: Step) -> None:
-        assert self.drain is not None
-        drain = self.drain
-        if step is Step.WAIT and self.consumer.ready:
-            self.consumer.call_later(self.settings.drain_poll_ms / 1000, self._drain_tick)
-        elif step in (Step.ASK_DEPTH, Step.ASK_FINAL_DEPTH):
-            self.consumer.queue_depth(lambda ready_jobs: self._drain_step(drain.depth(ready_jobs, self._idle())))
-        elif step is Step.CANCEL:
-            self.consumer.cancel(self._on_drain_cancelled)
-        elif step is Step.RESUME:
-            self.consumer.resume()
-        elif step is Step.DONE:
-            log.info("queue_drained", queue=self.settings.jobs_queue)
-            self.consumer.stop()
-
-    def _on_drain_cancelled(self) -> None:
-        assert self.drain is not None
-        self.drain.cancelled()
-        self._after_settled()
 
     # -- 1. receive → decode → batch --------------------------------------------------------------
 
@@ -483,6 +456,12 @@ def build_worker(settings: WorkerSettings, *, drain: bool) -> Worker:
     return Worker(settings, registry, store, drain=drain, metrics=metrics, monitor=monitor, shadow=shadow)
 
 
+def collect_garbage(consumer: Consumer) -> None:
+    """A full cyclic garbage collection now and every ``GC_EVERY_S`` on the I/O thread."""
+    gc.collect()
+    consumer.call_later(GC_EVERY_S, partial(collect_garbage, consumer))
+
+
 def run_worker(settings: WorkerSettings, *, drain: bool = False) -> Counters:
     """Run a worker in this process until SIGTERM/SIGINT (or the queue is empty, with ``drain``)."""
     worker = build_worker(settings, drain=drain)
@@ -509,11 +488,13 @@ def run_worker(settings: WorkerSettings, *, drain: bool = False) -> Counters:
         drain=drain,
     )
     worker.metrics.watch(worker)
-    # Every job allocates a few short-lived objects and none forms a cycle that matters; the default
-    # thresholds ran a collection every few hundred allocations, ~9 % of a drain's CPU in a profile.
-    # The objects made at start (modules, schemas, sessions) move out of the collector's sight.
+    # Every job allocates a few short-lived objects, freed by reference counting; the cyclic collector
+    # found nothing to free yet cost 7-9 % of a drain's CPU (a young-generation pass per few hundred
+    # allocations, however high the threshold). It runs on a timer instead, over what lives then, and
+    # the objects made at start (modules, schemas, sessions) are moved out of its sight.
     gc.freeze()
-    gc.set_threshold(GC_THRESHOLD, 50, 1000)
+    gc.disable()
+    collect_garbage(worker.consumer)
     server = start_metrics_server(worker.metrics, worker, settings.metrics_host, settings.metrics_port)
     try:
         counters = worker.run()

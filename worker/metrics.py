@@ -174,13 +174,17 @@ class MeteredRegistry(Registry[LoadedModel]):
         )
         self._metrics = metrics
 
+    def loaded_model(self, name: str, version: int) -> tuple[Manifest, LoadedModel] | None:
+        loaded = super().loaded_model(name, version)
+        if loaded is not None:
+            self._metrics.model_cache_hits.labels(name).inc()
+        return loaded
+
     def get(self, name: str, version: int) -> tuple[Manifest, LoadedModel]:
         cached = (name, version) in self.loaded()
         started = time.perf_counter()
         loaded = super().get(name, version)
-        if cached:
-            self._metrics.model_cache_hits.labels(name).inc()
-        else:
+        if not cached:
             self._metrics.model_cache_misses.labels(name).inc()
             self._metrics.model_load_seconds.labels(name).observe(time.perf_counter() - started)
         return loaded

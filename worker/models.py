@@ -24,6 +24,9 @@ from worker.runner import LoadedModel
 log = get_logger(__name__)
 ERROR_KEPT_S = 1.0
 """How long a permanent error (unknown model, bad version) answers jobs before the store is asked again."""
+REFRESH_WAIT_S = 1.0
+"""How long jobs wait for a due refresh of ``latest`` and aliases (so a moved alias is seen within the
+refresh interval) before the last view serves them anyway (the store is slow or silent)."""
 
 Key = tuple[str, VersionRef]
 Ready = tuple[int, Manifest, LoadedModel]
@@ -36,7 +39,7 @@ class ModelFetcher:
         self.registry = registry
         self.on_fetched = on_fetched
         self._wanted: queue.SimpleQueue[Key] = queue.SimpleQueue()
-        self._fetching: set[Key] = set()
+        self._fetching: dict[Key, float] = {}  # key → when its fetch was asked for
         self._errors: dict[Key, tuple[JobError, float]] = {}
         self._lock = threading.Lock()
         threading.Thread(target=self._fetch_forever, name="inferq-models", daemon=True).start()
@@ -48,8 +51,8 @@ class ModelFetcher:
             failed = self._errors.get((name, ref))
         if failed is not None and time.monotonic() - failed[1] < ERROR_KEPT_S:
             raise failed[0]
-        if self.registry.needs_refresh(name):
-            self._fetch((name, ref))  # meanwhile, the last view serves
+        if self.registry.needs_refresh(name) and self._fetch((name, ref)) < REFRESH_WAIT_S:
+            return None  # a refresh is due: wait for it a little (bounded staleness), not for ever
         version = self.registry.known_version(name, ref)
         loaded = self.registry.loaded_model(name, version) if version is not None else None
         if version is None or loaded is None:
@@ -58,12 +61,16 @@ class ModelFetcher:
         manifest, model = loaded
         return version, manifest, model
 
-    def _fetch(self, key: Key) -> None:
+    def _fetch(self, key: Key) -> float:
+        """Ask for ``key`` to be fetched (once at a time); returns for how long it has been asked."""
+        now = time.monotonic()
         with self._lock:
-            if key in self._fetching:
-                return
-            self._fetching.add(key)
+            since = self._fetching.get(key)
+            if since is not None:
+                return now - since
+            self._fetching[key] = now
         self._wanted.put(key)
+        return 0.0
 
     def _fetch_forever(self) -> None:
         while True:
@@ -72,7 +79,7 @@ class ModelFetcher:
                 self._fetch_one(key)
             finally:
                 with self._lock:
-                    self._fetching.discard(key)
+                    self._fetching.pop(key, None)
                 self.on_fetched()
 
     def _fetch_one(self, key: Key) -> None:

@@ -220,27 +220,39 @@ class Processor:
 
     def _reuse_stored(self, items: list[Pending], done: Processed) -> list[Pending]:
         """A redelivered job may have finished before a crash: send its stored result again instead of
-        computing a second, possibly different one. A job whose store cannot answer now is held."""
+        computing a second, possibly different one. One read of the store for the batch; if the store
+        cannot answer now, those jobs are held and the others go on."""
+        maybe = [i for i in items if i.delivery.maybe_done_before]
+        if not maybe:
+            return items
+        try:
+            stored = self.store.get_many([i.job.id for i in maybe])
+        except (OSError, StoreError) as exc:
+            log.warning("result_store_unavailable", jobs=len(maybe), error=str(exc))
+            done.held.extend(maybe)
+            return [i for i in items if not i.delivery.maybe_done_before]
+        except ValidationError:  # one stored result is unreadable: find it, job by job
+            stored = self._read_one_by_one(maybe, done)
         fresh = []
         for item in items:
-            if not item.delivery.maybe_done_before:
+            earlier = stored.get(item.job.id) if item.delivery.maybe_done_before else None
+            if earlier is not None:
+                self._answer_with_stored(item, earlier, done)
+            elif item not in done.held and all(r.delivery is not item.delivery for r in done.rejections):
                 fresh.append(item)
-                continue
+        return fresh
+
+    def _read_one_by_one(self, items: list[Pending], done: Processed) -> dict[str, Result]:
+        found: dict[str, Result] = {}
+        for item in items:
             try:
-                stored = self.store.get(item.job.id) if self.store.exists(item.job.id) else None
-            except (OSError, StoreError) as exc:  # this job waits; the others of the unit go on
-                log.warning("result_store_unavailable", job_id=item.job.id, error=str(exc))
+                found.update(self.store.get_many([item.job.id]))
+            except (OSError, StoreError):
                 done.held.append(item)
-                continue
             except ValidationError as exc:  # no retry will make it readable: an operator must look
                 log.error("stored_result_unreadable", job_id=item.job.id, error=describe_validation_error(exc))
                 done.rejections.append(Rejection(item.delivery, STORED_RESULT_UNREADABLE))
-                continue
-            if stored is None:
-                fresh.append(item)
-            else:
-                self._answer_with_stored(item, stored, done)
-        return fresh
+        return found
 
     def _answer_with_stored(self, item: Pending, stored: Result, done: Processed) -> None:
         if stored.job_sha256 is not None and stored.job_sha256 != job_digest(item.job):
