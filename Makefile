@@ -15,13 +15,13 @@ help:
 	@echo "make demo STORE=s3   the same demo on S3 stores (a local SeaweedFS it starts and stops)"
 	@echo "make test   run the whole test suite against the real broker"
 	@echo "make lint   ruff + mypy --strict"
-	@echo "make bench  inferq vs a naive worker vs the ceiling (BENCH_ARGS='--jobs 20000' for a shorter run)"
+	@echo "make bench  inferq vs the ideal pipeline, a naive worker and Celery (BENCH_ARGS='--jobs 20000' for a shorter run)"
 
 $(STAMP): pyproject.toml
 	scripts/ensure-python.sh $(PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --quiet -e '.[dev,monitor]'
 	touch $(STAMP)
 
 env: $(STAMP)
@@ -49,7 +49,7 @@ format: env
 
 # The bench extra (matplotlib, psutil) is installed only for the benchmark.
 $(BENCH_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/pip install --quiet --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet --quiet -e '.[dev,monitor,bench]'
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP) broker

@@ -1,1 +1,1 @@
-"""The inferq benchmark: inferq against a naive pika-tutorial worker and the pipeline ceiling."""
+"""The inferq benchmark: inferq against the ideal pipeline, a naive pika-tutorial worker and Celery."""

@@ -1,4 +1,4 @@
-"""``python -m bench`` (``make bench``): inferq, the naive baseline and the ceiling on one workload.
+"""``python -m bench`` (``make bench``): inferq, the ideal pipeline, a naive worker and Celery on one workload.
 
 Every measurement is repeated ``--reps`` times, interleaved (all systems once, then all again), because
 the machine is shared: the comparison that counts is the ratio inside one repetition.
@@ -35,15 +35,20 @@ def _args() -> argparse.Namespace:
         "--naive-jobs",
         type=int,
         default=DEFAULT_NAIVE_JOBS,
-        help="jobs per drain run of the naive baseline (it is the slow one: at ~1k jobs/s, 50,000 jobs three "
-        "times would take most of the time budget on its own)",
+        help="jobs per drain run of the naive and Celery baselines (the slow ones: at ~1k jobs/s, 50,000 jobs "
+        "three times would take most of the time budget on their own)",
     )
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
     parser.add_argument("--rates", default="500,2000", help="offered rates for the latency runs, jobs/s")
     parser.add_argument("--latency-s", type=float, default=6.0, help="measured seconds per offered rate")
     parser.add_argument("--warmup-s", type=float, default=1.0, help="seconds at each rate before measuring")
     parser.add_argument("--drain-systems", default=",".join(SYSTEMS), help="systems for the drain runs")
-    parser.add_argument("--latency-systems", default="inferq-x1,ceiling,naive", help="systems for latency runs")
+    parser.add_argument("--latency-systems", default="inferq-x1,ideal,naive", help="systems for latency runs")
+    parser.add_argument(
+        "--result-store",
+        default="sqlite",
+        help="inferq's result store: sqlite (the default store), file, or a postgresql:// URL",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--work", type=Path, default=ROOT / "var" / "bench", help="models, results and logs")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, result files)")
@@ -69,6 +74,7 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "jobs": args.jobs,
         "naive_jobs": args.naive_jobs,
+        "result_store": args.result_store,
         "reps": args.reps,
         "rates": [float(r) for r in args.rates.split(",")],
         "latency_s": args.latency_s,
@@ -108,7 +114,7 @@ def main() -> None:
     started = time.monotonic()
     print("training and publishing the models …", flush=True)
     publish_models(args.work / "models")
-    bench = Bench(args.amqp_url, args.work / "models", args.work, Jobs(), uuid.uuid4().hex[:8])
+    bench = Bench(args.amqp_url, args.work / "models", args.work, Jobs(), uuid.uuid4().hex[:8], args.result_store)
     runs: list[dict[str, Any]] = []
     try:
         for rep in range(1, args.reps + 1):
@@ -116,7 +122,8 @@ def main() -> None:
             # quieter during the run does not favour whichever system always goes first.
             order = 1 if rep % 2 else -1
             for system in drain_systems[::order]:
-                run = drain(bench, system, rep, args.naive_jobs if system.kind == "naive" else args.jobs)
+                slow = system.kind in ("naive", "celery")
+                run = drain(bench, system, rep, args.naive_jobs if slow else args.jobs)
                 print(
                     f"rep {rep} drain   {system.name:<9} {run['throughput_jobs_s']:>9,.0f} jobs/s"
                     f"  ({run['jobs']:,} jobs, {run['wall_s']:.0f} s with set-up)",

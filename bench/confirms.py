@@ -1,4 +1,4 @@
-"""Publisher-confirm bookkeeping shared by the driver and the ceiling loop (pure logic)."""
+"""Publisher-confirm bookkeeping shared by the driver and the ideal pipeline (pure logic)."""
 
 from __future__ import annotations
 

@@ -16,29 +16,65 @@ from pika.adapters.select_connection import IOLoop
 from bench.confirms import Confirmed
 from shared.amqp import CONTENT_TYPE, PERSISTENT, PUBLISHED_MS_HEADER, declare_queues
 from shared.settings import InferqSettings
-from shared.topology import all_queues
+from shared.topology import ALL_RESULTS, all_queues
 
 CONFIRM_WINDOW = 1000
 TICK_S = 0.001
 SATURATION_BACKLOG_S = 2.0
 
 
-def declare(settings: InferqSettings) -> None:
-    """Declare the jobs, results and dead-letter queues exactly as inferq does (quorum queues)."""
+def declare(settings: InferqSettings, *, celery: bool = False) -> None:
+    """Declare the jobs, results and dead-letter queues exactly as inferq does (quorum queues, the
+    results queue bound to the results exchange); for Celery, its jobs queue as Celery declares it."""
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url.get_secret_value()))
     channel = connection.channel()
     for spec in all_queues(settings):
+        if celery and spec.name == settings.jobs_queue:
+            channel.queue_declare(spec.name, durable=True, arguments={"x-queue-type": "quorum"})
+            continue
         channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+        for exchange in spec.bound_to:
+            channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+            channel.queue_bind(spec.name, exchange, ALL_RESULTS)
     connection.close()
 
 
 def delete(settings: InferqSettings) -> None:
-    """Delete the run's queues."""
+    """Delete the run's queues and exchanges."""
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url.get_secret_value()))
     channel = connection.channel()
     for spec in all_queues(settings):
         channel.queue_delete(spec.name)
+        for exchange in spec.bound_to:
+            channel.exchange_delete(exchange)
     connection.close()
+
+
+def celery_message(job_id: str, body: bytes) -> tuple[bytes, pika.BasicProperties]:
+    """The inferq job ``body`` as a Celery (protocol 2) message calling ``bench.infer(body)``."""
+    payload = orjson.dumps([[body.decode()], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    headers = {
+        "lang": "py",
+        "task": "bench.infer",
+        "id": job_id,
+        "root_id": job_id,
+        "parent_id": None,
+        "group": None,
+        "retries": 0,
+        "eta": None,
+        "expires": None,
+        "argsrepr": "(...)",
+        "kwargsrepr": "{}",
+        "origin": "bench",
+    }
+    props = pika.BasicProperties(
+        content_type=CONTENT_TYPE,
+        content_encoding="utf-8",
+        delivery_mode=PERSISTENT,
+        correlation_id=job_id,
+        headers=headers,
+    )
+    return payload, props
 
 
 class DepthProbe:
@@ -82,8 +118,13 @@ class Offered:
 class Load:
     """One SelectConnection driven in the calling thread for the duration of each call."""
 
-    def __init__(self, settings: InferqSettings) -> None:
+    def __init__(
+        self,
+        settings: InferqSettings,
+        message: Callable[[str, bytes], tuple[bytes, pika.BasicProperties]] | None = None,
+    ) -> None:
         self.settings = settings
+        self._message = message  # turns an inferq job into another system's message (Celery)
         self._ioloop = IOLoop()
         self._channel: Any = None
         self._results_channel: Any = None
@@ -115,6 +156,9 @@ class Load:
 
     def _on_results_channel(self, channel: Any) -> None:
         self._results_channel = channel
+        if self._message is not None:
+            self._ioloop.stop()  # the driver declared the other system's queue as it does
+            return
         declare_queues(channel, all_queues(self.settings), self._ioloop.stop)
 
     def _on_confirm(self, frame: Any) -> None:
@@ -130,7 +174,11 @@ class Load:
         return self._published - self._confirmed.through
 
     def _publish(self, job_id: str, body: bytes) -> None:
-        self._channel.basic_publish("", self.settings.jobs_queue, body, _properties(job_id))
+        if self._message is not None:
+            body, props = self._message(job_id, body)
+        else:
+            props = _properties(job_id)
+        self._channel.basic_publish("", self.settings.jobs_queue, body, props)
         self._published += 1
 
     # -- a backlog ----------------------------------------------------------------------------------

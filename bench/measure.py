@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from bench.load import DepthProbe, Load, Offered, declare, delete
+from bench.load import DepthProbe, Load, Offered, celery_message, declare, delete
 from bench.stats import latency_summary, percentile
-from bench.systems import Running, System, start
+from bench.systems import Running, System, result_store_location, start
 from bench.workload import Jobs
+from shared.results import open_result_store
 from shared.settings import InferqSettings
 
 POLL_S = 0.02
@@ -50,11 +51,20 @@ class Monitor:
         self.driver = psutil.Process()
         self.rss_peak = dict.fromkeys(worker_pids, 0)
         self._last_cpu = dict.fromkeys(worker_pids, 0.0)
+        self._children: dict[int, psutil.Process] = {}
+
+    def _processes(self) -> list[psutil.Process]:
+        # A worker's children (Celery's prefork pool) are workers too.
+        for proc in self.workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for child in proc.children(recursive=True):
+                    self._children.setdefault(child.pid, child)
+        return self.workers + list(self._children.values())
 
     def cpu(self) -> dict[str, float]:
         """Cumulative CPU seconds per role (``nan`` for the broker when it cannot be found). A worker
         that has exited counts with its last reading: call this often while workers may exit."""
-        for proc in self.workers:
+        for proc in self._processes():
             with contextlib.suppress(psutil.NoSuchProcess):
                 self._last_cpu[proc.pid] = _cpu_s(proc)
         return {
@@ -65,9 +75,9 @@ class Monitor:
 
     def sample_rss(self) -> None:
         """Remember each worker's largest resident set size."""
-        for proc in self.workers:
+        for proc in self._processes():
             with contextlib.suppress(psutil.NoSuchProcess):
-                self.rss_peak[proc.pid] = max(self.rss_peak[proc.pid], proc.memory_info().rss)
+                self.rss_peak[proc.pid] = max(self.rss_peak.get(proc.pid, 0), proc.memory_info().rss)
 
     def rss_mb(self) -> float:
         """The largest RSS of any worker, MiB."""
@@ -90,6 +100,7 @@ class Bench:
     work_dir: Path
     jobs: Jobs
     tag: str
+    result_store: str = "sqlite"
 
     def settings(self, run: str) -> InferqSettings:
         """Settings naming this run's own queues (deleted afterwards)."""
@@ -120,16 +131,22 @@ def drain(bench: Bench, system: System, rep: int, jobs: int) -> dict[str, Any]:
     settings = bench.settings(run)
     run_dir = bench.work_dir / run
     wall_started = time.monotonic()
-    declare(settings)
-    load = Load(settings)
+    celery = system.kind == "celery"
+    declare(settings, celery=celery)
+    load = Load(settings, celery_message if celery else None)
     cpu_before = time.process_time()
     load.preload(_take(bench.job_stream(run), jobs))
     preload_us = (time.process_time() - cpu_before) / jobs * 1e6
     load.close()
-    running = start(system, settings, run_dir, drain=True)
+    running = start(system, settings, run_dir, drain=True, result_store=bench.result_store)
     probe = DepthProbe(settings)
+    # Celery stores nothing and publishes nothing: its progress is the jobs taken from its queue (late
+    # acks and a prefetch of 4 per process: at most 8 of the last jobs are still running at the end).
+    done: Callable[[], int] = (
+        (lambda: jobs - probe(settings.jobs_queue)[0]) if celery else (lambda: probe(settings.results_queue)[0])
+    )
     try:
-        window = _watch_drain(running, probe, settings.results_queue, jobs)
+        window = _watch_drain(running, done, jobs)
     finally:
         running.stop()
         probe.close()
@@ -152,19 +169,19 @@ def drain(bench: Bench, system: System, rep: int, jobs: int) -> dict[str, Any]:
         "wall_s": round(time.monotonic() - wall_started, 1),
     }
     if system.kind == "inferq":
-        out.update(_inferq_checks(running, run_dir, jobs))
+        out.update(_inferq_checks(running, result_store_location(bench.result_store, run_dir), jobs))
     return out
 
 
 def _watch_drain(
-    running: Running, probe: DepthProbe, results_queue: str, jobs: int
+    running: Running, done: Callable[[], int], jobs: int
 ) -> tuple[float, int, float, dict[str, float], dict[str, float], float]:
     monitor = Monitor(running.pids, broker_process())
     deadline = time.monotonic() + max(120.0, jobs / 200)
     first: tuple[float, int, dict[str, float]] | None = None
     polls = 0
     while True:
-        count, _consumers = probe(results_queue)
+        count = done()
         now = time.perf_counter()
         if first is None and count > 0:
             first = (now, count, monitor.cpu())
@@ -178,14 +195,18 @@ def _watch_drain(
         polls += 1
         if polls % RSS_EVERY == 0:
             monitor.sample_rss()
-        if len(running.procs) > 1:
+        if len(running.procs) > 1 or polls % RSS_EVERY == 0:
             monitor.cpu()  # a drain worker may exit before the others finish: keep its last reading
         time.sleep(POLL_S)
 
 
-def _inferq_checks(running: Running, run_dir: Path, jobs: int) -> dict[str, Any]:
+def _inferq_checks(running: Running, result_store: str, jobs: int) -> dict[str, Any]:
     """Every job has its stored result; when the workers started taking jobs, relative to each other."""
-    stored = sum(1 for _ in (run_dir / "results").glob("*.json"))
+    store = open_result_store(result_store)
+    try:
+        stored = store.count()
+    finally:
+        store.close()
     if stored != jobs:
         raise RuntimeError(f"{running.system.name}: {stored} results stored for {jobs} jobs")
     firsts = [
@@ -202,7 +223,7 @@ def latency(
     run = f"r{rep}-{system.slug}-latency"
     settings = bench.settings(run)
     declare(settings)
-    running = start(system, settings, bench.work_dir / run, drain=False)
+    running = start(system, settings, bench.work_dir / run, drain=False, result_store=bench.result_store)
     out = []
     try:
         _wait_consuming(running, settings)

@@ -1,4 +1,4 @@
-"""Model loading for the two reference workers (naive and ceiling): the same ONNX files from the same
+"""Model loading for the two reference workers (ideal pipeline and naive): the same ONNX files from the same
 model store, with the session options inferq uses (one intra-op thread per process)."""
 
 from __future__ import annotations

@@ -45,9 +45,11 @@ def ratio(numerator: float, denominator: float) -> float:
 
 
 RATIOS: dict[str, tuple[str, str]] = {
-    "inferq-x1 / ceiling": ("inferq-x1", "ceiling"),
+    "inferq-x1 / ideal": ("inferq-x1", "ideal"),
     "inferq-x1 / naive": ("inferq-x1", "naive"),
+    "inferq-x1 / celery": ("inferq-x1", "celery"),
     "inferq-x2 / inferq-x1": ("inferq-x2", "inferq-x1"),
+    "inferq-x1 / inferq-x1-nomon": ("inferq-x1", "inferq-x1-nomon"),
 }
 """The comparisons the targets are stated in, each as (numerator system, denominator system)."""
 

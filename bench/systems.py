@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -19,25 +20,31 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True, slots=True)
 class System:
-    """One system under test: ``kind`` is ``inferq``, ``naive`` or ``ceiling``; ``processes`` how many."""
+    """One system under test: ``kind`` is ``inferq``, ``ideal``, ``naive`` or ``celery``; ``processes``
+    how many worker processes the driver starts (Celery's one main process forks its own pool)."""
 
     name: str
     kind: str
     processes: int
+    label: str
+    monitor: bool = True
+    """inferq only: count drift (the models are published with a reference); off measures what it costs."""
 
     @property
     def slug(self) -> str:
         """A queue- and path-safe form of the name."""
-        return f"{self.kind}{self.processes}"
+        return f"{self.kind}{self.processes}" + ("" if self.monitor else "-nomon")
 
 
 SYSTEMS = {
     s.name: s
     for s in (
-        System("inferq-x1", "inferq", 1),
-        System("inferq-x2", "inferq", 2),
-        System("ceiling", "ceiling", 1),
-        System("naive", "naive", 1),
+        System("inferq-x1", "inferq", 1, "inferq ×1"),
+        System("inferq-x2", "inferq", 2, "inferq ×2"),
+        System("inferq-x1-nomon", "inferq", 1, "inferq ×1, no drift counting", monitor=False),
+        System("ideal", "ideal", 1, "ideal pipeline"),
+        System("naive", "naive", 1, "naive pika worker"),
+        System("celery", "celery", 1, "Celery prefork ×2"),
     )
 }
 
@@ -82,6 +89,8 @@ class Running:
     def onnxruntime_s(self) -> float:
         """Seconds the workers spent in onnxruntime calls: inferq's ``batch_done`` events, or the
         counters the reference workers write when they stop."""
+        if self.system.kind == "celery":
+            return math.nan  # not instrumented
         if self.system.kind != "inferq":
             return sum(float(orjson.loads(path.read_bytes())["ort_s"]) for path in self.stats if path.exists())
         total_ms = 0.0
@@ -100,7 +109,10 @@ class Running:
         return events
 
 
-def _inferq_env(settings: InferqSettings, result_store: Path) -> dict[str, str]:
+CELERY_CONCURRENCY = 2
+
+
+def _inferq_env(settings: InferqSettings, result_store: str) -> dict[str, str]:
     # Default settings: drop any INFERQ_* the caller's shell has, set only where things are.
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERQ_")}
     env.update(
@@ -108,13 +120,52 @@ def _inferq_env(settings: InferqSettings, result_store: Path) -> dict[str, str]:
         INFERQ_JOBS_QUEUE=settings.jobs_queue,
         INFERQ_RESULTS_QUEUE=settings.results_queue,
         INFERQ_MODEL_STORE=settings.model_store,
-        INFERQ_RESULT_STORE=str(result_store),
+        INFERQ_RESULT_STORE=result_store,
         INFERQ_LOG_FORMAT="json",
     )
     return env
 
 
-def start(system: System, settings: InferqSettings, run_dir: Path, *, drain: bool) -> Running:
+def result_store_location(choice: str, run_dir: Path) -> str:
+    """Where inferq stores results in a run: ``sqlite`` (the default store), ``file``, or a
+    ``postgresql://`` URL (a schema of its own per run is not needed: job ids are unique per run)."""
+    if choice == "sqlite":
+        return f"sqlite:{run_dir / 'results.db'}"
+    if choice == "file":
+        return str(run_dir / "results")
+    return choice
+
+
+def _celery(settings: InferqSettings) -> tuple[list[str], dict[str, str]]:
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "bench.celery_worker",
+        "worker",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        str(CELERY_CONCURRENCY),
+        "--without-heartbeat",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        "WARNING",
+    ]
+    env = dict(
+        os.environ,
+        BENCH_CELERY_BROKER=settings.amqp_url.get_secret_value(),
+        BENCH_CELERY_QUEUE=settings.jobs_queue,
+        BENCH_CELERY_MODEL_STORE=settings.model_store,
+    )
+    return command, env
+
+
+def start(
+    system: System, settings: InferqSettings, run_dir: Path, *, drain: bool, result_store: str = "sqlite"
+) -> Running:
     """Start ``system``'s worker processes against the run's queues."""
     run_dir.mkdir(parents=True, exist_ok=True)
     procs, logs, stats = [], [], []
@@ -123,7 +174,10 @@ def start(system: System, settings: InferqSettings, run_dir: Path, *, drain: boo
         stat = run_dir / f"{system.slug}-{number}.stats.json"
         if system.kind == "inferq":
             command = [sys.executable, "-m", "inferq", "worker", *(["--drain"] if drain else [])]
-            env = _inferq_env(settings, run_dir / "results")
+            env = _inferq_env(settings, result_store_location(result_store, run_dir))
+            env["INFERQ_MONITOR"] = "true" if system.monitor else "false"
+        elif system.kind == "celery":
+            command, env = _celery(settings)
         else:
             command = [
                 sys.executable,

@@ -60,7 +60,17 @@ def publish_models(model_store: Path) -> None:
         )
         fitted = spec.estimator().fit(x, y)
         data = estimator_to_onnx(fitted, spec.features)
-        publish(store, spec.name, data, source=f"sklearn:{type(fitted).__name__}", framework=framework_versions())
+        # The training rows as reference: the workers count drift for every job (what it costs is measured
+        # against workers with INFERQ_MONITOR=false).
+        reference = (x, [f"f{i}" for i in range(spec.features)])
+        publish(
+            store,
+            spec.name,
+            data,
+            source=f"sklearn:{type(fitted).__name__}",
+            framework=framework_versions(),
+            reference=reference,
+        )
 
 
 class Jobs:

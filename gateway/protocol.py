@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from shared.messages import JOB_ID_PATTERN, Datatype, Tensor
+from shared.messages import JOB_ID_PATTERN, Datatype, OutputTensor, Tensor
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 MAX_INPUTS = 64
@@ -76,7 +76,7 @@ class InferenceResponse(BaseModel):
     model_name: str
     model_version: str | None = Field(description="The concrete version that ran.")
     id: str
-    outputs: list[Tensor]
+    outputs: list[OutputTensor]
 
 
 class ErrorDetail(BaseModel):

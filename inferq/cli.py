@@ -80,15 +80,32 @@ def models() -> None:
     type=click.Path(path_type=Path),
     help="CSV/JSONL of a few training rows: column names (and text columns) for a model fitted without names.",
 )
+@click.option(
+    "--reference",
+    "reference_path",
+    type=click.Path(path_type=Path),
+    help="Training inputs (.csv with a header, .jsonl rows or .npy): the distribution drift is measured against.",
+)
+@click.option("--feature-names", help="Comma-separated feature names for --reference (default: the CSV header).")
 def models_publish(
-    name: str, path: Path, version: int | None, alias: str | None, n_features: int | None, sample: Path | None
+    name: str,
+    path: Path,
+    version: int | None,
+    alias: str | None,
+    n_features: int | None,
+    sample: Path | None,
+    reference_path: Path | None,
+    feature_names: str | None,
 ) -> None:
     """Publish PATH: an .onnx file, or a scikit-learn estimator or pipeline saved as .joblib/.pkl/.pickle
     (converted with skl2onnx; unpickling runs code from the file, so publish only files you trust)."""
     # scikit-learn and skl2onnx take seconds to import: only this command needs them.
     from model_store.export import framework_versions, load_model_file  # noqa: PLC0415
+    from model_store.reference import read_reference_data  # noqa: PLC0415
 
     settings = _settings(InferqSettings)
+    names = [n.strip() for n in feature_names.split(",")] if feature_names else None
+    reference = read_reference_data(reference_path, names) if reference_path is not None else None
     exported = load_model_file(path, n_features, sample)
     framework = framework_versions() if exported.source.startswith("sklearn:") else {}
     store = open_model_store(settings.model_store)
@@ -101,8 +118,11 @@ def models_publish(
         source=exported.source,
         framework=framework,
         columns=exported.columns,
+        reference=reference,
     )
     suffix = f" (alias {alias})" if alias else ""
+    if manifest.reference is not None:
+        suffix += f", reference of {manifest.reference.rows} rows"
     click.echo(f"published {manifest.name} version {manifest.version} sha256 {manifest.sha256[:12]}{suffix}")
     if manifest.columns:
         click.echo("columns: " + ", ".join(f"{c.name}:{c.datatype}" for c in manifest.columns))
@@ -149,6 +169,29 @@ def models_alias(name: str, alias: str, version: int) -> None:
     store = open_model_store(_settings(InferqSettings).model_store)
     set_alias(store, name, alias, version)
     click.echo(f"{name} {alias} -> version {version}")
+
+
+@models.command("shadow")
+@click.argument("name")
+@click.option("--target", help="The version or alias that runs in the shadow of the jobs' own version.")
+@click.option("--fraction", type=click.FloatRange(min=0, max=1, min_open=True), help="Share of jobs, 0 < F <= 1.")
+@click.option("--off", is_flag=True, help="Stop shadow traffic.")
+def models_shadow(name: str, target: str | None, fraction: float | None, off: bool) -> None:
+    """Run TARGET on a share of NAME's jobs and keep both answers (workers pick it up within
+    INFERQ_ALIAS_REFRESH_S); shadow answers never reach the results queue."""
+    from model_store.shadow import clear_shadow, set_shadow  # noqa: PLC0415
+
+    store = open_model_store(_settings(InferqSettings).model_store)
+    if off:
+        if target is not None or fraction is not None:
+            raise click.UsageError("--off takes no --target or --fraction")
+        clear_shadow(store, name)
+        click.echo(f"{name}: shadow traffic off")
+        return
+    if target is None or fraction is None:
+        raise click.UsageError("give --target ALIAS|VERSION and --fraction F, or --off")
+    version = set_shadow(store, name, _version(target), fraction)
+    click.echo(f"{name}: {fraction:g} of jobs also run on {target} (version {version} now)")
 
 
 # -- worker --------------------------------------------------------------------------------------
@@ -479,6 +522,73 @@ def _echo_replayed(letter: DeadLetter) -> None:
     # A dead letter without an AMQP message id (published by hand, or a body that was never a job)
     # is still replayed: say so, with what is known about it, rather than print "None".
     _echo_flush(letter.message_id or f"(no id: {letter.size_bytes}B, reason {letter.reason})")
+
+
+# -- monitoring ----------------------------------------------------------------------------------
+
+
+@cli.group()
+def monitor() -> None:
+    """Drift of live inputs and outputs against each version's reference."""
+
+
+@monitor.command("drift")
+@click.argument("model")
+@click.option("--version", "version", default="latest", show_default=True, help="Version number or alias.")
+@click.option("--since", help="Only windows that started this long ago or later: 30m, 1h, 7d (default: all).")
+@click.option("--min-rows", default=1000, show_default=True, type=click.IntRange(min=1), help="Fewer: insufficient.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
+@click.option("--plot", type=click.Path(path_type=Path), help="Draw reference and live shares per feature (PNG).")
+def monitor_drift(model: str, version: str, since: str | None, min_rows: int, as_json: bool, plot: Path | None) -> None:
+    """PSI, Jensen-Shannon distance, chi-square p-value and a status per feature and output of MODEL.
+
+    Exits 0 whether or not drift is found."""
+    from operations.drift import drift_report, parse_since, plot_drift, render_drift  # noqa: PLC0415
+    from shared.monitor_store import open_monitor_store  # noqa: PLC0415
+
+    try:
+        since_s = parse_since(since) if since is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    settings = _settings(InferqSettings)
+    monitor_store = open_monitor_store(settings.result_store)
+    try:
+        report = drift_report(
+            open_model_store(settings.model_store),
+            monitor_store,
+            model,
+            _version(version),
+            since_s=since_s,
+            min_rows=min_rows,
+        )
+    finally:
+        monitor_store.close()
+    if plot is not None:
+        try:
+            plot_drift(report, plot)
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib: pip install 'inferq[monitor]'") from None
+    if as_json:
+        click.echo(orjson.dumps(report.to_dict()).decode())
+    else:
+        click.echo("\n".join(render_drift(report)))
+
+
+@monitor.command("shadow")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
+def monitor_shadow(model: str, as_json: bool) -> None:
+    """Agreement of MODEL's shadow version with the version that answered, over the stored pairs."""
+    from operations.shadow import render_shadow, shadow_report  # noqa: PLC0415
+    from shared.monitor_store import open_monitor_store  # noqa: PLC0415
+
+    settings = _settings(InferqSettings)
+    monitor_store = open_monitor_store(settings.result_store)
+    try:
+        report = shadow_report(open_model_store(settings.model_store), monitor_store, model)
+    finally:
+        monitor_store.close()
+    click.echo(orjson.dumps(report.to_dict()).decode() if as_json else "\n".join(render_shadow(report)))
 
 
 # -- entry point ---------------------------------------------------------------------------------

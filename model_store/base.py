@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from model_store.manifest import Manifest, build_manifest
-from shared.errors import InvalidName, UnknownModel, UnknownVersion, VersionExists
+from model_store.reference import Reference, build_reference
+from shared.errors import InvalidName, InvalidPayload, UnknownModel, UnknownVersion, VersionExists
 from shared.messages import LATEST, VersionRef, is_valid_alias, is_valid_name
 from shared.table import Column, Table
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 ALIASES_FILE = "aliases.json"
+SHADOW_FILE = "shadow.json"
 MAX_PUBLISH_ATTEMPTS = 20
 
 
@@ -45,6 +47,12 @@ class ModelStore(Protocol):
 
     def put_version(self, manifest: Manifest, model_bytes: bytes) -> None:
         """Publish a version atomically; raises :class:`VersionExists` if the number is taken."""
+
+    def read_shadow(self, name: str) -> bytes | None:
+        """The shadow-traffic setting of ``name`` as stored (``<model>/shadow.json``), or ``None``."""
+
+    def write_shadow(self, name: str, data: bytes | None) -> None:
+        """Replace the shadow-traffic setting of ``name`` (atomically); ``None`` removes it."""
 
 
 def check_name(name: str) -> str:
@@ -103,15 +111,23 @@ def publish(
     source: str = "onnx",
     framework: dict[str, str] | None = None,
     columns: list[Column] | None = None,
+    reference: tuple[Any, list[str]] | None = None,
 ) -> Manifest:
     """Publish ``model_bytes`` as a new immutable version (the next number unless ``version`` is given);
-    ``columns`` names the table the model reads, when it reads named columns."""
+    ``columns`` names the table the model reads, when it reads named columns; ``reference`` (rows as a
+    2-D array, feature names) becomes the manifest's reference distribution."""
     check_name(name)
     if alias is not None:
         check_alias(alias)
     first = version if version is not None else max(store.list_versions(name), default=0) + 1
+    # The reference is computed once, before any number is taken: it depends only on the model.
+    binned = None
+    if reference is not None:
+        binned = _reference(build_manifest(name, first, model_bytes, source, framework or {}), model_bytes, *reference)
     for number in range(first, first + MAX_PUBLISH_ATTEMPTS):
         manifest = build_manifest(name, number, model_bytes, source, framework or {}, columns)
+        if binned is not None:
+            manifest = manifest.model_copy(update={"reference": binned})
         try:
             store.put_version(manifest, model_bytes)
             break
@@ -132,3 +148,13 @@ def set_alias(store: ModelStore, name: str, alias: str, version: int) -> None:
     check_alias(alias)
     resolve_version(store, name, version)  # the version must exist
     store.update_aliases(name, lambda aliases: {**aliases, alias: version})
+
+
+def _reference(manifest: Manifest, model_bytes: bytes, data: Any, names: list[str]) -> Reference:
+    if len(manifest.inputs) != 1 or len(manifest.inputs[0].shape) != 2:
+        raise InvalidPayload(f"--reference: model {manifest.name!r} does not take one 2-D input")
+    spec = manifest.inputs[0]
+    width = spec.shape[1]
+    if width is not None and width != data.shape[1]:
+        raise InvalidPayload(f"--reference: the model takes {width} features per row, the data has {data.shape[1]}")
+    return build_reference(model_bytes, spec.name, spec.datatype, data, names)

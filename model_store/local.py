@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 from pydantic import ValidationError
 
-from model_store.base import ALIASES_FILE, MANIFEST_FILE, MODEL_FILE, check_name
+from model_store.base import ALIASES_FILE, MANIFEST_FILE, MODEL_FILE, SHADOW_FILE, check_name
 from model_store.manifest import Manifest
 from shared.errors import ModelLoadError, StoreError, UnknownModel, UnknownVersion, VersionExists
 
@@ -92,6 +92,20 @@ class LocalModelStore:
         with self._locked(model_dir):  # read and write under one lock: concurrent updates serialize
             aliases = change(self.read_aliases(name))
             _write_atomic(model_dir / ALIASES_FILE, orjson.dumps(aliases, option=orjson.OPT_SORT_KEYS))
+
+    def read_shadow(self, name: str) -> bytes | None:
+        try:
+            return (self._model_dir(name) / SHADOW_FILE).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_shadow(self, name: str, data: bytes | None) -> None:
+        model_dir = self._model_dir(name)
+        with self._locked(model_dir):
+            if data is None:
+                (model_dir / SHADOW_FILE).unlink(missing_ok=True)
+            else:
+                _write_atomic(model_dir / SHADOW_FILE, data)
 
     def put_version(self, manifest: Manifest, model_bytes: bytes) -> None:
         model_dir = self._model_dir(manifest.name)

@@ -13,6 +13,7 @@ import onnx
 from onnx import helper
 from pydantic import BaseModel, ConfigDict, Field
 
+from model_store.reference import Reference
 from shared.errors import ModelLoadError
 from shared.messages import DATATYPE_OF_NUMPY, Datatype
 from shared.table import Column, Table
@@ -45,6 +46,8 @@ class Manifest(BaseModel):
     created_at: datetime
     # The named columns of the table the model reads, in order (None: rows go by position, if at all).
     columns: list[Column] | None = None
+    reference: Reference | None = None
+    """Bins and shares of the training inputs and outputs (``publish --reference``): what drift is measured against."""
 
     def table(self) -> Table:
         """How rows become this version's input tensors; raises :class:`InvalidPayload` when they cannot."""

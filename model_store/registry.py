@@ -81,6 +81,34 @@ class Registry(Generic[M]):
                 raise
             return self._lookup(fresher, name, ref)
 
+    def needs_refresh(self, name: str) -> bool:
+        """True when the view of ``name`` is missing or older than ``refresh_s`` (:meth:`resolve` renews it)."""
+        cached = self._catalogs.get(name)
+        return cached is None or self._clock() - cached.fetched_at >= self._refresh_s
+
+    def known_version(self, name: str, ref: VersionRef) -> int | None:
+        """The version ``ref`` names in the last view of the store, without asking the store; ``None``
+        when there is no view of ``name`` yet. Raises :class:`UnknownModel` / :class:`UnknownVersion`
+        when a view younger than a second says so (an older one may be outdated: ``None``)."""
+        cached = self._catalogs.get(name)
+        if cached is None:
+            return None
+        age = self._clock() - cached.fetched_at
+        try:
+            return self._lookup(cached, name, ref)
+        except (UnknownModel, UnknownVersion):
+            if age >= min(self._refresh_s, FORCED_REFRESH_MIN_S):
+                return None  # perhaps published since: let resolve() look again
+            raise
+
+    def loaded_model(self, name: str, version: int) -> tuple[Manifest, M] | None:
+        """The model if it is loaded now (no store access); ``None`` otherwise."""
+        with self._lock:
+            loaded = self._loaded.get((name, version))
+            if loaded is not None:
+                self._loaded.move_to_end((name, version))
+            return loaded
+
     def _catalog(self, name: str, *, max_age_s: float) -> _Catalog:
         cached = self._catalogs.get(name)
         now = self._clock()

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from model_store.base import ALIASES_FILE, MANIFEST_FILE, MODEL_FILE, check_name
+from model_store.base import ALIASES_FILE, MANIFEST_FILE, MODEL_FILE, SHADOW_FILE, check_name
 from model_store.manifest import Manifest
 from shared.errors import ModelLoadError, StoreError, UnknownModel, UnknownVersion, VersionExists
 from shared.messages import is_valid_name
@@ -154,6 +154,16 @@ class S3ModelStore:
             if self._put(key, body, if_absent=etag is None, if_match=etag, content_type="application/json"):
                 return
         raise StoreError(f"aliases of {name!r} kept changing under {ALIAS_UPDATE_ATTEMPTS} attempts; retry")
+
+    def read_shadow(self, name: str) -> bytes | None:
+        return self._get(self._key(name, SHADOW_FILE))
+
+    def write_shadow(self, name: str, data: bytes | None) -> None:
+        key = self._key(name, SHADOW_FILE)
+        if data is None:
+            self._delete(key)
+        else:
+            self._put(key, data, if_absent=False, content_type="application/json")
 
     def put_version(self, manifest: Manifest, model_bytes: bytes) -> None:
         self._check_conditional_writes()

@@ -38,6 +38,7 @@ INFERQ = [sys.executable, "-m", "inferq"]
 FEATURES = 8
 ROWS_V1 = 4000  # one row per job, on the "champion" alias (version 1)
 ROWS_V2 = 2000  # ten rows per job, on "latest" (version 2)
+DRIFTED = 3  # the feature the live data shifts away from the training data
 
 
 def step(text: str) -> None:
@@ -153,6 +154,22 @@ def main() -> None:
         run_demo(env)
 
 
+def watch_models(env: dict[str, str]) -> None:
+    step("drift of the champion's inputs and outputs against its reference (plot in var/demo/drift.png)")
+    inferq("monitor", "drift", "churn", "--version", "champion", "--plot", str(WORK / "drift.png"), env=env)
+
+    step("the shadow version against the champion, on the same jobs")
+    inferq("monitor", "shadow", "churn", env=env)
+
+
+def rerun_with_out(env: dict[str, str]) -> None:
+    step("rerun the backfill with --out: every job already has a result, nothing is published, predictions.csv")
+    out = WORK / "predictions.csv"
+    v1 = str(WORK / "v1.csv")
+    inferq("backfill", v1, "--model", "churn", "--version", "champion", "--id-column", "id", "--out", str(out), env=env)
+    print("".join(out.read_text().splitlines(keepends=True)[:3]), end="")
+
+
 def run_demo(env: dict[str, str]) -> None:
     purge_queues(env)
 
@@ -162,13 +179,22 @@ def run_demo(env: dict[str, str]) -> None:
     logistic = LogisticRegression(max_iter=500).fit(X, y)
     joblib.dump(forest, WORK / "forest.joblib")
     joblib.dump(logistic, WORK / "logistic.joblib")
-    inferq("models", "publish", "churn", str(WORK / "forest.joblib"), "--alias", "champion", env=env)
-    inferq("models", "publish", "churn", str(WORK / "logistic.joblib"), env=env)
+    write_data(WORK / "train.csv", X, None)
+    reference = ["--reference", str(WORK / "train.csv")]
+    inferq("models", "publish", "churn", str(WORK / "forest.joblib"), "--alias", "champion", *reference, env=env)
+    inferq("models", "publish", "churn", str(WORK / "logistic.joblib"), *reference, env=env)
     inferq("models", "list", env=env)
 
-    step(f"backfill {ROWS_V1} rows on 'champion' (1 row/job) and {ROWS_V2} rows on 'latest' (10 rows/job)")
+    step("shadow: half of the jobs on 'champion' also run on version 2 (never answered with)")
+    inferq("models", "shadow", "churn", "--target", "2", "--fraction", "0.5", env=env)
+
+    step(
+        f"backfill {ROWS_V1} rows on 'champion' (1 row/job, f{DRIFTED} shifted by 3 sd) and {ROWS_V2} rows on 'latest'"
+    )
     rng = np.random.default_rng(7)
-    write_data(WORK / "v1.csv", rng.normal(size=(ROWS_V1, FEATURES)), "a")
+    live = X[rng.integers(0, len(X), ROWS_V1)] + rng.normal(scale=0.05, size=(ROWS_V1, FEATURES))
+    live[:, DRIFTED] += 3 * X[:, DRIFTED].std()
+    write_data(WORK / "v1.csv", live, "a")
     write_data(WORK / "v2.csv", rng.normal(size=(ROWS_V2, FEATURES)), None)
     inferq("backfill", str(WORK / "v1.csv"), "--model", "churn", "--version", "champion", "--id-column", "id", env=env)
     inferq("backfill", str(WORK / "v2.csv"), "--model", "churn", "--batch-rows", "10", env=env)
@@ -195,22 +221,8 @@ def run_demo(env: dict[str, str]) -> None:
     print(f"plans {row}: p={[round(p, 4) for p in result['outputs'][1]['data']]} (scikit-learn: {expected})")
     stored = count_results(env)
 
-    step("rerun the backfill with --out: every job already has a result, nothing is published, predictions.csv")
-    out = WORK / "predictions.csv"
-    inferq(
-        "backfill",
-        str(WORK / "v1.csv"),
-        "--model",
-        "churn",
-        "--version",
-        "champion",
-        "--id-column",
-        "id",
-        "--out",
-        str(out),
-        env=env,
-    )
-    print("".join(out.read_text().splitlines(keepends=True)[:3]), end="")
+    watch_models(env)
+    rerun_with_out(env)
 
     step("throughput")
     rows = ROWS_V1 + ROWS_V2

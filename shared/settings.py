@@ -87,6 +87,20 @@ class WorkerSettings(InferqSettings):
     job_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     broker_consumer_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
     shutdown_grace_s: Annotated[float, Field(gt=0)] = 25.0
+    monitor: bool = True
+    """Count inputs and outputs of versions published with a reference (drift); false turns it off."""
+    monitor_window_s: Annotated[int, Field(ge=1, le=86_400)] = 60
+    """Length of the tumbling windows drift counts are written in."""
+    shadow_max_backlog: Annotated[int, Field(ge=0)] = 10_000
+    """Shadow traffic is skipped (and counted) while more jobs than this wait in the jobs queue."""
+    ort_providers: str = "CPUExecutionProvider"
+    """onnxruntime execution providers in order of preference, comma-separated, e.g.
+    ``CUDAExecutionProvider,CPUExecutionProvider`` where onnxruntime-gpu is installed."""
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """:attr:`ort_providers` as a tuple."""
+        return tuple(p.strip() for p in self.ort_providers.split(",") if p.strip())
 
     @model_validator(mode="after")
     def _job_fits_in_consumer_timeout(self) -> WorkerSettings:

@@ -5,7 +5,9 @@ supervisor would restart a crashed worker."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import time
 from functools import partial
 from typing import Any
 
@@ -22,6 +24,11 @@ from worker.runner import LoadedModel, load_model
 
 POISON = 666.0
 CRASH_EXIT = 70
+SLOW = 555.0
+"""A job with this value takes ``SLOW_S`` seconds to run."""
+SLOW_S = 8.0
+STUCK = 777.0
+"""A job with this value never finishes (a run stuck in native code, for all the worker can tell)."""
 
 
 class CrashingSession:
@@ -33,6 +40,10 @@ class CrashingSession:
     def run(self, names: list[str], feeds: dict[str, np.ndarray], options: Any = None) -> Any:
         if any(np.any(v == POISON) for v in feeds.values()):
             os._exit(CRASH_EXIT)
+        if any(np.any(v == STUCK) for v in feeds.values()):
+            time.sleep(3600)
+        if any(np.any(v == SLOW) for v in feeds.values()):
+            time.sleep(SLOW_S)
         return self._session.run(names, feeds, options)
 
 
@@ -42,11 +53,14 @@ def crashing_loader(manifest: Manifest, data: bytes) -> LoadedModel:
     return model
 
 
-def main() -> None:
+def main() -> int:
+    """Drain mode; with ``--serve``, serve until SIGTERM (exit 1 when the grace time ran out)."""
     settings = WorkerSettings()
     configure_logging("info", "json")
     registry: Registry[LoadedModel] = Registry(open_model_store(settings.model_store), partial(crashing_loader))
-    Worker(settings, registry, open_result_store(settings.result_store), drain=True).run()
+    worker = Worker(settings, registry, open_result_store(settings.result_store), drain="--serve" not in sys.argv)
+    signal.signal(signal.SIGTERM, lambda *_: worker.consumer.call_threadsafe(worker.request_stop))
+    return 1 if worker.run().forced else 0
 
 
 if __name__ == "__main__":

@@ -1,81 +1,135 @@
-"""The worker's processing threads: run each batch (one onnxruntime call per model version), turn every
-outcome into a result, and store the results. Nothing here touches the broker."""
+"""The worker's processing thread: for each batch, resolve the model version, reuse results stored
+before, run one onnxruntime call, encode each result once, and store them all. Nothing here touches
+the broker; nothing here sleeps on behalf of one model while others wait."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from model_store.registry import Registry
+import orjson
+from pydantic import ValidationError
+
 from shared.amqp import Backoff
-from shared.codec import Rejected
-from shared.errors import ErrorCode, JobError
+from shared.codec import Rejected, describe_validation_error
+from shared.errors import ErrorCode, JobError, StoreError
 from shared.logging import get_logger
-from shared.messages import ErrorInfo, Job, Result, Status, Tensor, Timings
+from shared.messages import ErrorInfo, Job, OutputTensor, Result, Status, Timings, trusted
 from shared.results import ResultStore
 from worker.batcher import Batch
 from worker.consumer import Delivery
+from worker.models import ModelFetcher
+from worker.monitor import Monitor
 from worker.runner import Arrays, Limits, LoadedModel, Watchdog, prepare_inputs, run_isolating
+from worker.shadow import Shadow
 
 log = get_logger(__name__)
 
-ModelKey = tuple[str, int]
+ModelKey = tuple[str, int | str]
+"""A batch's key: the model and the version reference its jobs asked for (resolved when it runs)."""
+ID_CONFLICT = "id_conflict"
+"""Dead-letter reason: the job's id already has a result, of another job (its digest differs)."""
+STORED_RESULT_UNREADABLE = "stored_result_unreadable"
+"""Dead-letter reason: a result is stored for the job's id but cannot be read back."""
 
 
 @dataclass(frozen=True, slots=True)
 class Pending:
-    """A decoded job waiting for its batch, with the concrete version it resolved to at receipt."""
+    """A decoded job waiting for its batch."""
 
     delivery: Delivery
     job: Job
-    version: int
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """A delivery and its one result."""
+    """A delivery and its one result; ``counted`` is false for a result stored earlier and sent again."""
 
     delivery: Delivery
     result: Result
+    counted: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A job that goes to the dead-letter queue with ``reason`` (its id answers another job)."""
+
+    delivery: Delivery
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRun:
+    """One onnxruntime call, for the metrics."""
+
+    model: str
+    rows: int
+    seconds: float
+
+
+@dataclass(slots=True)
+class Processed:
+    """What one unit of work came to: results to publish, jobs to dead-letter, jobs to hold and retry."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    held: list[Pending] = field(default_factory=list)
+    runs: list[BatchRun] = field(default_factory=list)
 
 
 class StoreUnavailable(Exception):
     """The result store kept failing until the worker was told to stop."""
 
 
+def job_digest(job: Job) -> str:
+    """SHA-256 of what a job asks for (model, requested version, inputs, parameters), not of its id."""
+    inputs = [(t.name, t.shape, str(t.datatype), t.data) for t in job.inputs]
+    material = orjson.dumps([job.model, job.version, inputs, job.parameters], option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(material).hexdigest()
+
+
 def _timings(delivery: Delivery, inference_ms: float | None) -> Timings:
     now_ms = time.time() * 1000
-    start_ms = delivery.published_ms if delivery.published_ms is not None else delivery.received_ms
-    queue_ms = delivery.received_ms - delivery.published_ms if delivery.published_ms is not None else None
-    return Timings(
-        queue_ms=None if queue_ms is None else round(max(queue_ms, 0.0), 3),
+    published = delivery.published_ms
+    start_ms = published if published is not None else delivery.received_ms
+    queue_ms = None if published is None else round(max(delivery.received_ms - published, 0.0), 3)
+    return trusted(
+        Timings,
+        queue_ms=queue_ms,
         inference_ms=None if inference_ms is None else round(inference_ms, 3),
         total_ms=round(max(now_ms - start_ms, 0.0), 3),
     )
 
 
 class Processor:
-    """Runs batches and stores their results; called from the worker's processing threads."""
+    """Runs units of work and stores their results; called from the worker's processing thread."""
 
     def __init__(
         self,
-        registry: Registry[LoadedModel],
+        models: ModelFetcher,
         store: ResultStore,
         limits: Limits,
         worker_name: str,
         stopping: threading.Event,
         retry_max_s: float,
         watchdog: Watchdog | None = None,
+        monitor: Monitor | None = None,
+        shadow: Shadow | None = None,
     ) -> None:
-        self.registry = registry
+        self.models = models
         self.store = store
         self.limits = limits
         self.worker_name = worker_name
         self._stopping = stopping
         self._retry_max_s = retry_max_s
         self.watchdog = watchdog
+        self.monitor = monitor
+        self.shadow = shadow
+        # With more than one processing thread, one runs onnxruntime at a time (the watchdog guards one
+        # run); nothing that waits on I/O happens under this lock.
         self._compute = threading.Lock()
 
     # -- results ----------------------------------------------------------------------------------
@@ -83,15 +137,16 @@ class Processor:
     def failed(self, delivery: Delivery, job: Job | Rejected, error: JobError) -> Outcome:
         """The one failed (or expired) result of a job that cannot run."""
         if isinstance(job, Rejected):
-            job_id, model, requested = job.job_id, job.model, job.requested_version
+            job_id, model, requested, digest = job.job_id, job.model, job.requested_version, None
         else:
-            job_id, model, requested = job.id, job.model, job.version
+            job_id, model, requested, digest = job.id, job.model, job.version, job_digest(job)
         status = Status.EXPIRED if error.code is ErrorCode.EXPIRED else Status.FAILED
         log.info("job_failed", job_id=job_id, model=model, code=str(error.code), error=str(error))
         result = Result(
             id=job_id,
             model=model,
             requested_version=requested,
+            job_sha256=digest,
             status=status,
             error=ErrorInfo(code=error.code, message=str(error)),
             worker=self.worker_name,
@@ -99,82 +154,176 @@ class Processor:
         )
         return Outcome(delivery, result)
 
-    def _succeeded(self, item: Pending, sha256: str, outputs: list[Tensor], inference_ms: float) -> Outcome:
-        result = Result.model_construct(
-            id=item.job.id,
-            model=item.job.model,
-            requested_version=item.job.version,
-            version=item.version,
+    def _succeeded(
+        self, item: Pending, version: int, sha256: str, outputs: list[OutputTensor], inference_ms: float
+    ) -> Outcome:
+        # Built without validation and encoded once with orjson: this runs for every job, and pydantic
+        # would cost more than everything else the worker does per job together.
+        job, timings = item.job, _timings(item.delivery, inference_ms)
+        digest = job_digest(job)
+        wire = orjson.dumps(
+            {
+                "id": job.id,
+                "model": job.model,
+                "requested_version": job.version,
+                "version": version,
+                "model_sha256": sha256,
+                "job_sha256": digest,
+                "status": "succeeded",
+                "outputs": [t.__dict__ for t in outputs],
+                "error": None,
+                "worker": self.worker_name,
+                "timings": timings.__dict__,
+            }
+        )
+        result = Result.encoded(
+            wire,
+            id=job.id,
+            model=job.model,
+            requested_version=job.version,
+            version=version,
             model_sha256=sha256,
+            job_sha256=digest,
             status=Status.SUCCEEDED,
             outputs=outputs,
             error=None,
             worker=self.worker_name,
-            timings=_timings(item.delivery, inference_ms),
+            timings=timings,
         )
         return Outcome(item.delivery, result)
 
-    # -- the story: run, then store ---------------------------------------------------------------
+    # -- the story: resolve, reuse, run, store ----------------------------------------------------
 
-    def process(self, batches: Sequence[Batch[ModelKey, Pending]], ready: list[Outcome]) -> list[Outcome]:
-        """Results for every job of ``batches`` plus the ``ready`` ones, all stored when this returns."""
-        computed = list(ready)
-        reused: list[Outcome] = []
-        # One unit computes at a time (the CPU is the limit, and the watchdog guards one run); the
-        # other unit meanwhile stores its results, which waits on the disk or the network.
-        with self._compute:
-            for batch in batches:
-                fresh = self._reuse_stored(batch.items, reused)
-                if fresh:
-                    computed.extend(self._run(batch.key, fresh))
-        return self._store(computed) + reused
+    def process(self, batches: Sequence[Batch[ModelKey, Pending]], ready: list[Outcome]) -> Processed:
+        """Results for every job of ``batches`` plus the ``ready`` ones, all stored when this returns;
+        jobs whose model or stored result cannot be read now come back in ``held``."""
+        done = Processed(outcomes=list(ready))
+        for batch in batches:
+            self._process_batch(batch, done)
+        self._store(done)
+        return done
 
-    def _reuse_stored(self, items: list[Pending], reused: list[Outcome]) -> list[Pending]:
-        """A redelivered job may have finished before a crash: republish its stored result instead of
-        computing a second, possibly different one."""
+    def _process_batch(self, batch: Batch[ModelKey, Pending], done: Processed) -> None:
+        name, ref = batch.key
+        try:
+            ready = self.models.lookup(name, ref)
+        except JobError as error:
+            done.outcomes.extend(self.failed(i.delivery, i.job, error) for i in batch.items)
+            return
+        if ready is None:  # being fetched from the model store: these jobs wait, the others go on
+            done.held.extend(batch.items)
+            return
+        version, manifest, model = ready
+        fresh = self._reuse_stored(batch.items, done)
+        if fresh:
+            self._run(fresh, version, manifest.sha256, model, done)
+
+    def _reuse_stored(self, items: list[Pending], done: Processed) -> list[Pending]:
+        """A redelivered job may have finished before a crash: send its stored result again instead of
+        computing a second, possibly different one. One read of the store for the batch; if the store
+        cannot answer now, those jobs are held and the others go on."""
+        maybe = [i for i in items if i.delivery.maybe_done_before]
+        if not maybe:
+            return items
+        try:
+            stored = self.store.get_many([i.job.id for i in maybe])
+        except (OSError, StoreError) as exc:
+            log.warning("result_store_unavailable", jobs=len(maybe), error=str(exc))
+            done.held.extend(maybe)
+            return [i for i in items if not i.delivery.maybe_done_before]
+        except ValidationError:  # one stored result is unreadable: find it, job by job
+            stored = self._read_one_by_one(maybe, done)
         fresh = []
         for item in items:
-            if item.delivery.maybe_done_before and self.store.exists(item.job.id):
-                reused.append(Outcome(item.delivery, self.store.get(item.job.id)))
-                log.info("job_result_reused", job_id=item.job.id)
-            else:
+            earlier = stored.get(item.job.id) if item.delivery.maybe_done_before else None
+            if earlier is not None:
+                self._answer_with_stored(item, earlier, done)
+            elif item not in done.held and all(r.delivery is not item.delivery for r in done.rejections):
                 fresh.append(item)
         return fresh
 
-    def _run(self, key: ModelKey, items: list[Pending]) -> list[Outcome]:
-        name, version = key
-        try:
-            manifest, model = self.registry.get(name, version)
-        except JobError as error:
-            return [self.failed(i.delivery, i.job, error) for i in items]
-        outcomes: list[Outcome] = []
+    def _read_one_by_one(self, items: list[Pending], done: Processed) -> dict[str, Result]:
+        found: dict[str, Result] = {}
+        for item in items:
+            try:
+                found.update(self.store.get_many([item.job.id]))
+            except (OSError, StoreError):
+                done.held.append(item)
+            except ValidationError as exc:  # no retry will make it readable: an operator must look
+                log.error("stored_result_unreadable", job_id=item.job.id, error=describe_validation_error(exc))
+                done.rejections.append(Rejection(item.delivery, STORED_RESULT_UNREADABLE))
+        return found
+
+    def _answer_with_stored(self, item: Pending, stored: Result, done: Processed) -> None:
+        if stored.job_sha256 is not None and stored.job_sha256 != job_digest(item.job):
+            log.warning("job_id_conflict", job_id=item.job.id)
+            done.rejections.append(Rejection(item.delivery, ID_CONFLICT))
+        else:
+            log.info("job_result_reused", job_id=item.job.id)
+            done.outcomes.append(Outcome(item.delivery, stored, counted=False))
+
+    def _run(self, items: list[Pending], version: int, sha256: str, model: LoadedModel, done: Processed) -> None:
         runnable: list[tuple[Pending, Arrays]] = []
         for item in items:
             try:
-                runnable.append((item, prepare_inputs(item.job, manifest, self.limits)))
+                runnable.append((item, prepare_inputs(item.job, model.manifest, self.limits)))
             except JobError as error:
-                outcomes.append(self.failed(item.delivery, item.job, error))
+                done.outcomes.append(self.failed(item.delivery, item.job, error))
         if not runnable:
-            return outcomes
-        started = time.perf_counter()
-        results = run_isolating(model, [arrays for _, arrays in runnable], self.watchdog)
-        inference_ms = (time.perf_counter() - started) * 1000
+            return
+        with self._compute:
+            started = time.perf_counter()
+            results = run_isolating(model, [arrays for _, arrays in runnable], self.watchdog)
+            seconds = time.perf_counter() - started
         for (item, _), result in zip(runnable, results, strict=True):
             if isinstance(result, JobError):
-                outcomes.append(self.failed(item.delivery, item.job, result))
+                done.outcomes.append(self.failed(item.delivery, item.job, result))
             else:
-                outcomes.append(self._succeeded(item, manifest.sha256, result, inference_ms))
-        log.info("batch_done", model=name, version=version, jobs=len(runnable), inference_ms=round(inference_ms, 3))
-        return outcomes
+                done.outcomes.append(self._succeeded(item, version, sha256, result, seconds * 1000))
+        # Monitoring seam: drift counts (worker/monitor.py) and shadow sampling (worker/shadow.py) per batch.
+        if self.monitor is not None:
+            self.monitor.observe(model.manifest, [arrays for _, arrays in runnable], results)
+        if self.shadow is not None:
+            job_ids = [item.job.id for item, _ in runnable]
+            self.shadow.offer(model.manifest, job_ids, [a for _, a in runnable], results, seconds * 1000)
+        rows = sum(item.job.rows for item, _ in runnable)
+        done.runs.append(BatchRun(model.manifest.name, rows, seconds))
+        log.info(
+            "batch_done",
+            model=model.manifest.name,
+            version=version,
+            jobs=len(runnable),
+            inference_ms=round(seconds * 1000, 3),
+        )
 
-    def _store(self, outcomes: list[Outcome]) -> list[Outcome]:
-        """Store every result, retrying a failing store with backoff until it works or we must stop.
-        Where the id already had a result (the job ran twice), that earlier result is what goes out."""
+    def _store(self, done: Processed) -> None:
+        """Store every new result, retrying a failing store with backoff until it works or we must stop.
+        Where the id already had a result, that one goes out instead; if it answers another job (its
+        digest differs), this job is dead-lettered as an id conflict."""
+        fresh = [o for o in done.outcomes if o.counted]
+        if not fresh:
+            return
+        stored = self._put_many([o.result for o in fresh])
+        replaced = {id(o): s for o, s in zip(fresh, stored, strict=True) if s is not o.result}
+        if not replaced:
+            return
+        kept: list[Outcome] = []
+        for outcome in done.outcomes:
+            earlier = replaced.get(id(outcome))
+            if earlier is None:
+                kept.append(outcome)
+            elif earlier.job_sha256 is not None and earlier.job_sha256 != outcome.result.job_sha256:
+                log.warning("job_id_conflict", job_id=outcome.result.id)
+                done.rejections.append(Rejection(outcome.delivery, ID_CONFLICT))
+            else:
+                kept.append(Outcome(outcome.delivery, earlier, counted=False))
+        done.outcomes = kept
+
+    def _put_many(self, results: list[Result]) -> list[Result]:
         backoff = Backoff(cap_s=self._retry_max_s)
         while True:
             try:
-                stored = self.store.put_many([o.result for o in outcomes])
-                return [o if s is o.result else Outcome(o.delivery, s) for o, s in zip(outcomes, stored, strict=True)]
+                return self.store.put_many(results)
             except OSError as exc:
                 if self._stopping.is_set():
                     raise StoreUnavailable(f"result store {self.store.describe()} unavailable: {exc}") from exc

@@ -38,19 +38,20 @@ def test_median_skips_missing_values_and_ratio_of_missing_is_nan() -> None:
 def test_ratios_are_taken_inside_each_repetition() -> None:
     # Given a machine that got twice as slow in the second repetition
     throughput = {
-        1: {"inferq-x1": 8000.0, "inferq-x2": 12000.0, "ceiling": 10000.0, "naive": 1000.0},
-        2: {"inferq-x1": 4000.0, "inferq-x2": 6000.0, "ceiling": 5000.0, "naive": 500.0},
+        1: {"inferq-x1": 8000.0, "inferq-x2": 12000.0, "ideal": 10000.0, "naive": 1000.0, "celery": 500.0},
+        2: {"inferq-x1": 4000.0, "inferq-x2": 6000.0, "ideal": 5000.0, "naive": 500.0, "celery": 250.0},
     }
     # Then every ratio is the same in both
     ratios = ratios_per_rep(throughput)
-    assert ratios["inferq-x1 / ceiling"] == [0.8, 0.8]
+    assert ratios["inferq-x1 / ideal"] == [0.8, 0.8]
     assert ratios["inferq-x1 / naive"] == [8.0, 8.0]
+    assert ratios["inferq-x1 / celery"] == [16.0, 16.0]
     assert ratios["inferq-x2 / inferq-x1"] == [1.5, 1.5]
 
 
 def test_a_system_missing_from_a_repetition_gives_nan_for_its_ratios() -> None:
-    ratios = ratios_per_rep({1: {"inferq-x1": 8000.0, "ceiling": 10000.0}})
-    assert ratios["inferq-x1 / ceiling"] == [0.8]
+    ratios = ratios_per_rep({1: {"inferq-x1": 8000.0, "ideal": 10000.0}})
+    assert ratios["inferq-x1 / ideal"] == [0.8]
     assert math.isnan(ratios["inferq-x1 / naive"][0])
 
 

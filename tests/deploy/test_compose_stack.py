@@ -9,13 +9,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from model_store.manifest import Manifest
+from model_store.reference import Reference, describe_inputs, describe_outputs
+from shared.messages import Datatype, OutputTensor
+from shared.monitor_store import FileMonitorStore
 from shared.settings import InferqSettings, WorkerSettings
 from shared.topology import all_queues
 from worker.metrics import WorkerMetrics
+from worker.monitor import Monitor
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -166,7 +172,21 @@ def test_prometheus_scrapes_every_worker_replica_on_the_metrics_port(services: d
     assert jobs["rabbitmq"]["static_configs"][0]["targets"] == ["rabbitmq:15692"]
 
 
-def exported_names() -> set[str]:
+def _count_a_monitored_batch(metrics: WorkerMetrics, tmp: Path) -> None:
+    """One batch of a version with a reference, so the drift counters have samples."""
+    rows = np.arange(40, dtype=np.float32).reshape(20, 2)
+    labels = np.array([0, 1] * 10)
+    reference = Reference(
+        rows=20, features=describe_inputs("X", rows, ["a", "b"]), outputs=describe_outputs({"label": labels})
+    )
+    manifest = Manifest.model_construct(name="m", version=1, reference=reference)
+    monitor = Monitor(FileMonitorStore(tmp), 60, "w:1")
+    monitor.register(metrics.registry)
+    label = OutputTensor(name="label", shape=[20], datatype=Datatype.INT64, data=labels.tolist())
+    monitor.observe(manifest, [{"X": rows}], [[label]])
+
+
+def exported_names(tmp: Path) -> set[str]:
     """Every sample name a worker exports, with the _total/_bucket/_sum/_count suffixes."""
     metrics = WorkerMetrics()
     metrics.jobs.labels("m", "1", "succeeded", "").inc()
@@ -175,12 +195,13 @@ def exported_names() -> set[str]:
     metrics.model_load_seconds.labels("m").observe(1)
     metrics.model_cache_hits.labels("m").inc()
     metrics.model_cache_misses.labels("m").inc()
+    _count_a_monitored_batch(metrics, tmp)
     text = metrics.render().decode()
     return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def test_grafana_dashboard_is_provisioned_and_queries_only_metrics_that_exist(
-    services: dict[str, dict[str, Any]],
+    services: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:
     grafana = services["grafana"]
     assert grafana["volumes"] == [
@@ -198,11 +219,13 @@ def test_grafana_dashboard_is_provisioned_and_queries_only_metrics_that_exist(
     assert all(panel["datasource"]["uid"] == uid for panel in dashboard["panels"])
     used = {name for expr in exprs for name in re.findall(r"\b((?:inferq|rabbitmq)_[a-z_]+)\b", expr)}
     inferq_used = {name for name in used if name.startswith("inferq_")}
-    assert inferq_used <= exported_names(), f"unknown metrics: {inferq_used - exported_names()}"
+    exported = exported_names(tmp_path)
+    assert inferq_used <= exported, f"unknown metrics: {inferq_used - exported}"
     # every family the worker exports has a panel
     families = {"inferq_jobs_total", "inferq_batch_rows", "inferq_inference_seconds", "inferq_job_latency_seconds"}
     families |= {"inferq_jobs_in_flight", "inferq_model_load_seconds", "inferq_model_cache_hits_total"}
-    families |= {"inferq_worker_draining"}
+    families |= {"inferq_worker_draining", "inferq_feature_bin_total", "inferq_output_bin_total"}
+    families |= {"inferq_monitored_rows_total", "inferq_feature_reference_ratio", "inferq_output_reference_ratio"}
     assert all(any(name.startswith(f) for name in inferq_used) for f in families)
     grid = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in dashboard["panels"]]
     assert len(grid) == len(set(grid)), "panels overlap"

@@ -1,4 +1,4 @@
-"""The ceiling: one in-process loop doing only what is unavoidable for a confirmed, acked result.
+"""The ideal pipeline: one in-process loop doing only what is unavoidable for a confirmed, acked result.
 
 Consume with a large prefetch, decode with orjson, one onnxruntime call per model per batch of at most
 256 rows (a batch is whatever one socket read delivered), publish every result with confirms, and ack
@@ -28,7 +28,7 @@ PREFETCH = 1024
 MAX_BATCH_ROWS = 256
 
 
-class Ceiling:
+class IdealPipeline:
     """The loop: everything runs on pika's I/O thread, in delivery order."""
 
     def __init__(self, args: argparse.Namespace, models: dict[str, Session]) -> None:
@@ -120,7 +120,7 @@ class Ceiling:
 
 def main() -> None:
     args = system_arguments(__doc__)
-    loop = Ceiling(args, load_sessions(args.model_store))
+    loop = IdealPipeline(args, load_sessions(args.model_store))
     signal.signal(signal.SIGTERM, lambda *_: loop.ioloop.add_callback_threadsafe(loop.stop))
     loop.ioloop.start()
     args.stats.write_text(orjson.dumps(loop.counters).decode())

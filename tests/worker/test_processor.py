@@ -1,0 +1,162 @@
+"""The processor: one unit of work from decoded jobs to stored results, on real stores (a local model
+store, the SQLite result store), without a broker."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from functools import partial
+from pathlib import Path
+
+import pika
+import pytest
+from support import Models, make_job
+
+from model_store.base import publish
+from model_store.local import LocalModelStore
+from model_store.registry import Registry
+from model_store.stores import open_model_store
+from shared.messages import Job, Result, Status
+from shared.results import ResultStore, open_result_store
+from worker.batcher import Batch
+from worker.consumer import Delivery
+from worker.models import ModelFetcher
+from worker.processor import ID_CONFLICT, STORED_RESULT_UNREADABLE, Pending, Processed, Processor, job_digest
+from worker.runner import Limits, LoadedModel, load_model
+
+tags = iter(range(1, 1_000_000))
+
+
+def delivery(*, redelivered: bool = False) -> Delivery:
+    return Delivery(
+        tag=next(tags),
+        epoch=1,
+        redelivered=redelivered,
+        message_id=None,
+        reply_to=None,
+        correlation_id=None,
+        published_ms=time.time() * 1000,
+        received_ms=time.time() * 1000,
+        properties=pika.BasicProperties(),
+        body=b"{}",
+    )
+
+
+def batch(*jobs: Job, redelivered: bool = False) -> Batch[tuple[str, int | str], Pending]:
+    items = [Pending(delivery(redelivered=redelivered), job) for job in jobs]
+    return Batch((jobs[0].model, jobs[0].version), items, sum(j.rows for j in jobs))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ResultStore:
+    return open_result_store(f"sqlite:{tmp_path / 'results.db'}")
+
+
+def processor(model_store_at: str, store: ResultStore) -> Processor:
+    """A processor whose models are fetched already (the background fetch is waited for)."""
+    registry: Registry[LoadedModel] = Registry(open_model_store(model_store_at), partial(load_model), load_retry_s=0)
+    models = ModelFetcher(registry)
+    return Processor(models, store, Limits(65536, 4_000_000), "test:1", threading.Event(), 1.0)
+
+
+def process(proc: Processor, *batches: Batch[tuple[str, int | str], Pending]) -> Processed:
+    """Process like the worker does: held jobs are tried again once their model was fetched."""
+    total = Processed()
+    todo = list(batches)
+    for _ in range(100):
+        done = proc.process(todo, [])
+        total.outcomes += done.outcomes
+        total.rejections += done.rejections
+        total.runs += done.runs
+        if not done.held:
+            return total
+        time.sleep(0.05)
+        todo = [Batch(b.key, [p for p in b.items if p in done.held], 1) for b in todo]
+        todo = [b for b in todo if b.items]
+    raise AssertionError("the model was never fetched")
+
+
+@pytest.fixture
+def iris_models(tmp_path: Path, models: Models) -> str:
+    publish(LocalModelStore(tmp_path / "models"), "iris", models.forest_onnx)
+    return str(tmp_path / "models")
+
+
+def test_every_job_gets_a_stored_result_carrying_the_digest_of_its_job(
+    iris_models: str, store: ResultStore, models: Models
+) -> None:
+    jobs = [make_job(models.X[i : i + 1]) for i in range(5)]
+    done = process(processor(iris_models, store), batch(*jobs))
+    assert [o.result.id for o in done.outcomes] == [j.id for j in jobs]
+    assert all(o.counted and o.result.status is Status.SUCCEEDED for o in done.outcomes)
+    assert done.runs and done.runs[0].rows == 5
+    for job in jobs:
+        stored = store.get(job.id)
+        assert stored.job_sha256 == job_digest(job)
+        assert stored == Result.model_validate_json(
+            next(o.result for o in done.outcomes if o.result.id == job.id).to_json()
+        )
+
+
+def test_a_redelivered_job_gets_its_stored_result_again_and_it_is_not_counted_twice(
+    iris_models: str, store: ResultStore, models: Models
+) -> None:
+    job = make_job(models.X[:1])
+    first = process(processor(iris_models, store), batch(job)).outcomes[0]
+    again = process(processor(iris_models, store), batch(job, redelivered=True))
+    assert again.runs == []  # not run a second time
+    assert again.outcomes[0].result.to_json() == first.result.to_json()
+    assert again.outcomes[0].counted is False
+
+
+def test_the_same_job_sent_twice_publishes_the_first_result_and_counts_once(
+    iris_models: str, store: ResultStore, models: Models
+) -> None:
+    job = make_job(models.X[:1])
+    process(processor(iris_models, store), batch(job))
+    duplicate = process(processor(iris_models, store), batch(job))  # not flagged as redelivered
+    assert duplicate.outcomes[0].counted is False and not duplicate.rejections
+
+
+@pytest.mark.parametrize("redelivered", [False, True], ids=["new-delivery", "redelivered"])
+def test_an_id_reused_for_another_job_is_dead_lettered_as_an_id_conflict(
+    iris_models: str, store: ResultStore, models: Models, redelivered: bool
+) -> None:
+    original = make_job(models.X[:1], id="order-17")
+    impostor = make_job(models.X[5:6], id="order-17")
+    process(processor(iris_models, store), batch(original))
+    done = process(processor(iris_models, store), batch(impostor, redelivered=redelivered))
+    assert done.outcomes == []
+    assert [r.reason for r in done.rejections] == [ID_CONFLICT]
+    assert store.get("order-17").job_sha256 == job_digest(original)  # the first result stays
+
+
+def test_an_unreadable_stored_result_dead_letters_that_job_and_the_others_go_on(
+    iris_models: str, store: ResultStore, models: Models, tmp_path: Path
+) -> None:
+    broken, fine = make_job(models.X[:1]), make_job(models.X[1:2])
+    process(processor(iris_models, store), batch(broken))
+    with sqlite3.connect(tmp_path / "results.db") as db:
+        db.execute("UPDATE results SET result = '{\"id\": 1}' WHERE id = ?", (broken.id,))
+    done = process(processor(iris_models, store), batch(broken, fine, redelivered=True))
+    assert [r.reason for r in done.rejections] == [STORED_RESULT_UNREADABLE]
+    assert [o.result.id for o in done.outcomes] == [fine.id]
+    assert store.get(fine.id).status is Status.SUCCEEDED
+
+
+def test_jobs_of_a_model_whose_store_is_unreachable_are_held_and_other_models_run(
+    iris_models: str, store: ResultStore, models: Models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a model store nobody answers on (a closed port)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    unreachable = processor(f"s3://nowhere-{uuid.uuid4().hex[:6]}/models", store)
+    job = make_job(models.X[:1])
+    done = unreachable.process([batch(job)], [])  # does not wait for the store
+    # Then the job is held (to be tried again), neither failed nor run
+    assert [p.job.id for p in done.held] == [job.id]
+    assert done.outcomes == [] and done.rejections == []
