@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from celery import Celery
 from celery.signals import worker_process_init
-from kombu import Queue  # type: ignore[attr-defined]
+from kombu import Queue  # type: ignore[attr-defined,unused-ignore]  # untyped, and absent without the bench extra
 
 from bench.sessions import Session, load_sessions
 
