@@ -7,7 +7,8 @@ STORE  ?= file
 BENCH_STAMP := $(VENV)/.bench-stamp
 BENCH_ARGS ?=
 
-.PHONY: help env broker demo test test-fast lint format bench clean
+# The tests need PostgreSQL too (the PostgreSQL result store); `make test` starts or installs it.
+.PHONY: help env broker postgres demo test test-fast lint format bench clean
 
 help:
 	@echo "make demo   run the end-to-end demo (RabbitMQ + file stores)"
@@ -28,10 +29,13 @@ env: $(STAMP)
 broker:
 	scripts/ensure-rabbitmq.sh
 
+postgres:
+	scripts/ensure-postgres.sh
+
 demo: env broker
 	$(BIN)/python scripts/demo.py --store $(STORE)
 
-test: env broker
+test: env broker postgres
 	$(BIN)/python -m pytest
 
 lint: env

@@ -7,7 +7,8 @@ Every failure the user can cause or meet prints one line, ``inferq: error: …``
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -23,11 +24,13 @@ from operations.dlq import DeadLetter, list_dead_letters, replay
 from operations.status import collect_status, render_status
 from producer.backfill import BackfillPlan, InputSpec, backfill_jobs, read_rows
 from producer.client import Producer, new_job_id
+from producer.collect import ExpectedJob, expected_jobs, write_backfill_output
+from producer.export import FORMATS, ExportError, copy_results, export, output_format, read_ids, results_of
 from shared.codec import describe_validation_error
 from shared.errors import ConfigError, InferqError, InvalidPayload, StoreError
 from shared.logging import configure_logging, redact_text
-from shared.messages import Job, Tensor, VersionRef, parse_version_ref
-from shared.results import open_result_store
+from shared.messages import Job, Result, Tensor, VersionRef, parse_version_ref
+from shared.results import ResultStore, open_result_store
 from shared.settings import InferqSettings, OperatorSettings, ProducerSettings, WorkerSettings, load_settings
 
 S = TypeVar("S", bound=InferqSettings)
@@ -239,10 +242,18 @@ def _echo_flush(text: str) -> None:
 @click.option("--version", "version", default="latest", show_default=True, help="Version, 'latest' or an alias.")
 @click.option("--id-column", help="Column (or JSON key) holding each row's job id.")
 @click.option("--batch-rows", default=1, show_default=True, type=click.IntRange(min=1), help="Rows per job.")
-def backfill(data: Path, model: str, version: str, id_column: str | None, batch_rows: int) -> None:
-    """Turn every row of DATA (.csv with a header, or .jsonl) into jobs; a rerun skips finished ones."""
+@click.option("--out", type=click.Path(path_type=Path), help="Wait for every row's result and write them here.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), help="Format of --out (default: from its suffix).")
+def backfill(
+    data: Path, model: str, version: str, id_column: str | None, batch_rows: int, out: Path | None, fmt: str | None
+) -> None:
+    """Turn every row of DATA (.csv with a header, or .jsonl) into jobs; a rerun skips finished ones.
+
+    With --out, then wait for every row's result and write the id column, the error code and the
+    outputs, in input order (.csv or .jsonl)."""
     settings = _settings(ProducerSettings)
     ref = _version(version)
+    out_format = output_format(out, fmt) if out is not None else None
     spec = _input_spec(_manifest(settings, model, ref))
     results = open_result_store(settings.result_store)
     total = sum(1 for _ in read_rows(data, id_column))
@@ -261,6 +272,24 @@ def backfill(data: Path, model: str, version: str, id_column: str | None, batch_
         with Producer(settings) as producer:
             producer.publish_many(jobs, on_confirmed=lambda _id: _advance(bar, min(batch_rows, total - int(bar.n))))
     click.echo(f"published {plan.jobs} jobs ({plan.rows} rows), skipped {plan.skipped_jobs} already finished")
+    if out is not None and out_format is not None:
+        expected = expected_jobs(read_rows(data, id_column), model, ref, batch_rows)
+        _collect(results, expected, out, out_format, id_column or "line", total)
+
+
+def _collect(store: ResultStore, expected: Iterable[ExpectedJob], out: Path, fmt: str, header: str, total: int) -> None:
+    with tqdm(total=total, unit="row", desc="finished", file=sys.stderr, dynamic_ncols=True) as bar:
+        try:
+            rows = write_backfill_output(store, expected, out, fmt, header, lambda n: _advance(bar, n))
+        except KeyboardInterrupt:
+            bar.close()
+            click.echo(
+                f"inferq: interrupted: {int(bar.n)} of {total} rows finished; the jobs stay queued. Run the same "
+                "command again to resume: it publishes nothing twice and waits for the rest.",
+                err=True,
+            )
+            sys.exit(130)
+    click.echo(f"wrote {rows} rows to {out}")
 
 
 def _advance(bar: tqdm[Any], rows: float) -> None:
@@ -287,6 +316,66 @@ def results_get(job_id: str) -> None:
             f"the stored result of job {job_id!r} is unreadable: {describe_validation_error(exc)}"
         ) from None
     click.echo(result.model_dump_json(indent=2))
+
+
+@results.command("export")
+@click.option("--ids", "ids_file", type=click.Path(path_type=Path), help="Export these job ids (one a line).")
+@click.option("--model", help="Export the results of this model only.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), help="csv or jsonl (default: from --out, else csv).")
+@click.option("--out", type=click.Path(path_type=Path), help="Write here instead of standard output.")
+def results_export(ids_file: Path | None, model: str | None, fmt: str | None, out: Path | None) -> None:
+    """Stream results as CSV (id,status,version,error_code,outputs…) or JSON lines (one result each)."""
+    if ids_file is not None and model is not None:
+        raise click.UsageError("give --ids or --model, not both")
+    chosen = output_format(out, fmt)
+    store = open_result_store(_settings(InferqSettings).result_store)
+    if ids_file is not None:
+        ids = read_ids(ids_file)
+        total: int | None = len(ids)
+        source: Iterable[tuple[str, Result | None]] = results_of(store, ids)
+    else:
+        total = store.count(model)
+        source = ((r.id, r) for r in store.scan(model))
+    with _output(out) as handle, _bar(total, "exported") as bar:
+        written, missing = export(source, handle, chosen, lambda: _advance(bar, 1))
+    suffix = f", {missing} ids without a result" if missing else ""
+    click.echo(f"exported {written} results{suffix}", err=True)
+
+
+@results.command("copy")
+@click.argument("source")
+@click.argument("target")
+def results_copy(source: str, target: str) -> None:
+    """Copy every result from the store at SOURCE to the store at TARGET (same forms as INFERQ_RESULT_STORE);
+    ids TARGET already has are skipped, so an interrupted copy can simply be run again."""
+    _settings(InferqSettings)  # logging
+    origin = open_result_store(source, setting="SOURCE")
+    destination = open_result_store(target, setting="TARGET")
+    try:
+        with _bar(origin.count(), "copied") as bar:
+            report = copy_results(origin, destination, lambda n: _advance(bar, n))
+    finally:
+        origin.close()
+        destination.close()
+    click.echo(f"copied {report.copied} results, skipped {report.skipped} already in {destination.describe()}")
+
+
+@contextmanager
+def _output(out: Path | None) -> Iterator[TextIO]:
+    if out is None:
+        yield sys.stdout
+        return
+    try:
+        handle = out.open("w", newline="")
+    except OSError as exc:
+        raise ExportError(f"{out}: {exc.strerror}") from None
+    with handle:
+        yield handle
+
+
+def _bar(total: int | None, desc: str) -> tqdm[Any]:
+    # A progress bar on a terminal only: a pipe or a log file gets the summary line alone.
+    return tqdm(total=total, unit="result", desc=desc, file=sys.stderr, disable=not sys.stderr.isatty())
 
 
 # -- operating -----------------------------------------------------------------------------------

@@ -17,18 +17,40 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shared.settings import InferqSettings  # noqa: E402
-from shared.topology import all_queues  # noqa: E402
+from shared.topology import ALL_RESULTS, all_queues  # noqa: E402
 
 TARGET = ROOT / "deploy" / "rabbitmq" / "definitions.json"
 
 
 def render(settings: InferqSettings, vhost: str = "/") -> str:
-    """The queues inferq owns, with their exact arguments, as RabbitMQ definitions JSON."""
+    """The queues inferq owns, with their exact arguments, and the results exchange they are bound to,
+    as RabbitMQ definitions JSON."""
     queues: list[dict[str, Any]] = [
         {"name": spec.name, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": spec.arguments}
         for spec in all_queues(settings)
     ]
-    return json.dumps({"queues": queues}, indent=2, sort_keys=True) + "\n"
+    specs = all_queues(settings)
+    exchanges = sorted({name for spec in specs for name in spec.bound_to})
+    definitions = {
+        "queues": queues,
+        "exchanges": [
+            {"name": name, "vhost": vhost, "type": "topic", "durable": True, "auto_delete": False, "internal": False}
+            for name in exchanges
+        ],
+        "bindings": [
+            {
+                "source": name,
+                "vhost": vhost,
+                "destination": spec.name,
+                "destination_type": "queue",
+                "routing_key": ALL_RESULTS,
+                "arguments": {},
+            }
+            for spec in specs
+            for name in spec.bound_to
+        ],
+    }
+    return json.dumps(definitions, indent=2, sort_keys=True) + "\n"
 
 
 def main() -> int:

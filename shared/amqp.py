@@ -14,7 +14,7 @@ import pika
 from pika.channel import Channel
 
 from shared.errors import BrokerRefused
-from shared.topology import QueueSpec
+from shared.topology import ALL_RESULTS, QueueSpec
 
 PRECONDITION_FAILED = 406
 CONTENT_TYPE = "application/json"
@@ -87,12 +87,13 @@ class ConfirmTracker:
         on_confirm: ConfirmCallback,
         *,
         mandatory: bool = True,
+        exchange: str = "",
     ) -> None:
-        """Publish on the default exchange; ``on_confirm`` runs once the broker answers."""
+        """Publish (on the default exchange unless told otherwise); ``on_confirm`` runs once the broker answers."""
         tag = self._next_tag
         self._next_tag += 1
         self._pending[tag] = (properties.message_id if mandatory else None, on_confirm)
-        self._channel.basic_publish("", routing_key, body, properties, mandatory=mandatory)
+        self._channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
 
     def _on_return(self, _channel: Channel, _method: Any, properties: pika.BasicProperties, _body: bytes) -> None:
         # NOTE: basic.return always arrives before the basic.ack of the same message.
@@ -163,7 +164,8 @@ def topology_error(reason: BaseException) -> BrokerRefused | None:
 
 
 def declare_queues(channel: Channel, specs: list[QueueSpec], on_done: Callable[[], None]) -> None:
-    """Declare ``specs`` one after the other (durable, with their arguments), then call ``on_done``."""
+    """Declare ``specs`` one after the other (durable, with their arguments, and bound to their topic
+    exchanges, declared durable too), then call ``on_done``."""
     if not specs:
         on_done()
         return
@@ -172,5 +174,19 @@ def declare_queues(channel: Channel, specs: list[QueueSpec], on_done: Callable[[
         first.name,
         durable=True,
         arguments=first.arguments,
-        callback=lambda _frame: declare_queues(channel, rest, on_done),
+        callback=lambda _frame: _bind(
+            channel, first.name, list(first.bound_to), lambda: declare_queues(channel, rest, on_done)
+        ),
     )
+
+
+def _bind(channel: Channel, queue: str, exchanges: list[str], on_done: Callable[[], None]) -> None:
+    if not exchanges:
+        on_done()
+        return
+    exchange, rest = exchanges[0], exchanges[1:]
+
+    def bind(_frame: Any) -> None:
+        channel.queue_bind(queue, exchange, ALL_RESULTS, callback=lambda _f: _bind(channel, queue, rest, on_done))
+
+    channel.exchange_declare(exchange, exchange_type="topic", durable=True, callback=bind)

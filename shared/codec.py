@@ -5,6 +5,7 @@ so it goes to the dead-letter queue with a reason)."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +13,19 @@ import orjson
 from pydantic import ValidationError
 
 from shared.errors import InvalidPayload, JobError, TooLarge
-from shared.messages import Job, is_valid_job_id, is_valid_name, parse_version_ref
+from shared.messages import (
+    LATEST,
+    MAX_INPUTS,
+    MAX_NAME_LENGTH,
+    MAX_TENSOR_RANK,
+    Datatype,
+    Job,
+    Tensor,
+    is_valid_job_id,
+    is_valid_name,
+    parse_version_ref,
+    trusted,
+)
 
 MAX_ERROR_DETAILS = 3
 _UNION_MEMBERS = frozenset({"bool", "int", "float", "str"})
@@ -47,11 +60,79 @@ def decode_job(body: bytes, message_id: str | None, max_message_bytes: int) -> D
             return Rejected(message_id, None, None, error)
         return Undecodable(f"too_large: {error}")
     try:
+        fast = _fast_job(orjson.loads(body))
+    except (orjson.JSONDecodeError, RecursionError):
+        fast = None
+    if fast is not None:
+        return fast
+    # Anything the fast path is not sure about gets the contract's own, precise validation.
+    try:
         return Job.model_validate_json(body)
     except ValidationError as exc:
         return _reject(body, message_id, describe_validation_error(exc))
     except RecursionError:
         return _reject(b"", message_id, "JSON nested too deeply")
+
+
+_JOB_KEYS = frozenset({"id", "model", "version", "inputs", "parameters", "deadline"})
+_TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data"})
+_DATATYPES = {d.value: d for d in Datatype}
+_NUMBER_TYPES = frozenset({bool, int, float})
+_INT_LIMIT = float(2**63)
+
+
+def _fast_job(value: Any) -> Job | None:
+    """The job in ``value`` (parsed JSON) when it is plainly valid, built without pydantic's validation;
+    ``None`` when in any doubt, so the caller validates it the slow, precise way.
+
+    NOTE: every check here must be at least as strict as :class:`Job`'s own; ``None`` is always safe.
+    """
+    if type(value) is not dict or not value.keys() <= _JOB_KEYS:
+        return None
+    job_id, model, version = value.get("id"), value.get("model"), value.get("version", LATEST)
+    parameters = value.get("parameters", {})
+    if not (is_valid_job_id(job_id) and type(model) is str and is_valid_name(model)) or value.get("deadline"):
+        return None
+    if type(parameters) is not dict:
+        return None
+    if (type(version) is str and version != LATEST) or type(version) is int:
+        try:
+            version = parse_version_ref(version)
+        except ValueError:
+            return None
+    elif version != LATEST:
+        return None
+    inputs = value.get("inputs")
+    if type(inputs) is not list or not 1 <= len(inputs) <= MAX_INPUTS:
+        return None
+    tensors = []
+    for tensor in inputs:
+        built = _fast_tensor(tensor)
+        if built is None:
+            return None
+        tensors.append(built)
+    return trusted(Job, id=job_id, model=model, version=version, inputs=tensors, parameters=parameters, deadline=None)
+
+
+def _fast_tensor(value: Any) -> Tensor | None:
+    if type(value) is not dict or value.keys() != _TENSOR_KEYS:
+        return None
+    name, shape, datatype, data = value["name"], value["shape"], _DATATYPES.get(value["datatype"]), value["data"]
+    if type(name) is not str or not 1 <= len(name) <= MAX_NAME_LENGTH or datatype is None or type(data) is not list:
+        return None
+    if type(shape) is not list or not 1 <= len(shape) <= MAX_TENSOR_RANK:
+        return None
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            return None
+    if len(data) != math.prod(shape):
+        return None
+    types = set(map(type, data))
+    if not types <= _NUMBER_TYPES:
+        return None  # strings (BYTES, or a mistake) and anything else: the precise path
+    if float in types and not (min(data) > -_INT_LIMIT and max(data) < _INT_LIMIT):
+        return None  # orjson reads integers beyond 64 bits as floats, pydantic as integers
+    return trusted(Tensor, name=name, shape=shape, datatype=datatype, data=data)
 
 
 def _reject(body: bytes, message_id: str | None, problem: str) -> Decoded:

@@ -10,7 +10,7 @@ import math
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -36,17 +36,17 @@ VersionRef = int | str
 
 def is_valid_job_id(value: object) -> bool:
     """True when ``value`` is a job id the contract accepts."""
-    return isinstance(value, str) and _JOB_ID_RE.match(value) is not None
+    return isinstance(value, str) and _JOB_ID_RE.fullmatch(value) is not None
 
 
 def is_valid_name(value: str) -> bool:
     """True when ``value`` can name a model without escaping the store."""
-    return _NAME_RE.match(value) is not None and ".." not in value
+    return _NAME_RE.fullmatch(value) is not None and ".." not in value
 
 
 def is_valid_alias(value: str) -> bool:
     """True when ``value`` can name an alias (must start with a letter; ``latest`` is reserved)."""
-    return _ALIAS_RE.match(value) is not None and ".." not in value and value != LATEST
+    return _ALIAS_RE.fullmatch(value) is not None and ".." not in value and value != LATEST
 
 
 def parse_version_ref(value: int | str) -> VersionRef:
@@ -102,6 +102,27 @@ DATATYPE_OF_NUMPY: dict[np.dtype[Any], Datatype] = {
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 MAX_TENSOR_RANK = 8
+MAX_INPUTS = 64
+MAX_NAME_LENGTH = 256
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def trusted(cls: type[ModelT], **values: Any) -> ModelT:
+    """An instance of ``cls`` from values known to be valid, without running validation.
+
+    What ``model_construct`` does, minus its per-field bookkeeping (it costs ~5 µs per object, and the
+    worker builds several per job). Only for values this code built or checked itself.
+    """
+    obj = cls.__new__(cls)
+    _set(obj, "__dict__", values)
+    _set(obj, "__pydantic_fields_set__", set(values))
+    _set(obj, "__pydantic_extra__", None)
+    _set(obj, "__pydantic_private__", None)
+    return obj
+
+
+_set = object.__setattr__
 
 
 class Tensor(BaseModel):
@@ -109,7 +130,7 @@ class Tensor(BaseModel):
 
     model_config = _FROZEN
 
-    name: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+    name: Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_LENGTH)]
     shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_TENSOR_RANK)]
     datatype: Datatype
     data: list[bool | int | float | str]
@@ -151,6 +172,39 @@ class Tensor(BaseModel):
         return cls.model_construct(name=name, shape=list(array.shape), datatype=datatype, data=data)
 
 
+FLOAT_DATATYPES = frozenset({Datatype.FP16, Datatype.FP32, Datatype.FP64})
+NON_FINITE_STRINGS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+"""How outputs carry the floats JSON has no numbers for (``float()`` reads these strings back too)."""
+
+
+def non_finite_string(value: float) -> str:
+    """The wire string of a NaN or infinite float."""
+    if math.isnan(value):
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
+
+
+class OutputTensor(Tensor):
+    """An output tensor. Unlike inputs, it may hold NaN and ±Inf (a model computes them): on the wire
+    they are the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``, read back as floats here.
+    A ``null`` in float data (how such values were once written) reads as NaN."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=True, ser_json_inf_nan="strings")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _non_finite_from_wire(cls, value: Any) -> Any:
+        if isinstance(value, Tensor):
+            value = dict(value.__dict__)
+        if not isinstance(value, dict) or value.get("datatype") not in FLOAT_DATATYPES:
+            return value
+        data = value.get("data")
+        if isinstance(data, list) and any(x is None or type(x) is str for x in data):
+            decoded = [NON_FINITE_STRINGS.get(x, x) if type(x) is str else math.nan if x is None else x for x in data]
+            value = {**value, "data": decoded}
+        return value
+
+
 class Job(BaseModel):
     """An inference job: run ``model`` at ``version`` on ``inputs``."""
 
@@ -159,7 +213,7 @@ class Job(BaseModel):
     id: JobId
     model: ModelName
     version: VersionRef = LATEST
-    inputs: Annotated[list[Tensor], Field(min_length=1, max_length=64)]
+    inputs: Annotated[list[Tensor], Field(min_length=1, max_length=MAX_INPUTS)]
     parameters: dict[str, Any] = Field(default_factory=dict)
     deadline: datetime | None = None
 
@@ -223,15 +277,18 @@ class Result(BaseModel):
     # The wire form, encoded once: the worker both stores and publishes every result. A slot, not a
     # field or private attribute, so it takes no part in equality, copies or validation.
     __slots__ = ("_wire",)
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="strings")
 
     id: JobId
     model: str | None
     requested_version: VersionRef | None
     version: int | None = None
     model_sha256: str | None = None
+    job_sha256: str | None = None
+    """Digest of the job this result answers (model, requested version, inputs, parameters): a later job
+    reusing the id for other work is told apart from a redelivery of this one."""
     status: Status
-    outputs: list[Tensor] | None = None
+    outputs: list[OutputTensor] | None = None
     error: ErrorInfo | None = None
     worker: str
     timings: Timings = Field(default_factory=Timings)
@@ -243,6 +300,14 @@ class Result(BaseModel):
         if self.status is not Status.SUCCEEDED and self.error is None:
             raise ValueError(f"a {self.status} result carries an error")
         return self
+
+    @classmethod
+    def encoded(cls, wire: bytes, **values: Any) -> Result:
+        """A result built from trusted ``values`` whose wire form ``wire`` the caller already encoded
+        (the worker's hot path: no validation, no second encoding)."""
+        result = trusted(cls, **values)
+        object.__setattr__(result, "_wire", wire)
+        return result
 
     def to_json(self) -> bytes:
         """The wire form (UTF-8 JSON), encoded on first use.

@@ -1,9 +1,11 @@
 """The result store: every result, one JSON document per job id. Both sides read it.
 
-``<root>/<job id>.json`` on a file system, or ``s3://bucket/prefix/<job id>.json``. Writes are atomic
-(temporary file then link; a single S3 PUT), so a reader sees either no result or the whole of it.
-The first result stored for an id wins: a second one (the same job run twice, by two workers racing
-on a duplicate) is not written, and the caller gets the stored one back to publish instead.
+``INFERQ_RESULT_STORE`` picks the store (see :func:`open_result_store`): a SQLite database (the default,
+``./var/results.db``), PostgreSQL, ``s3://bucket/prefix/<job id>.json`` objects or ``<dir>/<job id>.json``
+files. Every store keeps one contract: a result is stored atomically, so a reader sees either no result
+or the whole of it; the first result stored for an id wins: a second one (the same job run twice, by two
+workers racing on a duplicate) is not written, and the caller gets the stored one back to publish
+instead; a batch is one transaction (or one round of writes), durable once ``put_many`` returns.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
-from shared.errors import ResultNotFound, StoreError
+from shared.errors import ConfigError, ResultNotFound, StoreError
 from shared.messages import Result, is_valid_job_id
 from shared.s3 import S3Location, is_not_found, is_precondition_failed, is_s3, make_client, translate
 
@@ -36,11 +39,24 @@ class ResultStore(Protocol):
     def get(self, job_id: str) -> Result:
         """The stored result of ``job_id``; raises :class:`ResultNotFound`."""
 
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, Result]:
+        """The stored results of those of ``job_ids`` that have one (in as few round trips as the store
+        allows); ids without a result are absent from the answer."""
+
     def exists(self, job_id: str) -> bool:
         """True when a result of ``job_id`` is stored."""
 
+    def scan(self, model: str | None = None) -> Iterator[Result]:
+        """Every stored result (of ``model``, when given), streamed."""
+
+    def count(self, model: str | None = None) -> int:
+        """How many results :meth:`scan` would give."""
+
     def describe(self) -> str:
-        """Where the store lives, for logs and messages."""
+        """Where the store lives, for logs and messages (never with a password)."""
+
+    def close(self) -> None:
+        """Release connections and threads; the store may not be used afterwards."""
 
 
 _temporary_numbers = itertools.count()
@@ -120,8 +136,42 @@ class FileResultStore:
             raise StoreError(f"cannot read {path}: {exc.strerror}") from None
         return Result.model_validate_json(data)
 
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, Result]:
+        found: dict[str, Result] = {}
+        for job_id in job_ids:
+            if is_valid_job_id(job_id):
+                try:
+                    found[job_id] = Result.model_validate_json(self._path(job_id).read_bytes())
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise StoreError(f"cannot read {self._path(job_id)}: {exc.strerror}") from None
+        return found
+
     def exists(self, job_id: str) -> bool:
         return is_valid_job_id(job_id) and self._path(job_id).is_file()
+
+    def _names(self) -> Iterator[str]:
+        if not self.root.is_dir():
+            return
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if entry.name.endswith(".json") and not entry.name.startswith("."):
+                    yield entry.name
+
+    def scan(self, model: str | None = None) -> Iterator[Result]:
+        for name in sorted(self._names()):
+            result = Result.model_validate_json((self.root / name).read_bytes())
+            if model is None or result.model == model:
+                yield result
+
+    def count(self, model: str | None = None) -> int:
+        if model is None:
+            return sum(1 for _ in self._names())
+        return sum(1 for _ in self.scan(model))
+
+    def close(self) -> None:
+        """Nothing to release: every call opens and closes its own files."""
 
 
 class S3ResultStore:
@@ -189,6 +239,46 @@ class S3ResultStore:
             raise translate(exc, f"get s3://{self.location.bucket}/{key}") from None
         return Result.model_validate_json(data)
 
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, Result]:
+        valid = [i for i in job_ids if is_valid_job_id(i)]
+        if not valid:
+            return {}
+        futures = [self._executor().submit(self._get_or_none, job_id) for job_id in valid]
+        found = (future.result() for future in futures)
+        return {result.id: result for result in found if result is not None}
+
+    def _get_or_none(self, job_id: str) -> Result | None:
+        try:
+            return self.get(job_id)
+        except ResultNotFound:
+            return None
+
+    def _ids(self) -> Iterator[str]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.location.bucket, Prefix=self.location.prefix):
+                for item in page.get("Contents", []):
+                    name = item["Key"][len(self.location.prefix) :]
+                    if name.endswith(".json") and "/" not in name:
+                        yield name[: -len(".json")]
+        except Exception as exc:  # see _put
+            raise translate(exc, f"list {self.location}") from None
+
+    def scan(self, model: str | None = None) -> Iterator[Result]:
+        page: list[str] = []
+        for job_id in itertools.chain(self._ids(), [""]):
+            if job_id:
+                page.append(job_id)
+            if len(page) == 256 or (not job_id and page):
+                found = self.get_many(page)
+                page = []
+                yield from (r for r in found.values() if model is None or r.model == model)
+
+    def count(self, model: str | None = None) -> int:
+        if model is None:
+            return sum(1 for _ in self._ids())
+        return sum(1 for _ in self.scan(model))
+
     def exists(self, job_id: str) -> bool:
         if not is_valid_job_id(job_id):
             return False
@@ -251,8 +341,76 @@ def _flush_files(paths: Sequence[str], directory: Path) -> None:
         _fsync_path(path)
 
 
-def open_result_store(location: str, *, fsync: bool = True) -> ResultStore:
-    """The result store at ``location``: ``s3://bucket/prefix`` or a directory path."""
+DEFAULT_LOCATION = "sqlite:var/results.db"
+SETTING = "INFERQ_RESULT_STORE"
+
+
+def open_result_store(location: str, *, fsync: bool = True, setting: str = SETTING) -> ResultStore:
+    """The result store at ``location``:
+
+    ``sqlite:relative/path.db`` or ``sqlite:///absolute/path.db``, ``postgresql://user@host:port/db``
+    (a libpq URL; the password from the URL or ``PGPASSWORD``), ``s3://bucket/prefix``, ``file:///abs/dir``
+    or a directory path. A malformed location raises :class:`ConfigError` naming ``setting``.
+    Nothing is connected yet: the first operation does that (and creates a database schema)."""
+    kind, target = parse_location(location, setting)
+    if kind == "sqlite":
+        from shared.results_sqlite import SQLiteResultStore  # noqa: PLC0415  (sqlite3 only when used)
+
+        return SQLiteResultStore(target)
+    if kind == "postgresql":
+        from shared.results_postgres import PostgresResultStore  # noqa: PLC0415  (psycopg only when used)
+
+        return PostgresResultStore(target)
+    if kind == "s3":
+        return S3ResultStore(S3Location.parse(target))
+    return FileResultStore(target, fsync=fsync)
+
+
+def parse_location(location: str, setting: str = SETTING) -> tuple[str, str]:
+    """``(kind, target)`` of a result-store location: kind ``sqlite`` (target a path), ``postgresql``
+    (a libpq URL), ``s3`` (the location) or ``file`` (a directory path)."""
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{setting}: {why} (use sqlite:PATH, postgresql://…, s3://bucket/prefix or a directory)")
+
+    if not location.strip():
+        raise bad("empty")
+    if location.startswith("sqlite:"):
+        return "sqlite", _sqlite_path(location, bad)
+    if location.startswith(("postgresql://", "postgres://")):
+        _check_postgres_url(location, bad)
+        return "postgresql", location
     if is_s3(location):
-        return S3ResultStore(S3Location.parse(location))
-    return FileResultStore(location, fsync=fsync)
+        try:
+            S3Location.parse(location)
+        except StoreError as exc:
+            raise bad(str(exc)) from None
+        return "s3", location
+    if location.startswith("file:"):
+        if not location.startswith("file:///") or len(location) == len("file:///"):
+            raise bad(f"{location!r} is not file:///absolute/dir")
+        return "file", location[len("file://") :]
+    if "://" in location:
+        raise bad(f"unknown scheme {location.split('://', 1)[0]!r}")
+    return "file", location
+
+
+def _sqlite_path(location: str, bad: Callable[[str], ConfigError]) -> str:
+    rest = location[len("sqlite:") :]
+    if rest.startswith("//"):
+        if not rest.startswith("///") or len(rest) == 3:
+            raise bad(f"{location!r} is not sqlite:///absolute/path.db or sqlite:relative/path.db")
+        return rest[2:]
+    if not rest:
+        raise bad("sqlite: names no database file")
+    return rest
+
+
+def _check_postgres_url(location: str, bad: Callable[[str], ConfigError]) -> None:
+    try:
+        parts = urlsplit(location)
+        _ = parts.port  # raises on a port that is not a number
+    except ValueError:
+        raise bad("a postgresql:// URL that cannot be parsed") from None
+    if not parts.path.strip("/"):
+        raise bad("the postgresql:// URL names no database: postgresql://user@host:port/db")

@@ -22,8 +22,14 @@ class InferqSettings(BaseSettings):
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/%2F")
     jobs_queue: QueueName = "inferq.jobs"
     results_queue: QueueName = "inferq.results"
+    results_exchange: QueueName | None = None
+    """The topic exchange results are published to (routing key ``<model>.<status>``); unset: named
+    like the results queue, so two deployments on one broker stay apart."""
+    results_max_length: Annotated[int, Field(ge=1)] = 1_000_000
+    results_max_age_s: Annotated[int, Field(ge=1)] = 7 * 24 * 3600
     model_store: str = "./var/models"
-    result_store: str = "./var/results"
+    result_store: str = "sqlite:var/results.db"
+    """Where results are kept: ``sqlite:PATH``, ``postgresql://…``, ``s3://bucket/prefix`` or a directory."""
     connect_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     heartbeat_s: Annotated[int, Field(ge=0, le=600)] = 30
     max_deliveries: Annotated[int, Field(ge=1, le=1000)] = 5
@@ -38,6 +44,11 @@ class InferqSettings(BaseSettings):
         if not value.get_secret_value().startswith(("amqp://", "amqps://")):
             raise ValueError("must start with amqp:// or amqps://")
         return value
+
+    @property
+    def results_exchange_name(self) -> str:
+        """The results topic exchange: ``INFERQ_RESULTS_EXCHANGE``, or the results queue's name."""
+        return self.results_exchange or self.results_queue
 
     @property
     def dlq_queue(self) -> str:
@@ -68,6 +79,14 @@ class WorkerSettings(InferqSettings):
     job_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     broker_consumer_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
     shutdown_grace_s: Annotated[float, Field(gt=0)] = 25.0
+    ort_providers: str = "CPUExecutionProvider"
+    """onnxruntime execution providers in order of preference, comma-separated, e.g.
+    ``CUDAExecutionProvider,CPUExecutionProvider`` where onnxruntime-gpu is installed."""
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """:attr:`ort_providers` as a tuple."""
+        return tuple(p.strip() for p in self.ort_providers.split(",") if p.strip())
 
     @model_validator(mode="after")
     def _job_fits_in_consumer_timeout(self) -> WorkerSettings:

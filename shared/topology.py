@@ -3,12 +3,17 @@
 The jobs queue is a durable quorum queue: replicated, with a delivery limit that dead-letters a job
 redelivered too often (a poison job), and a length bound that makes the broker *refuse* publishes
 (``reject-publish``) instead of dropping jobs when it is full.
+
+Results go to a durable topic exchange, routing key ``<model>.<status>``: each consumer binds the queue
+it needs. The result store is the record; a result message is a notification. The default results
+queue is bound to every key but bounded in length and age, dropping its oldest notification when full,
+so that nobody consuming it never fills the broker's disk.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from shared.settings import InferqSettings
 
@@ -19,12 +24,30 @@ RESENT_HEADER = "x-inferq-resent"
 job may already be queued, so the worker looks for a stored result first."""
 
 
+ALL_RESULTS = "#"
+"""The binding key of a queue that takes every result notification."""
+
+
 @dataclass(frozen=True, slots=True)
 class QueueSpec:
-    """A queue and the arguments it must be declared with."""
+    """A queue, the arguments it must be declared with, and the topic exchanges it is bound to
+    (with key ``#``: everything)."""
 
     name: str
     arguments: dict[str, Any]
+    bound_to: tuple[str, ...] = ()
+
+
+class _Routable(Protocol):
+    @property
+    def model(self) -> str | None: ...
+    @property
+    def status(self) -> str: ...
+
+
+def result_routing_key(result: _Routable) -> str:
+    """``<model>.<status>`` (``unknown`` for a message whose model could not be read)."""
+    return f"{result.model or 'unknown'}.{result.status}"
 
 
 def jobs_queue(settings: InferqSettings) -> QueueSpec:
@@ -63,8 +86,18 @@ def dlq_queue(settings: InferqSettings) -> QueueSpec:
 
 
 def results_queue(settings: InferqSettings) -> QueueSpec:
-    """Results for downstream consumers; the result store stays the source of truth."""
-    return QueueSpec(settings.results_queue, {"x-queue-type": "quorum"})
+    """Result notifications for downstream consumers, bound to the results exchange; the result store
+    stays the source of truth. Bounded in length and age: when full, the oldest notification goes."""
+    return QueueSpec(
+        settings.results_queue,
+        {
+            "x-queue-type": "quorum",
+            "x-max-length": settings.results_max_length,
+            "x-message-ttl": settings.results_max_age_s * 1000,
+            "x-overflow": "drop-head",
+        },
+        bound_to=(settings.results_exchange_name,),
+    )
 
 
 def all_queues(settings: InferqSettings) -> list[QueueSpec]:

@@ -25,7 +25,7 @@ from model_store.export import estimator_to_onnx
 from model_store.stores import open_model_store
 from producer.client import Producer
 from shared.messages import Job, Result, Tensor
-from shared.results import S3ResultStore
+from shared.results import S3ResultStore, open_result_store
 from shared.s3 import S3Location
 from shared.settings import ProducerSettings, WorkerSettings
 from shared.topology import all_queues
@@ -205,11 +205,18 @@ class Env:
         channel = connection.channel()
         for queue in (self.jobs_queue, self.results_queue, f"{self.jobs_queue}.dlq", f"{self.jobs_queue}.retry"):
             channel.queue_delete(queue)
+        channel.exchange_delete(self.results_queue)  # the results exchange is named like the queue
         connection.close()
 
     def stored(self) -> dict[str, Result]:
-        if self.result_location is not None:
+        if self.result_location is not None and self.result_location.startswith("s3://"):
             return _stored_in_s3(self.result_location)
+        if self.result_location is not None:
+            store = open_result_store(self.result_location)
+            try:
+                return {result.id: result for result in store.scan()}
+            finally:
+                store.close()
         if not self.result_dir.is_dir():
             return {}
         return {p.stem: Result.model_validate_json(p.read_bytes()) for p in self.result_dir.glob("*.json")}

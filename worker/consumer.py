@@ -32,6 +32,7 @@ from shared.settings import WorkerSettings
 from shared.topology import REASON_HEADER, RESENT_HEADER, all_queues, jobs_queue, retry_queue
 
 log = get_logger(__name__)
+DELIVERY_COUNT_HEADER = "x-delivery-count"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +48,16 @@ class Delivery:
     published_ms: float | None
     received_ms: float
     properties: BasicProperties
+    body: bytes
     suspect: bool = False
     """Taken from the retry queue: run it alone."""
+
+    @property
+    def delivery_count(self) -> int:
+        """Earlier deliveries of this message that were not acked, as the quorum queue counts them
+        (``x-delivery-count``; absent on a first delivery)."""
+        count = (self.properties.headers or {}).get(DELIVERY_COUNT_HEADER)
+        return count if isinstance(count, int) else (1 if self.redelivered else 0)
 
     @property
     def maybe_done_before(self) -> bool:
@@ -93,6 +102,7 @@ class Consumer:
         self._consumer_tags: list[str] = []
         self._epoch = 0
         self._stopping = False
+        self._wanted = True  # consume whenever a channel is up; false after cancel() until resume()
         self.failure: BaseException | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -163,11 +173,18 @@ class Consumer:
         self._ioloop.stop()
 
     def _on_queues_declared(self) -> None:
-        self.resume()
+        # NOTE: after a reconnect, consume again only if the worker still wants jobs: a stop (or a
+        # drain's cancel) requested while the connection was down stays in force.
+        if self._wanted:
+            self._consume()
 
     def resume(self) -> None:
         """Start (or restart, after :meth:`cancel`) consuming: the jobs queue with the configured
         prefetch, and the retry queue one suspect at a time (``basic_qos`` is per consumer)."""
+        self._wanted = True
+        self._consume()
+
+    def _consume(self) -> None:
         channel = self._channel
         if channel is None or self._consumer_tags:
             return
@@ -186,7 +203,8 @@ class Consumer:
 
     def cancel(self, on_cancelled: Callable[[], None]) -> None:
         """Stop taking new deliveries; ``on_cancelled`` runs once the broker confirms (every delivery
-        sent before that has arrived by then)."""
+        sent before that has arrived by then). Holds across reconnects until :meth:`resume`."""
+        self._wanted = False
         tags, self._consumer_tags = self._consumer_tags, []
         if self._channel is None or not tags:
             on_cancelled()
@@ -219,6 +237,7 @@ class Consumer:
             published_ms=_published_ms(props),
             received_ms=time.time() * 1000,
             properties=props,
+            body=body,
             suspect=suspect,
         )
         self._handler.on_delivery(delivery, body)
@@ -227,8 +246,11 @@ class Consumer:
         """True when ``delivery`` belongs to the open channel and may still be acked."""
         return delivery.epoch == self._epoch and self._channel is not None and self._channel.is_open
 
-    def publish_result(self, delivery: Delivery, job_id: str, body: bytes, on_confirm: ConfirmCallback) -> None:
-        """Publish a result to the results queue and, when asked, to the job's ``reply_to``."""
+    def publish_result(
+        self, delivery: Delivery, job_id: str, body: bytes, on_confirm: ConfirmCallback, *, routing_key: str
+    ) -> None:
+        """Publish a result to the results exchange under ``routing_key`` (``<model>.<status>``) and,
+        when asked, to the job's ``reply_to``."""
         if not self.is_current(delivery) or self._confirms is None:
             on_confirm(False)
             return
@@ -238,8 +260,10 @@ class Consumer:
             message_id=job_id,
             correlation_id=delivery.correlation_id,
         )
+        # Not mandatory: a result notification nobody is bound to is not an error, the result is stored.
+        exchange = self.settings.results_exchange_name
         if not delivery.reply_to:
-            self._confirms.publish(self.settings.results_queue, body, props, on_confirm)
+            self._confirms.publish(routing_key, body, props, on_confirm, mandatory=False, exchange=exchange)
             return
         waiting = {"count": 2, "ok": True}
 
@@ -249,32 +273,36 @@ class Consumer:
             if waiting["count"] == 0:
                 on_confirm(bool(waiting["ok"]))
 
-        self._confirms.publish(self.settings.results_queue, body, props, both)
+        self._confirms.publish(routing_key, body, props, both, mandatory=False, exchange=exchange)
         # The caller may have gone away: an unroutable reply is not an error, the result is stored.
         self._confirms.publish(delivery.reply_to, body, props, both, mandatory=False)
 
-    def dead_letter(self, delivery: Delivery, body: bytes, reason: str, on_confirm: ConfirmCallback) -> None:
+    def dead_letter(self, delivery: Delivery, reason: str, on_confirm: ConfirmCallback) -> None:
         """Copy the message, body unchanged, to the dead-letter queue with ``reason`` in a header."""
-        self._forward(delivery, body, self.settings.dlq_queue, {REASON_HEADER: reason}, on_confirm)
+        self._forward(delivery, self.settings.dlq_queue, {REASON_HEADER: reason}, on_confirm)
 
-    def quarantine(self, delivery: Delivery, body: bytes, on_confirm: ConfirmCallback) -> None:
+    def quarantine(self, delivery: Delivery, on_confirm: ConfirmCallback) -> None:
         """Move a redelivered job, unchanged, to the retry queue, where it runs alone."""
-        self._forward(delivery, body, retry_queue(self.settings).name, {}, on_confirm)
+        self._forward(delivery, retry_queue(self.settings).name, {}, on_confirm)
 
-    def _forward(
-        self, delivery: Delivery, body: bytes, queue: str, headers: dict[str, Any], on_confirm: ConfirmCallback
-    ) -> None:
+    def _forward(self, delivery: Delivery, queue: str, headers: dict[str, Any], on_confirm: ConfirmCallback) -> None:
         if not self.is_current(delivery) or self._confirms is None:
             on_confirm(False)
             return
         original = delivery.properties
-        props = forwarded_properties(original, {**(original.headers or {}), **headers})
-        self._confirms.publish(queue, body, props, on_confirm)
+        kept = {k: v for k, v in (original.headers or {}).items() if k != DELIVERY_COUNT_HEADER}
+        props = forwarded_properties(original, {**kept, **headers})
+        self._confirms.publish(queue, delivery.body, props, on_confirm)
 
-    def ack_through(self, tag: int) -> None:
-        """Ack every outstanding delivery up to and including ``tag`` on the current channel."""
-        if self._channel is not None and self._channel.is_open:
-            self._channel.basic_ack(tag, multiple=True)
+    def ack(self, epoch: int, through: int | None, singles: list[int]) -> None:
+        """Ack every outstanding delivery up to ``through`` with one ``multiple`` ack, then each of
+        ``singles``, on the channel of ``epoch`` (nothing, if that channel is gone)."""
+        if epoch != self._epoch or self._channel is None or not self._channel.is_open:
+            return
+        if through is not None:
+            self._channel.basic_ack(through, multiple=True)
+        for tag in singles:
+            self._channel.basic_ack(tag, multiple=False)
 
     def requeue(self, delivery: Delivery) -> None:
         """Hand one delivery back to the broker for another try."""

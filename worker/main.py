@@ -1,21 +1,31 @@
 """The worker: receive → decode → batch → run → store → publish → ack.
 
-The I/O loop's thread owns the broker connection and all of the state below; batches run on two
-processing threads (one computing while the other stores), whose results come back through
-:meth:`Consumer.call_threadsafe`. A delivery is acked only after its result is stored and the broker
-confirmed the result's publish (ack last).
+A job's whole story is :class:`Worker`'s methods in the order they run, top to bottom:
+
+1. :meth:`Worker.on_delivery` (I/O thread): receive, decode (orjson; pydantic only for rejects), batch.
+2. :meth:`Worker._flush` hands due batches to the processing thread, which resolves the version,
+   runs one onnxruntime call per batch, encodes each result once and stores them
+   (:class:`worker.processor.Processor`).
+3. :meth:`Worker._on_processed` (I/O thread again) publishes each result with a confirm.
+4. :meth:`Worker._finished` records each confirmed delivery in the :class:`AckWindow`, and
+   :meth:`Worker._send_acks` acks once per pass of the I/O loop with ``multiple``.
+
+The I/O thread owns the broker connection and every piece of state here; the processing thread touches
+none of it and never the broker. Ack last: a delivery is acked only after its result is stored and the
+broker confirmed the result's publish.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
+import queue
 import signal
 import socket
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -25,21 +35,29 @@ from model_store.cache import ModelCache
 from model_store.registry import Registry
 from model_store.stores import open_model_store
 from shared.codec import Rejected, Undecodable, decode_job
-from shared.errors import Expired, InferqError, JobError, StoreUnreachable
+from shared.errors import Expired, InferqError
 from shared.logging import get_logger
-from shared.messages import Job
 from shared.results import ResultStore, open_result_store
 from shared.settings import WorkerSettings
+from shared.topology import result_routing_key
+from worker.acks import AckWindow
 from worker.batcher import Batch, Batcher
 from worker.consumer import Consumer, Delivery
+from worker.drain import DrainDetector, Step
 from worker.metrics import MeteredRegistry, WorkerMetrics, start_metrics_server
-from worker.processor import ModelKey, Outcome, Pending, Processor
-from worker.runner import Limits, LoadedModel, Watchdog, load_model
+from worker.processor import ModelKey, Outcome, Pending, Processed, Processor
+from worker.runner import Limits, LoadedModel, Watchdog, check_providers, load_model
 
 log = get_logger(__name__)
-UNITS_IN_FLIGHT = 2
-"""Units of work at the processing threads at once: one stores its results while the next runs."""
-MODEL_STORE_RETRY_S = 1.0
+PROCESSING_THREADS = 1
+"""Units of work in flight at once. One: measured against two (one computing while the other stores),
+one thread does as well or better under the GIL, with fewer handoffs (see the commit that set it)."""
+GC_THRESHOLD = 50_000
+HOLD_RETRY_S = 1.0
+"""How soon a job held for an unreachable model or result store is tried again."""
+SUSPECT_DELIVERIES = 2
+"""A job delivered this often before was in flight at two crashes (or lost connections): it moves to
+the retry queue and runs alone there. Once is most likely innocent: it runs in an ordinary batch."""
 
 
 class ShutdownTimeout(InferqError):
@@ -55,6 +73,7 @@ class Counters:
     failed: int = 0
     dead_lettered: int = 0
     quarantined: int = 0
+    reused: int = 0
     batches: int = 0
     started: float = field(default_factory=time.monotonic)
     first_job_at: float | None = None
@@ -65,6 +84,31 @@ class Counters:
 def worker_name() -> str:
     """``host:pid``, stamped on every result."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class ProcessingThreads:
+    """Daemon threads that run units of work; a stuck one never delays the process's exit."""
+
+    def __init__(self, count: int) -> None:
+        self._work: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"inferq-processing-{n}", daemon=True) for n in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on a free thread."""
+        self._work.put(work)
+
+    def close(self) -> None:
+        """Let the threads end once idle (not waited for)."""
+        for _ in self._threads:
+            self._work.put(None)
+
+    def _serve(self) -> None:
+        while (work := self._work.get()) is not None:
+            work()
 
 
 class Worker:
@@ -82,46 +126,37 @@ class Worker:
         self.settings = settings
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.registry = registry
-        self.drain = drain
+        self.drain = DrainDetector() if drain else None
         self.name = worker_name()
         self.counters = Counters()
         self.consumer = Consumer(settings, self, f"inferq-worker {self.name}")
         self._stopping = threading.Event()
         limits = Limits(settings.max_rows_per_job, settings.max_elements_per_tensor)
+        watchdog = Watchdog(settings.job_timeout_s)
         self.processor = Processor(
-            registry,
-            store,
-            limits,
-            self.name,
-            self._stopping,
-            settings.store_retry_max_s,
-            Watchdog(settings.job_timeout_s),
+            registry, store, limits, self.name, self._stopping, settings.store_retry_max_s, watchdog
         )
         self._batcher: Batcher[ModelKey, Pending] = Batcher(
             settings.max_batch_rows, settings.max_wait_ms, time.monotonic
         )
-        self._ready: list[Outcome] = []
-        self._suspects: list[Pending] = []
-        self._executor = ThreadPoolExecutor(max_workers=UNITS_IN_FLIGHT, thread_name_prefix="inferq-batch")
+        self._ready: list[Outcome] = []  # results known without running (rejected, expired)
+        self._suspects: list[Pending] = []  # from the retry queue: each runs alone
+        self._held = 0  # jobs waiting to be tried again
+        self._threads = ProcessingThreads(PROCESSING_THREADS)
         self._units = 0  # units of work at the processing threads
         self._alone = False  # a suspect is running: nothing else may
         self._flush_timer: object | None = None
-        self._unacked: deque[int] = deque()
-        self._settled: dict[int, bool] = {}
-        self._ack_upto: int | None = None
+        self._acks = AckWindow()
         self._ack_timer: object | None = None
-        self._cancelled = False
-        self._final_check = False
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     def run(self) -> Counters:
-        """Serve until stopped (or, with ``drain``, until the queue is empty)."""
+        """Serve until stopped (or, in drain mode, until the queue is empty)."""
         try:
             self.consumer.run()
         finally:
-            # NOTE: after a forced stop the processing thread may be stuck in a batch; do not wait for it.
-            self._executor.shutdown(wait=not self.counters.forced, cancel_futures=True)
+            self._threads.close()  # NOTE: not joined: after a forced stop one may be stuck in a run
         elapsed = time.monotonic() - self.counters.started
         counts = {k: v for k, v in dataclasses.asdict(self.counters).items() if k != "started"}
         log.info("worker_stopped", **counts, elapsed_s=round(elapsed, 3))
@@ -141,155 +176,129 @@ class Worker:
     @property
     def in_flight(self) -> int:
         """Deliveries received and not yet acked."""
-        return len(self._unacked)
+        return len(self._acks)
 
     def request_stop(self) -> None:
         """Graceful stop, on the I/O thread. The order matters: stop taking work (basic.cancel),
         finish the in-flight batch, store, publish, ack, and only then close the connection."""
         if self._stopping.is_set():
             return
-        log.info("worker_stopping", in_flight=len(self._unacked), grace_s=self.settings.shutdown_grace_s)
+        log.info("worker_stopping", in_flight=len(self._acks), grace_s=self.settings.shutdown_grace_s)
         self._stopping.set()
         self.consumer.call_later(self.settings.shutdown_grace_s, self._grace_expired)
-        self.consumer.cancel(self._after_cancel)
+        self.consumer.cancel(self._after_settled)
+        self._flush()
 
     def _grace_expired(self) -> None:
         # Out of time: close now. Whatever is unacked returns to the queue; nothing is lost, and a
         # redelivered job whose result was already stored is republished from the store, not rerun.
-        log.error("worker_shutdown_grace_expired", in_flight=len(self._unacked))
+        log.error("worker_shutdown_grace_expired", in_flight=len(self._acks))
         self.counters.forced = True
         self.consumer.stop()
 
-    def _after_cancel(self) -> None:
-        self._cancelled = True
-        self._flush()
-        self._maybe_finish()
+    def _idle(self) -> bool:
+        return not (
+            self._acks or self._units or self._batcher or self._ready or self._suspects or self._ack_timer is not None
+        )
 
-    def _maybe_finish(self) -> None:
+    def _after_settled(self) -> None:
+        """Something finished: perhaps the last thing a stop or a drain was waiting for."""
         if not self._idle():
             return
         if self._stopping.is_set():
             self.consumer.stop()
-        elif self.drain and self._cancelled and not self._final_check:
-            # Cancelled because the queue looked empty; jobs may have been requeued since.
-            self._final_check = True
-            self.consumer.queue_depth(self._after_final_depth)
-
-    def _idle(self) -> bool:
-        return not (
-            self._unacked or self._units or self._batcher or self._ready or self._suspects or self._ack_upto is not None
-        )
+        elif self.drain is not None:
+            self._drain_step(self.drain.settled(idle=True))
 
     # -- drain mode -------------------------------------------------------------------------------
 
     def on_consuming(self) -> None:
-        self._cancelled = False
-        if self.drain:
+        if self.drain is not None:
+            self.drain.consuming()
             self.consumer.call_later(self.settings.drain_poll_ms / 1000, self._drain_tick)
 
     def _drain_tick(self) -> None:
-        if self._cancelled or self._stopping.is_set() or not self.consumer.ready:
+        if self.drain is None or self._stopping.is_set() or not self.consumer.ready:
             return
-        if self._idle():
-            self.consumer.queue_depth(self._after_depth)
-        else:
-            self.consumer.call_later(self.settings.drain_poll_ms / 1000, self._drain_tick)
+        self._drain_step(self.drain.tick(self._idle()))
 
-    def _after_depth(self, ready_jobs: int) -> None:
-        if ready_jobs == 0 and self._idle():
-            # Deliveries sent before the cancel arrive before its confirmation: none can be missed.
-            self.consumer.cancel(self._after_cancel)
-        else:
+    def _drain_step(self, step: Step) -> None:
+        assert self.drain is not None
+        drain = self.drain
+        if step is Step.WAIT and self.consumer.ready:
             self.consumer.call_later(self.settings.drain_poll_ms / 1000, self._drain_tick)
-
-    def _after_final_depth(self, ready_jobs: int) -> None:
-        self._final_check = False
-        if ready_jobs == 0:
+        elif step in (Step.ASK_DEPTH, Step.ASK_FINAL_DEPTH):
+            self.consumer.queue_depth(lambda ready_jobs: self._drain_step(drain.depth(ready_jobs, self._idle())))
+        elif step is Step.CANCEL:
+            self.consumer.cancel(self._on_drain_cancelled)
+        elif step is Step.RESUME:
+            self.consumer.resume()
+        elif step is Step.DONE:
             log.info("queue_drained", queue=self.settings.jobs_queue)
             self.consumer.stop()
-        else:
-            self.consumer.resume()
 
-    # -- receive → decode → batch -----------------------------------------------------------------
+    def _on_drain_cancelled(self) -> None:
+        assert self.drain is not None
+        self.drain.cancelled()
+        self._after_settled()
+
+    # -- 1. receive → decode → batch --------------------------------------------------------------
 
     def on_delivery(self, delivery: Delivery, body: bytes) -> None:
         self.counters.received += 1
         if self.counters.first_job_at is None:
             self.counters.first_job_at = time.time()
-        self._unacked.append(delivery.tag)
-        if delivery.redelivered and not delivery.suspect:
-            # This job was in flight when a worker died or lost its connection, perhaps because of
-            # it. It moves to the retry queue, where it runs alone: a poison job takes only itself down.
+        if delivery.epoch != self._acks.epoch:
+            self._acks.reset(delivery.epoch)  # the first delivery of a new channel: its tags start over
+        self._acks.received(delivery.epoch, delivery.tag)
+        if delivery.delivery_count >= SUSPECT_DELIVERIES and not delivery.suspect:
+            # In flight at two crashes: perhaps it causes them. It moves to the retry queue and runs
+            # alone there, so a poison job takes only itself down.
             self.counters.quarantined += 1
-            self.consumer.quarantine(delivery, body, partial(self._settle, delivery))
+            self.consumer.quarantine(delivery, partial(self._finished, delivery))
             return
         decoded = decode_job(body, delivery.message_id, self.settings.max_message_bytes)
         if isinstance(decoded, Undecodable):
-            self._dead_letter(delivery, body, decoded.reason)
+            self._dead_letter(delivery, decoded.reason)
         elif isinstance(decoded, Rejected):
             self._ready.append(self.processor.failed(delivery, decoded, decoded.error))
+        elif decoded.deadline is not None and decoded.deadline < datetime.now(UTC):
+            error = Expired(f"deadline {decoded.deadline.isoformat()} passed before the job could run")
+            self._ready.append(self.processor.failed(delivery, decoded, error))
         else:
-            self._accept(delivery, decoded)
+            self._batch(Pending(delivery, decoded))
         self._schedule_flush(0.0)
 
-    def _accept(self, delivery: Delivery, job: Job) -> None:
-        if job.deadline is not None and job.deadline < datetime.now(UTC):
-            error: JobError = Expired(f"deadline {job.deadline.isoformat()} passed before the job could run")
-            self._ready.append(self.processor.failed(delivery, job, error))
-            return
-        try:
-            version = self.registry.resolve(job.model, job.version)  # resolved at receipt
-        except JobError as exc:
-            self._ready.append(self.processor.failed(delivery, job, exc))
-            return
-        except StoreUnreachable as exc:
-            self._retry_accept(delivery, job, exc)
-            return
-        pending = Pending(delivery, job, version)
-        if delivery.suspect:
+    def _batch(self, pending: Pending) -> None:
+        if pending.delivery.suspect:
             self._suspects.append(pending)
         else:
-            self._batcher.add((job.model, version), pending, job.rows)
+            self._batcher.add((pending.job.model, pending.job.version), pending, pending.job.rows)
 
-    def _retry_accept(self, delivery: Delivery, job: Job, exc: StoreUnreachable) -> None:
-        """The model store is unreachable and this model was never resolved: hold the job (unacked, so
-        nothing is lost and no delivery attempt is spent) and try again shortly; give it back on stop."""
-        if self._stopping.is_set():
-            self._settle(delivery, ok=False)
-            return
-        log.warning("model_store_unreachable", job_id=job.id, model=job.model, error=str(exc))
-
-        def again() -> None:
-            if self.consumer.is_current(delivery):
-                self._accept(delivery, job)
-                self._schedule_flush(0.0)
-
-        self.consumer.call_later(MODEL_STORE_RETRY_S, again)
-
-    def _dead_letter(self, delivery: Delivery, body: bytes, reason: str) -> None:
+    def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         log.warning("job_dead_lettered", message_id=delivery.message_id, reason=reason)
         self.counters.dead_lettered += 1
         self.metrics.dead_lettered()
-        self.consumer.dead_letter(delivery, body, reason, partial(self._settle, delivery))
+        self.consumer.dead_letter(delivery, reason, partial(self._finished, delivery))
 
-    # -- batch → run → store (processing threads) -------------------------------------------------
+    # -- 2. batch → run → store (the processing thread) -------------------------------------------
 
     def _schedule_flush(self, delay_s: float) -> None:
         if self._flush_timer is None:
             self._flush_timer = self.consumer.call_later(delay_s, self._flush)
 
     def _flush(self) -> None:
-        """Hand waiting work to a processing thread, if one is free and the work is due."""
+        """Hand waiting work to the processing thread, if it is free and the work is due."""
         if self._flush_timer is not None:
             self.consumer.cancel_timer(self._flush_timer)
             self._flush_timer = None
-        if self._alone or self._units >= UNITS_IN_FLIGHT:
+        if self._alone or self._units >= PROCESSING_THREADS:
             return  # more jobs gather meanwhile; a completion flushes again
         if self._suspects:
             if not self._units:  # a suspect runs alone: let the others finish first
                 suspect = self._suspects.pop(0)
-                batch = Batch((suspect.job.model, suspect.version), [suspect], suspect.job.rows)
-                self._dispatch([batch], [], alone=True)
+                key = (suspect.job.model, suspect.job.version)
+                self._dispatch([Batch(key, [suspect], suspect.job.rows)], [], alone=True)
             return
         due_in = self._batcher.due_in()
         if due_in is None and not self._ready:
@@ -304,76 +313,111 @@ class Worker:
     def _dispatch(self, batches: list[Batch[ModelKey, Pending]], ready: list[Outcome], *, alone: bool = False) -> None:
         self._units += 1
         self._alone = alone
-        future = self._executor.submit(self.processor.process, batches, ready)
-        future.add_done_callback(
-            lambda f: self.consumer.call_threadsafe(partial(self._on_processed, f, batches, ready))
-        )
 
-    # -- publish → ack (I/O thread) ---------------------------------------------------------------
+        def unit() -> None:
+            try:
+                done: Processed | BaseException = self.processor.process(batches, ready)
+            except Exception as exc:  # the store unavailable while stopping, or a bug: nothing is acked
+                done = exc
+            self.consumer.call_threadsafe(partial(self._on_processed, done, batches, ready))
+
+        self._threads.submit(unit)
+
+    # -- 3. publish (I/O thread) ------------------------------------------------------------------
 
     def _on_processed(
-        self, future: Future[list[Outcome]], batches: list[Batch[ModelKey, Pending]], ready: list[Outcome]
+        self, done: Processed | BaseException, batches: list[Batch[ModelKey, Pending]], ready: list[Outcome]
     ) -> None:
         self._units -= 1
         self._alone = False
-        try:
-            outcomes = future.result()
-        except Exception as exc:  # store unavailable while stopping, or a bug: nothing is acked
-            log.error("batch_not_completed", error=f"{type(exc).__name__}: {exc}")
+        if isinstance(done, BaseException):
+            log.error("batch_not_completed", error=f"{type(done).__name__}: {done}")
             for delivery in [i.delivery for b in batches for i in b.items] + [o.delivery for o in ready]:
-                self._settle(delivery, ok=False)
+                self._finished(delivery, ok=False)
         else:
-            self.counters.batches += len(batches)
-            self.metrics.observe_processed(batches, outcomes)
-            for outcome in outcomes:
-                if outcome.result.error is None:
-                    self.counters.succeeded += 1
-                else:
-                    self.counters.failed += 1
+            self.counters.batches += len(done.runs)
+            self.metrics.observe_processed(done.runs, done.outcomes)
+            for outcome in done.outcomes:
+                self._count(outcome)
                 self.consumer.publish_result(
                     outcome.delivery,
                     outcome.result.id,
                     outcome.result.to_json(),
-                    partial(self._settle, outcome.delivery),
+                    partial(self._finished, outcome.delivery),
+                    routing_key=result_routing_key(outcome.result),
                 )
+            for rejection in done.rejections:
+                self._dead_letter(rejection.delivery, rejection.reason)
+            for pending in done.held:
+                self._hold(pending)
         self._flush()
-        self._maybe_finish()
+        self._after_settled()
 
-    def _settle(self, delivery: Delivery, ok: bool) -> None:
-        """A delivery is finished: its result (or dead letter) is confirmed, or it was handed back.
-        Ack the longest finished prefix of deliveries with one ``multiple`` ack."""
-        if not self.consumer.is_current(delivery):
+    def _count(self, outcome: Outcome) -> None:
+        if not outcome.counted:
+            self.counters.reused += 1
+        elif outcome.result.error is None:
+            self.counters.succeeded += 1
+        else:
+            self.counters.failed += 1
+
+    def _hold(self, pending: Pending) -> None:
+        """The model or result store cannot answer for this job now: keep it (unacked, so nothing is
+        lost and no delivery attempt is spent) and try again shortly, without holding up the acks of
+        other jobs. On stop, it goes back to the queue."""
+        delivery = pending.delivery
+        if self._stopping.is_set():
+            self._finished(delivery, ok=False)
+            return
+        self._acks.hold(delivery.epoch, delivery.tag)
+        self._held += 1
+
+        def again() -> None:
+            self._held -= 1
+            if self._stopping.is_set():
+                self._finished(delivery, ok=False)
+            elif self.consumer.is_current(delivery):
+                self._acks.release(delivery.epoch, delivery.tag)
+                self._batch(pending)
+                self._schedule_flush(0.0)
+
+        self.consumer.call_later(HOLD_RETRY_S, again)
+        self._schedule_acks()
+
+    # -- 4. ack (I/O thread) ----------------------------------------------------------------------
+
+    def _finished(self, delivery: Delivery, ok: bool) -> None:
+        """A delivery is done: its result (or dead letter) is confirmed, or it was handed back."""
+        if not self._acks.finished(delivery.epoch, delivery.tag, ok):
             return  # from before a reconnect: the broker will redeliver it; never ack a stale tag
         if not ok:
             log.warning("job_requeued", message_id=delivery.message_id)
             self.consumer.requeue(delivery)
-        self._settled[delivery.tag] = ok
-        while self._unacked and self._unacked[0] in self._settled:
-            tag = self._unacked.popleft()
-            if self._settled.pop(tag):
-                self._ack_upto = tag
-        if self._ack_upto is not None and self._ack_timer is None:
-            # Confirms arrive one by one; one ack for all of those read in this pass of the I/O loop.
-            self._ack_timer = self.consumer.call_later(0, self._send_ack)
-        self._maybe_finish()
+        self._schedule_acks()
 
-    def _send_ack(self) -> None:
+    def _schedule_acks(self) -> None:
+        if self._ack_timer is None:
+            # Confirms arrive one by one; one ack for all of those read in this pass of the I/O loop.
+            self._ack_timer = self.consumer.call_later(0, self._send_acks)
+
+    def _send_acks(self) -> None:
         self._ack_timer = None
-        if self._ack_upto is not None:
+        acks = self._acks.take()
+        if acks:
             # NOTE: fewer, larger acks also matter for correctness: a quorum queue takes acks
             # asynchronously, and a burst of single acks just before the channel closes can be lost
             # (the jobs are redelivered, and their stored results republished).
-            self.consumer.ack_through(self._ack_upto)
-            self._ack_upto = None
+            self.consumer.ack(self._acks.epoch, acks.through, acks.singles)
             self.counters.last_ack_at = time.time()
-        self._maybe_finish()
+        self._after_settled()
 
     def on_connection_lost(self) -> None:
         # Every unacked delivery returns to the queue; whatever was stored is republished from the
-        # store when it comes back (redelivered jobs look there first).
-        self._unacked.clear()
-        self._settled.clear()
-        self._ack_upto = None
+        # store when it comes back (redelivered jobs look there first). Work at the processing thread
+        # finishes, and its publishes are refused as stale.
+        self._acks.reset(epoch=-1)  # no channel: nothing may be acked until the next one consumes
+        if self.drain is not None and not self._stopping.is_set():
+            self.consumer.resume()  # a drain's cancel does not outlive its channel; a stop's does
         if self._ack_timer is not None:
             self.consumer.cancel_timer(self._ack_timer)
             self._ack_timer = None
@@ -386,16 +430,19 @@ class Worker:
 
 
 def build_worker(settings: WorkerSettings, *, drain: bool) -> Worker:
-    """Wire a worker from settings: model store, registry, result store."""
+    """Wire a worker from settings: model store, registry, result store; refuses unknown providers."""
+    check_providers(settings.providers)
     model_store = open_model_store(settings.model_store)
     metrics = WorkerMetrics()
+    metrics.set_provider(settings.providers[0])
     registry = MeteredRegistry(
         model_store,
-        partial(load_model, intra_op_threads=settings.intra_op_threads),
+        partial(load_model, intra_op_threads=settings.intra_op_threads, providers=settings.providers),
         metrics=metrics,
         max_loaded=settings.max_loaded_models,
         refresh_s=settings.alias_refresh_s,
         cache=ModelCache(settings.model_cache, settings.max_model_bytes),
+        load_retry_s=0.0,  # an unreachable store holds the batch's jobs instead of blocking the thread
     )
     return Worker(settings, registry, open_result_store(settings.result_store), drain=drain, metrics=metrics)
 
@@ -422,9 +469,15 @@ def run_worker(settings: WorkerSettings, *, drain: bool = False) -> Counters:
         queue=settings.jobs_queue,
         model_store=settings.model_store,
         result_store=settings.result_store,
+        ort_providers=list(settings.providers),
         drain=drain,
     )
     worker.metrics.watch(worker)
+    # Every job allocates a few short-lived objects and none forms a cycle that matters; the default
+    # thresholds ran a collection every few hundred allocations, ~9 % of a drain's CPU in a profile.
+    # The objects made at start (modules, schemas, sessions) move out of the collector's sight.
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 50, 1000)
     server = start_metrics_server(worker.metrics, worker, settings.metrics_host, settings.metrics_port)
     try:
         counters = worker.run()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter as Tally
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,9 +25,7 @@ from model_store.registry import Registry
 from shared.errors import ErrorCode
 from shared.logging import get_logger
 from shared.messages import Result
-from worker.batcher import Batch
-from worker.consumer import Delivery
-from worker.processor import ModelKey, Outcome, Pending
+from worker.processor import BatchRun, Outcome
 from worker.runner import LoadedModel
 
 log = get_logger(__name__)
@@ -105,6 +104,12 @@ class WorkerMetrics:
         self.model_cache_misses = Counter(
             "inferq_model_cache_misses", "Batches that had to load their model version.", ["model"], registry=r
         )
+        self.info = Gauge(
+            "inferq_worker_info",
+            "1, labelled with the onnxruntime execution provider in use.",
+            ["provider"],
+            registry=r,
+        )
         self.draining = Gauge(
             "inferq_worker_draining", "1 while the worker finishes its in-flight work before exiting.", registry=r
         )
@@ -116,46 +121,38 @@ class WorkerMetrics:
 
     # -- recording --------------------------------------------------------------------------------
 
-    def observe_processed(self, batches: Sequence[Batch[ModelKey, Pending]], outcomes: Sequence[Outcome]) -> None:
-        """One processing round came back: count every job, and time every micro-batch that ran.
+    def set_provider(self, provider: str) -> None:
+        """The onnxruntime execution provider sessions are created with (first choice)."""
+        self.info.labels(provider).set(1)
 
-        The jobs of one onnxruntime call all carry that call's time; jobs that failed before it (bad
-        inputs) carry none and do not count as rows of the call."""
-        inference_ms: dict[tuple[int, int], float] = {}
+    def observe_processed(self, runs: Sequence[BatchRun], outcomes: Sequence[Outcome]) -> None:
+        """One unit of work came back: count every job once (a result stored earlier and sent again
+        is not a second success), and time every onnxruntime call."""
+        counts: Tally[tuple[str, str, str, str]] = Tally()
         for outcome in outcomes:
-            self._count(outcome.result)
-            if outcome.result.timings.inference_ms is not None:
-                inference_ms[_key(outcome.delivery)] = outcome.result.timings.inference_ms
-        for batch in batches:
-            ran = [
-                (item.job.rows, inference_ms[_key(item.delivery)])
-                for item in batch.items
-                if _key(item.delivery) in inference_ms
-            ]
-            if ran:
-                model = batch.key[0]
-                self.batch_rows.labels(model).observe(sum(rows for rows, _ in ran))
-                self.inference_seconds.labels(model).observe(max(ms for _, ms in ran) / 1000)
+            if outcome.counted:
+                counts[self._count(outcome.result)] += 1
+        for labels, count in counts.items():
+            self.jobs.labels(*labels).inc(count)
+        for run in runs:
+            self.batch_rows.labels(run.model).observe(run.rows)
+            self.inference_seconds.labels(run.model).observe(run.seconds)
 
     def dead_lettered(self) -> None:
         """A message without a usable job id went to the dead-letter queue."""
         self.jobs.labels(OTHER_MODEL, "", "dead_lettered", "").inc()
 
-    def _count(self, result: Result) -> None:
+    def _count(self, result: Result) -> tuple[str, str, str, str]:
         code = "" if result.error is None else str(result.error.code)
         model = OTHER_MODEL if result.model is None or code in UNTRUSTED_MODEL_CODES else result.model
         version = "" if result.version is None else str(result.version)
-        self.jobs.labels(model, version, str(result.status), code).inc()
         if result.timings.total_ms is not None:
             self.job_latency_seconds.labels(model).observe(result.timings.total_ms / 1000)
+        return model, version, str(result.status), code
 
     def render(self) -> bytes:
         """The metrics in the Prometheus text format."""
         return generate_latest(self.registry)
-
-
-def _key(delivery: Delivery) -> tuple[int, int]:
-    return delivery.epoch, delivery.tag
 
 
 class MeteredRegistry(Registry[LoadedModel]):
@@ -170,8 +167,11 @@ class MeteredRegistry(Registry[LoadedModel]):
         max_loaded: int,
         refresh_s: float,
         cache: ModelCache | None = None,
+        load_retry_s: float = 10.0,
     ) -> None:
-        super().__init__(store, loader, max_loaded=max_loaded, refresh_s=refresh_s, cache=cache)
+        super().__init__(
+            store, loader, max_loaded=max_loaded, refresh_s=refresh_s, cache=cache, load_retry_s=load_retry_s
+        )
         self._metrics = metrics
 
     def get(self, name: str, version: int) -> tuple[Manifest, LoadedModel]:

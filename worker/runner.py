@@ -14,8 +14,8 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from model_store.manifest import Manifest, TensorSpec
-from shared.errors import InferenceError, InputMismatch, JobError, TooLarge
-from shared.messages import DATATYPE_OF_NUMPY, Job, Tensor
+from shared.errors import ConfigError, InferenceError, InputMismatch, JobError, TooLarge
+from shared.messages import DATATYPE_OF_NUMPY, FLOAT_DATATYPES, Job, OutputTensor, Tensor, non_finite_string, trusted
 
 Arrays = dict[str, npt.NDArray[Any]]
 
@@ -37,15 +37,31 @@ class LoadedModel:
     output_names: list[str]
 
 
-def load_model(manifest: Manifest, data: bytes, intra_op_threads: int = 1) -> LoadedModel:
-    """Create a CPU session from verified bytes (loading from bytes also rules out external data files)."""
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+def check_providers(providers: tuple[str, ...]) -> None:
+    """Refuse, at start, execution providers the installed onnxruntime does not have."""
+    available = ort.get_available_providers()
+    missing = [p for p in providers if p not in available]
+    if missing or not providers:
+        raise ConfigError(
+            f"INFERQ_ORT_PROVIDERS: {', '.join(missing) or 'empty'} not available in this onnxruntime "
+            f"(available: {', '.join(available)})"
+        )
+
+
+def load_model(
+    manifest: Manifest, data: bytes, intra_op_threads: int = 1, providers: tuple[str, ...] = (CPU_PROVIDER,)
+) -> LoadedModel:
+    """Create a session from verified bytes (loading from bytes also rules out external data files)."""
     options = ort.SessionOptions()
     # One thread per worker process: scaling is by processes, and threads would fight over the cores.
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    session = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(data, sess_options=options, providers=list(providers))
     return LoadedModel(manifest, session, [o.name for o in session.get_outputs()])
 
 
@@ -123,7 +139,7 @@ class Watchdog:
                 self._armed = None
 
 
-def run_batch(model: LoadedModel, jobs: list[Arrays], watchdog: Watchdog | None = None) -> list[list[Tensor]]:
+def run_batch(model: LoadedModel, jobs: list[Arrays], watchdog: Watchdog | None = None) -> list[list[OutputTensor]]:
     """One onnxruntime call for all ``jobs`` (rows concatenated on axis 0), outputs split back per job."""
     feeds = {
         name: jobs[0][name] if len(jobs) == 1 else np.concatenate([j[name] for j in jobs], axis=0) for name in jobs[0]
@@ -139,37 +155,48 @@ def run_batch(model: LoadedModel, jobs: list[Arrays], watchdog: Watchdog | None 
         if watchdog is not None:
             watchdog.disarm()
     counts = [next(iter(j.values())).shape[0] for j in jobs]
-    per_job: list[list[Tensor]] = [[] for _ in jobs]
+    per_job: list[list[OutputTensor]] = [[] for _ in jobs]
     for name, output in zip(model.output_names, outputs, strict=True):
         for slot, tensor in zip(per_job, _split(name, np.asarray(output), counts), strict=True):
             slot.append(tensor)
     return per_job
 
 
-def _split(name: str, array: npt.NDArray[Any], counts: list[int]) -> list[Tensor]:
-    """One output tensor per job: rows split by ``counts`` (an output without a row axis goes to all)."""
+def _output(name: str, array: npt.NDArray[Any]) -> OutputTensor:
+    tensor = Tensor.from_numpy(name, array)
+    data = tensor.data
+    if tensor.datatype in FLOAT_DATATYPES and not np.isfinite(array).all():
+        data = [x if math.isfinite(x) else non_finite_string(x) for x in data]  # type: ignore[arg-type]
+    return trusted(OutputTensor, name=name, shape=tensor.shape, datatype=tensor.datatype, data=data)
+
+
+def _split(name: str, array: npt.NDArray[Any], counts: list[int]) -> list[OutputTensor]:
+    """One output tensor per job: rows split by ``counts`` (an output without a row axis goes to all).
+    NaN and ±Inf become the wire strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``."""
     total = sum(counts)
     if not (array.ndim and array.shape[0] == total):
-        return [Tensor.from_numpy(name, array)] * len(counts)
+        return [_output(name, array)] * len(counts)
     datatype = DATATYPE_OF_NUMPY.get(array.dtype)
     if datatype is None or array.size == 0:  # strings and empty outputs: the general path
-        return [Tensor.from_numpy(name, part) for part in np.split(array, np.cumsum(counts)[:-1])]
+        return [_output(name, part) for part in np.split(array, np.cumsum(counts)[:-1])]
     # One conversion to Python numbers for the whole batch, then plain list slicing per job: much
     # cheaper than an array split and a conversion per job.
     rows = array.reshape(total, -1).tolist()
+    if datatype in FLOAT_DATATYPES and not np.isfinite(array).all():
+        rows = [[x if math.isfinite(x) else non_finite_string(x) for x in row] for row in rows]
     tail = list(array.shape[1:])
     tensors = []
     start = 0
     for count in counts:
         data = rows[start] if count == 1 else [x for row in rows[start : start + count] for x in row]
-        tensors.append(Tensor.model_construct(name=name, shape=[count, *tail], datatype=datatype, data=data))
+        tensors.append(trusted(OutputTensor, name=name, shape=[count, *tail], datatype=datatype, data=data))
         start += count
     return tensors
 
 
 def run_isolating(
     model: LoadedModel, jobs: list[Arrays], watchdog: Watchdog | None = None
-) -> list[list[Tensor] | JobError]:
+) -> list[list[OutputTensor] | JobError]:
     """Run ``jobs`` together; if the batch fails, bisect so only the offending jobs get the error.
     A batch that ran out of time is not re-run: every job in it gets the same error."""
     try:

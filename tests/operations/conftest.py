@@ -39,6 +39,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, s
     channel = connection.channel()
     for queue in (values["INFERQ_JOBS_QUEUE"], values["INFERQ_RESULTS_QUEUE"], *(q.name for q in all_queues(settings))):
         channel.queue_delete(queue)
+    channel.exchange_delete(values["INFERQ_RESULTS_QUEUE"])  # the results exchange is named like the queue
     connection.close()
 
 

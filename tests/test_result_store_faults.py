@@ -1,0 +1,87 @@
+"""A result store that goes down holds jobs unacked, and loses nothing when it comes back: a SQLite file
+made read-only, a PostgreSQL server stopped (a private cluster: the shared one is never stopped). The S3
+server killed is in test_s3.py, the file store gone in test_faults.py."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from postgres_support import PrivatePostgres
+from support import BackgroundWorker, Env, Models, make_job, wait_for
+from test_faults import audit
+
+from shared.messages import Job
+from shared.results import open_result_store
+from shared.results_postgres import POOL_TIMEOUT_S
+
+
+def _jobs(models: Models, count: int) -> list[Job]:
+    return [make_job(models.X[i % 150 : i % 150 + 1], version=1 + i % 2) for i in range(count)]
+
+
+def _outage_holds_jobs_and_loses_none(
+    env: Env, models: Models, down: Callable[[], None], up: Callable[[], None], hold_s: float = 2.0
+) -> None:
+    before, during = _jobs(models, 300), _jobs(models, 300)
+    with BackgroundWorker(env.worker_settings(store_retry_max_s=0.5)) as background:
+        # Given a worker that has stored results already
+        env.submit(before)
+        wait_for(lambda: len(env.stored()) == len(before), timeout_s=60)
+        published = env.depth(env.results_queue)
+        # When the store goes down and more jobs arrive
+        down()
+        env.submit(during)
+        wait_for(lambda: env.depth(env.jobs_queue) == 0, timeout_s=30)
+        time.sleep(hold_s)
+        # Then the worker holds them unacked, publishes nothing, and stays connected
+        assert env.depth(env.results_queue) == published, "nothing may be published before it is stored"
+        assert background.worker.consumer.ready
+        # And once the store is back, every job gets its one result
+        up()
+        wait_for(lambda: len(env.stored()) == len(before) + len(during), timeout_s=60)
+    report = audit(env, {j.id for j in before + during})
+    assert report.stored == len(before) + len(during)
+
+
+def _chattr(flag: str, *paths: Path) -> None:
+    subprocess.run(["chattr", flag, *(str(p) for p in paths if p.exists())], check=True)
+
+
+def test_a_sqlite_file_made_read_only_holds_jobs_until_it_is_writable(iris_store: Env, models: Models) -> None:
+    db = iris_store.tmp / "results.db"
+    iris_store.result_location = f"sqlite:{db}"
+    files = [db, db.with_name("results.db-wal")]
+    # NOTE: the tests run as root, whom file modes do not stop: the immutable attribute does.
+    try:
+        _outage_holds_jobs_and_loses_none(
+            iris_store, models, down=lambda: _chattr("+i", *files), up=lambda: _chattr("-i", *files)
+        )
+    finally:
+        _chattr("-i", *files)
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    cluster = PrivatePostgres()
+    cluster.start()
+    yield cluster
+    cluster.remove()
+
+
+def test_a_stopped_postgresql_holds_jobs_until_it_is_back(
+    iris_store: Env, models: Models, private_postgres: PrivatePostgres
+) -> None:
+    iris_store.result_location = private_postgres.url
+    # Longer than the pool's wait for a connection, so the worker sees the store fail and retries.
+    _outage_holds_jobs_and_loses_none(
+        iris_store, models, down=private_postgres.stop, up=private_postgres.start, hold_s=POOL_TIMEOUT_S + 2
+    )
+    store = open_result_store(private_postgres.url)
+    try:
+        assert store.count() == 600
+    finally:
+        store.close()
