@@ -67,8 +67,11 @@ class ConfirmTracker:
     """Publisher confirms for one channel: maps delivery tags to callbacks, handles ``multiple`` acks,
     and reports a message the broker returned as unroutable as refused."""
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, on_streak: Callable[[int], None] | None = None) -> None:
         self._channel = channel
+        self._on_streak = on_streak
+        self.nack_streak = 0
+        """Publishes refused in a row since the last one confirmed."""
         self._next_tag = 1
         self._pending: OrderedDict[int, tuple[str | None, ConfirmCallback]] = OrderedDict()
         self._returned: set[str] = set()
@@ -118,6 +121,10 @@ class ConfirmTracker:
             if returned:
                 self._returned.discard(message_id)
             answers.append((callback, acked and not returned))
+        self.nack_streak = 0 if acked else self.nack_streak + len(answers)
+        # Told before the callbacks run, so that a session being replaced takes no more publishes.
+        if self._on_streak is not None:
+            self._on_streak(self.nack_streak)
         _answer_all(answers)
 
     def fail_all(self) -> None:

@@ -13,8 +13,14 @@ The policy, the same for the producer, the worker and the operator commands:
   the owner sees it (:class:`Session`). Sessions are numbered (``epoch``): a delivery tag, a confirm or
   a reply queue belongs to one session only.
 
-The broker's address is a list of URLs (:func:`broker_urls`), tried in turn: today the list holds the
-one ``INFERQ_AMQP_URL``; a cluster's nodes can be added there without changing any caller.
+The broker's address is a list of URLs (:func:`broker_urls`): ``INFERQ_AMQP_URL`` names one node or a
+cluster's nodes separated by commas. Each client tries them in its own shuffled order (a fleet spreads
+over the nodes) and moves to the next one after a failed attempt or a lost connection.
+
+A session whose publishes the broker keeps refusing (a long run of nacks and no ack) is dropped and a
+new one opened, on the next node: a RabbitMQ channel that published to a quorum queue whose leader was
+lost can go on nacking nearly everything until it is replaced. Owners see this as a lost session, so
+every guarantee of a reconnect holds (unconfirmed publishes are reported refused; tags die).
 
 :class:`Link` is for pika ``SelectConnection`` clients that own an I/O loop (the worker runs it on one
 I/O thread; the producer drives it in its caller's thread). :func:`open_blocking` is for the operator
@@ -23,6 +29,7 @@ commands: it blocks, so it must never be called on an I/O loop's thread.
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from collections.abc import Sequence
@@ -48,6 +55,11 @@ NOT_ALLOWED = 530
 CONNECT_BACKOFF_BASE_S = 0.2
 CONNECT_BACKOFF_CAP_S = 10.0
 
+NACK_STREAK_LIMIT = 64
+"""Nacks in a row, without an ack, after which a session is replaced (doubled after each replacement
+that brings no ack, so a full queue refusing publishes costs few reconnects)."""
+NACK_STREAK_LIMIT_CAP = 8192
+
 
 def connect_backoff() -> Backoff:
     """The backoff between connection attempts, the same for every process."""
@@ -57,9 +69,12 @@ def connect_backoff() -> Backoff:
 # -- where the broker is ---------------------------------------------------------------------------
 
 
-def broker_urls(settings: InferqSettings) -> list[str]:
-    """The broker's URLs, tried in turn (one today: ``INFERQ_AMQP_URL``)."""
-    return [settings.amqp_url.get_secret_value()]
+def broker_urls(settings: InferqSettings, rng: random.Random | None = None) -> list[str]:
+    """The broker's URLs in the order this client tries them: shuffled, so that a fleet of clients
+    given the same list spreads over a cluster's nodes instead of all starting on the first."""
+    urls = list(settings.amqp_urls)
+    (rng or random.Random()).shuffle(urls)
+    return urls
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +91,7 @@ class Endpoint:
 
 
 class Endpoints:
-    """The broker URLs of a process, handed out in turn, one per connection attempt."""
+    """The broker URLs of a client, handed out in turn (round robin), one per connection attempt."""
 
     def __init__(self, settings: InferqSettings, name: str) -> None:
         self._all = [Endpoint(_parameters(settings, url, name), redacted_url(url)) for url in broker_urls(settings)]
@@ -87,6 +102,9 @@ class Endpoints:
         endpoint = self._all[self._next % len(self._all)]
         self._next += 1
         return endpoint
+
+    def __len__(self) -> int:
+        return len(self._all)
 
     @property
     def shown(self) -> str:
@@ -272,6 +290,8 @@ class Link:
         self._closing = False
         self._failed = False
         self._reopen = False
+        self._recycling = False
+        self._nack_limit = NACK_STREAK_LIMIT
 
     @property
     def session(self) -> Session | None:
@@ -354,7 +374,7 @@ class Link:
 
     def _on_channel_open(self, channel: Channel) -> None:
         channel.add_on_close_callback(self._on_channel_closed)
-        self._confirms = ConfirmTracker(channel)
+        self._confirms = ConfirmTracker(channel, on_streak=self._on_nack_streak)
         self._declaring = True
         declare_queues(channel, self._queues, lambda: self._on_declared(channel))
 
@@ -366,6 +386,21 @@ class Link:
         self._epoch += 1
         self._session = Session(self._connection, channel, self._confirms, self._epoch)
         self._handler.on_ready(self._session)
+
+    # -- a session the broker keeps refusing --------------------------------------------------------
+
+    def _on_nack_streak(self, nacks: int) -> None:
+        if nacks == 0:
+            self._nack_limit = NACK_STREAK_LIMIT  # an ack: the session works
+            return
+        connection = self._connection
+        if nacks < self._nack_limit or self._recycling or connection is None or not connection.is_open:
+            return
+        log.warning("broker_refusing_publishes", nacks=nacks, url=self._endpoint.shown, action="new session")
+        self._nack_limit = min(self._nack_limit * 2, NACK_STREAK_LIMIT_CAP)
+        self._recycling = True
+        # Closing the connection (not just the channel) also moves the client to the next node.
+        connection.close(reply_text="replacing a session whose publishes are refused")
 
     # -- losing it ----------------------------------------------------------------------------------
 
@@ -394,6 +429,7 @@ class Link:
     def _on_close(self, _connection: Any, reason: BaseException) -> None:
         self._connection = None
         self._drop_session()
+        recycled, self._recycling = self._recycling, False
         if self._closing:
             self._closing = False
             self._handler.on_closed()
@@ -404,11 +440,11 @@ class Link:
             return
         if self._failed:
             return
-        refused = refusal(reason, self._endpoint)
+        refused = None if recycled else refusal(reason, self._endpoint)
         if refused is not None:
             self._fail(refused)
             return
-        text = describe_failure(reason, self._endpoint)
+        text = "replaced: the broker kept refusing publishes" if recycled else describe_failure(reason, self._endpoint)
         log.warning("broker_connection_lost", reason=text)
         if self._handler.on_lost(text) and not self._closing and not self.connecting:
             self._deadline = time.monotonic() + self.settings.connect_timeout_s
