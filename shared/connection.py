@@ -55,6 +55,11 @@ NOT_ALLOWED = 530
 CONNECT_BACKOFF_BASE_S = 0.2
 CONNECT_BACKOFF_CAP_S = 10.0
 
+SILENCE_HEARTBEATS = 1.5
+"""A connection on which nothing arrived for this many heartbeat intervals is dead. The broker sends a
+heartbeat every half interval, so that is three missed in a row. pika's own check waits up to
+``2 * (heartbeat + 5)`` s, too long for a node that vanished without a reset (its traffic dropped)."""
+
 NACK_STREAK_LIMIT = 64
 """Nacks in a row, without an ack, after which a session is replaced (doubled after each replacement
 that brings no ack, so a full queue refusing publishes costs few reconnects)."""
@@ -73,7 +78,8 @@ def broker_urls(settings: InferqSettings, rng: random.Random | None = None) -> l
     """The broker's URLs in the order this client tries them: shuffled, so that a fleet of clients
     given the same list spreads over a cluster's nodes instead of all starting on the first."""
     urls = list(settings.amqp_urls)
-    (rng or random.Random()).shuffle(urls)
+    if settings.amqp_shuffle:
+        (rng or random.Random()).shuffle(urls)
     return urls
 
 
@@ -292,6 +298,8 @@ class Link:
         self._reopen = False
         self._recycling = False
         self._nack_limit = NACK_STREAK_LIMIT
+        self._watchdog: object | None = None
+        self._heard = (0, 0.0)  # (bytes received, when that count last changed)
 
     @property
     def session(self) -> Session | None:
@@ -385,7 +393,36 @@ class Link:
         self._backoff.reset()
         self._epoch += 1
         self._session = Session(self._connection, channel, self._confirms, self._epoch)
+        self._watch(self._connection)
+        if self._epoch > 1:  # the first connection is the expected case; a failover is worth a line
+            log.info("broker_reconnected", url=self._endpoint.shown, epoch=self._epoch)
         self._handler.on_ready(self._session)
+
+    # -- a node that went silent ------------------------------------------------------------------
+
+    def _watch(self, connection: pika.SelectConnection) -> None:
+        if self.settings.heartbeat_s <= 0:
+            return
+        self._heard = (connection.bytes_received, time.monotonic())
+        self._watchdog = self._ioloop.call_later(self.settings.heartbeat_s / 4, lambda: self._check(connection))
+
+    def _check(self, connection: pika.SelectConnection) -> None:
+        self._watchdog = None
+        if connection is not self._connection or not connection.is_open:
+            return
+        now = time.monotonic()
+        if connection.bytes_received != self._heard[0]:
+            self._heard = (connection.bytes_received, now)
+        elif now - self._heard[1] > SILENCE_HEARTBEATS * self.settings.heartbeat_s:
+            silent_s = round(now - self._heard[1], 1)
+            log.warning("broker_silent", url=self._endpoint.shown, silent_s=silent_s)
+            # NOTE: a close handshake would wait for an answer that never comes; end the stream as
+            # pika's own heartbeat check does.
+            connection._terminate_stream(  # type: ignore[attr-defined]
+                pika.exceptions.AMQPHeartbeatTimeout(f"nothing heard from the broker for {silent_s}s")
+            )
+            return
+        self._watchdog = self._ioloop.call_later(self.settings.heartbeat_s / 4, lambda: self._check(connection))
 
     # -- a session the broker keeps refusing --------------------------------------------------------
 
@@ -428,6 +465,9 @@ class Link:
 
     def _on_close(self, _connection: Any, reason: BaseException) -> None:
         self._connection = None
+        if self._watchdog is not None:
+            self._ioloop.remove_timeout(self._watchdog)
+            self._watchdog = None
         self._drop_session()
         recycled, self._recycling = self._recycling, False
         if self._closing:

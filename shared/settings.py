@@ -25,6 +25,9 @@ class InferqSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INFERQ_", frozen=True, extra="ignore")
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/%2F")
+    amqp_shuffle: bool = True
+    """Try the broker URLs in an order shuffled per process (spreads a fleet over a cluster's nodes);
+    false keeps the given order, e.g. to prefer a nearby node and fall back to the others."""
     jobs_queue: QueueName = "inferq.jobs"
     results_queue: QueueName = "inferq.results"
     results_exchange: QueueName | None = None
