@@ -112,11 +112,20 @@ class PrivateBroker:
 CLUSTER_CONFIG = "cluster_partition_handling = pause_minority\n"
 
 
+def management_config(port: int) -> str:
+    return f"management.tcp.port = {port}\nmanagement.tcp.ip = 127.0.0.1\n"
+
+
 class PrivateCluster:
-    """Three private nodes joined into one cluster (pause_minority), each reachable on its own port."""
+    """Three private nodes joined into one cluster (pause_minority), each reachable on its own port and
+    with the management API on its own ``http_port``."""
 
     def __init__(self, size: int = 3) -> None:
-        self.nodes = [PrivateBroker(CLUSTER_CONFIG, name="inferq-cluster") for _ in range(size)]
+        self.http_ports = [free_port() for _ in range(size)]
+        self.nodes = [
+            PrivateBroker(CLUSTER_CONFIG + management_config(port), "[rabbitmq_management]", name="inferq-cluster")
+            for port in self.http_ports
+        ]
 
     @property
     def urls(self) -> list[str]:

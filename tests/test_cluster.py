@@ -4,6 +4,7 @@ other two, and a worker's node going silent without a reset. One cluster serves 
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from private_broker import BlackHole, PrivateBroker, PrivateCluster
+from private_broker import BlackHole, PrivateBroker, PrivateCluster, free_port
 from support import Env, Models, make_job, wait_for
 from test_faults import WorkerProcess, audit, start_worker
 
@@ -108,6 +109,13 @@ def finish_and_audit(env: Env, load: Load, workers: list[WorkerProcess], cluster
     assert report.stored == len(load.jobs)
 
 
+def logged(worker: WorkerProcess, event: str, timeout_s: float) -> None:
+    try:
+        wait_for(lambda: event in worker.log, timeout_s=timeout_s)
+    except AssertionError:
+        raise AssertionError(f"no {event} in the worker's log:\n{worker.log[-4000:]}") from None
+
+
 def two_workers(env: Env, first: list[PrivateBroker], second: list[PrivateBroker]) -> list[WorkerProcess]:
     workers = [
         start_worker(env, INFERQ_CONNECT_TIMEOUT_S="60", INFERQ_HEARTBEAT_S="5", **ordered(*first)),
@@ -115,6 +123,41 @@ def two_workers(env: Env, first: list[PrivateBroker], second: list[PrivateBroker
     ]
     wait_for(lambda: env.consumers(env.jobs_queue) == 2, timeout_s=90)
     return workers
+
+
+def test_status_shows_each_node_and_the_leader_of_each_queue(
+    tmp_path: Path, models: Models, cluster: PrivateCluster
+) -> None:
+    env = world(tmp_path, models, cluster)
+    a, b, c = cluster.nodes
+    env.submit([make_job(models.X[:1])])  # declares the queues through the first node
+    nowhere = f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"
+    # Given a cluster with one node stopped, and a URL list naming a node that does not exist
+    c.ctl("stop_app")
+    try:
+        done = env.inferq(
+            "status",
+            "--json",
+            INFERQ_AMQP_URL=",".join([nowhere, *cluster.urls]),
+            INFERQ_MANAGEMENT_URL=f"http://guest:guest@127.0.0.1:{cluster.http_ports[0]}",
+        )
+        table = env.inferq("status", INFERQ_AMQP_URL=cluster.url)
+    finally:
+        c.ctl("start_app")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    # Then it shows which nodes run, which URLs answer, and where each queue's leader is
+    assert report["source"] == "management"
+    assert {n["name"]: n["running"] for n in report["nodes"]} == {a.node: True, b.node: True, c.node: False}
+    reachable = {e["url"]: e["reachable"] for e in report["endpoints"]}
+    assert reachable == {nowhere: False, a.url: True, b.url: True, c.url: False}
+    jobs = next(q for q in report["queues"] if q["role"] == "jobs")
+    assert jobs["leader"] in {a.node, b.node}
+    assert sorted(jobs["members"]) == sorted(n.node for n in cluster.nodes)
+    assert c.node not in jobs["online"]
+    assert table.returncode == 0, table.stderr
+    assert f"{c.node}" in table.stdout and "DOWN" in table.stdout and "UNREACHABLE" in table.stdout
+    print(table.stdout)
 
 
 def test_kill_9_of_the_jobs_queue_leader_loses_nothing(tmp_path: Path, models: Models, cluster: PrivateCluster) -> None:
@@ -157,7 +200,7 @@ def test_a_node_cut_off_from_the_others_pauses_and_its_clients_move(
     wait_for(lambda: len(load.confirmed) >= 1000, timeout_s=120)
     cluster.isolate(c)  # the minority: pause_minority stops it and closes its clients' connections
     wait_for(lambda: len(cluster.running(a)) == 2, timeout_s=120)
-    wait_for(lambda: "broker_connection_lost" in workers[0].log, timeout_s=120)
+    logged(workers[0], "broker_connection_lost", timeout_s=120)
     wait_for(lambda: len(load.confirmed) >= 2500, timeout_s=180)
     cluster.heal(c)
     finish_and_audit(env, load, workers, cluster)
@@ -185,7 +228,7 @@ def test_a_worker_whose_node_goes_silent_fails_over_within_two_heartbeats(
         detected_s = time.monotonic() - dropped_at
         # Then the worker notices within two heartbeat intervals and goes on with another node
         assert detected_s <= 2 * heartbeat_s, f"took {detected_s:.1f}s"
-        wait_for(lambda: "broker_reconnected" in worker.log, timeout_s=60)
+        logged(worker, "broker_reconnected", timeout_s=60)
         finish_and_audit(env, load, [worker], cluster)
         print(f"silent node detected after {detected_s:.1f}s (heartbeat {heartbeat_s}s)")
     finally:
