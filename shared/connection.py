@@ -60,6 +60,11 @@ SILENCE_HEARTBEATS = 1.5
 heartbeat every half interval, so that is three missed in a row. pika's own check waits up to
 ``2 * (heartbeat + 5)`` s, too long for a node that vanished without a reset (its traffic dropped)."""
 
+UNANSWERED_HEARTBEATS = 2.0
+"""A session with a publish neither confirmed nor refused for this many heartbeat intervals is replaced:
+a node cut off from its cluster (pausing, or not yet) can keep the connection alive with heartbeats
+while the queues behind it never answer."""
+
 NACK_STREAK_LIMIT = 64
 """Nacks in a row, without an ack, after which a session is replaced (doubled after each replacement
 that brings no ack, so a full queue refusing publishes costs few reconnects)."""
@@ -408,9 +413,13 @@ class Link:
 
     def _check(self, connection: pika.SelectConnection) -> None:
         self._watchdog = None
-        if connection is not self._connection or not connection.is_open:
-            return
+        if id(connection) != id(self._connection) or not connection.is_open:
+            return  # (ids: an `is not` against the Optional attribute would widen `connection` for mypy)
         now = time.monotonic()
+        confirms = self._confirms
+        if confirms is not None and confirms.oldest_wait_s() > UNANSWERED_HEARTBEATS * self.settings.heartbeat_s:
+            self._replace(connection, "broker_not_answering", waited_s=round(confirms.oldest_wait_s(), 1))
+            return
         if connection.bytes_received != self._heard[0]:
             self._heard = (connection.bytes_received, now)
         elif now - self._heard[1] > SILENCE_HEARTBEATS * self.settings.heartbeat_s:
@@ -418,7 +427,7 @@ class Link:
             log.warning("broker_silent", url=self._endpoint.shown, silent_s=silent_s)
             # NOTE: a close handshake would wait for an answer that never comes; end the stream as
             # pika's own heartbeat check does.
-            connection._terminate_stream(  # type: ignore[attr-defined]
+            connection._terminate_stream(
                 pika.exceptions.AMQPHeartbeatTimeout(f"nothing heard from the broker for {silent_s}s")
             )
             return
@@ -433,11 +442,20 @@ class Link:
         connection = self._connection
         if nacks < self._nack_limit or self._recycling or connection is None or not connection.is_open:
             return
-        log.warning("broker_refusing_publishes", nacks=nacks, url=self._endpoint.shown, action="new session")
         self._nack_limit = min(self._nack_limit * 2, NACK_STREAK_LIMIT_CAP)
+        self._replace(connection, "broker_refusing_publishes", nacks=nacks)
+
+    def _replace(self, connection: pika.SelectConnection, event: str, **fields: object) -> None:
+        log.warning(event, url=self._endpoint.shown, action="new session", **fields)
         self._recycling = True
         # Closing the connection (not just the channel) also moves the client to the next node.
-        connection.close(reply_text="replacing a session whose publishes are refused")
+        connection.close(reply_text="replacing a session the broker does not serve")
+        # NOTE: a node that does not answer may not answer the close either: give it one heartbeat.
+        self._ioloop.call_later(max(self.settings.heartbeat_s, 1), lambda: self._abandon(connection))
+
+    def _abandon(self, connection: pika.SelectConnection) -> None:
+        if id(connection) == id(self._connection) and not connection.is_closed:
+            connection._terminate_stream(pika.exceptions.AMQPConnectionError("the broker did not answer the close"))
 
     # -- losing it ----------------------------------------------------------------------------------
 
@@ -484,7 +502,7 @@ class Link:
         if refused is not None:
             self._fail(refused)
             return
-        text = "replaced: the broker kept refusing publishes" if recycled else describe_failure(reason, self._endpoint)
+        text = "replaced: the broker did not serve it" if recycled else describe_failure(reason, self._endpoint)
         log.warning("broker_connection_lost", reason=text)
         if self._handler.on_lost(text) and not self._closing and not self.connecting:
             self._deadline = time.monotonic() + self.settings.connect_timeout_s

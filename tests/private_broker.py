@@ -3,15 +3,16 @@ killed, partitioned and stopped by the test, never the shared broker."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
-import signal
-import threading
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -210,10 +211,8 @@ class PrivateCluster:
                 node.stop()
             except subprocess.SubprocessError:
                 if (node.dir / "pid").exists():
-                    try:
+                    with contextlib.suppress(OSError, ValueError):
                         node.kill()
-                    except (OSError, ValueError):
-                        pass
                 shutil.rmtree(node.dir, ignore_errors=True)
 
 
@@ -269,7 +268,5 @@ class BlackHole:
         self._stop.set()
         self._server.close()
         for sock in self._sockets:
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
