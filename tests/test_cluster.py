@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from private_broker import BlackHole, PrivateBroker, PrivateCluster, free_port
 from support import Env, Models, make_job, wait_for
-from test_faults import WorkerProcess, audit, start_worker
+from test_faults import WorkerProcess, _started, audit, start_worker
 
 from model_store.base import publish
 from producer.client import Producer
@@ -34,6 +34,16 @@ def cluster() -> Iterator[PrivateCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_worker_outlives_its_test() -> Iterator[None]:
+    yield
+    while _started:
+        worker = _started.pop()
+        if worker.proc.poll() is None:
+            worker.proc.kill()
+            worker.proc.wait()
 
 
 @pytest.fixture(autouse=True)
@@ -205,9 +215,11 @@ def test_a_node_cut_off_from_the_others_pauses_and_its_clients_move(
     workers = two_workers(env, [c, a, b], [b, a, c])
     load = Load(env, jobs_for(models), ",".join(n.url for n in (c, a, b)))
     wait_for(lambda: len(load.confirmed) >= 1000, timeout_s=120)
-    cluster.isolate(c)  # the minority: pause_minority stops it and closes its clients' connections
+    cluster.isolate(c)  # the minority: pause_minority stops it
     wait_for(lambda: len(cluster.running(a)) == 2, timeout_s=120)
-    logged(workers[0], "broker_connection_lost", timeout_s=120)
+    # The producer started on the cut-off node: its publishes go unanswered there, so it moves to the
+    # majority and goes on. (A worker there that holds no unconfirmed publish may stay until the node
+    # closes its connections or heals: see the README.)
     wait_for(lambda: len(load.confirmed) >= 2500, timeout_s=180)
     cluster.heal(c)
     finish_and_audit(env, load, workers, cluster)
