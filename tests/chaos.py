@@ -197,6 +197,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=int(os.environ.get("SEED", "7")))
     args = parser.parse_args()
     rng = random.Random(args.seed)
+    # A stop (SIGTERM, Ctrl-C) still takes the private cluster down (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(os.environ.get("CHAOS_DIR", f"/tmp/inferq-chaos-{uuid.uuid4().hex[:8]}"))
     work.mkdir(parents=True, exist_ok=True)
     say(f"chaos: seed {args.seed}, {args.duration:.0f}s, logs in {work}")
@@ -218,6 +220,15 @@ def main() -> int:
 
 def soak(env: Env, cluster: PrivateCluster, rng: random.Random, seconds: float) -> int:
     fleet = Fleet(env, cluster)
+    try:
+        return run_schedule(env, cluster, rng, seconds, fleet)
+    finally:
+        for proc in fleet.procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def run_schedule(env: Env, cluster: PrivateCluster, rng: random.Random, seconds: float, fleet: Fleet) -> int:
     stream = Stream(env, cluster, [])
     faults: Counter[str] = Counter()
     end = time.monotonic() + seconds
