@@ -253,9 +253,11 @@ class Producer:
             then()
 
         grace_ms = int((self.settings.connect_timeout_s + REPLY_QUEUE_GRACE_S) * 1000)
+        # Durable (a transient shared queue is deprecated in RabbitMQ 4) and expiring: it keeps replies
+        # across a broker restart, and the broker deletes it once no producer has used it for a while.
         session.channel.queue_declare(
             self._reply_queue,
-            durable=False,
+            durable=True,
             arguments={"x-queue-type": "classic", "x-expires": grace_ms},
             callback=consume,
         )

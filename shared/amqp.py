@@ -1,4 +1,4 @@
-"""pika plumbing both sides share: connection parameters, backoff, and publisher-confirm tracking."""
+"""pika plumbing both sides share: URLs, backoff, publisher-confirm tracking and queue declaration."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pika
+import pika.exceptions
 from pika.channel import Channel
 
 from shared.errors import BrokerRefused
@@ -93,11 +95,19 @@ class ConfirmTracker:
         mandatory: bool = True,
         exchange: str = "",
     ) -> None:
-        """Publish (on the default exchange unless told otherwise); ``on_confirm`` runs once the broker answers."""
+        """Publish (on the default exchange unless told otherwise); ``on_confirm`` runs once the broker
+        answers (with ``False``, from the I/O loop, when pika could not even send it, e.g. on a connection
+        that is closing)."""
+        try:
+            self._channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
+        except pika.exceptions.AMQPError:
+            # NOTE: it never reached the broker, so it takes no delivery tag (that would shift every
+            # later confirm onto the wrong message), and it is answered later, never inside the caller.
+            self._channel.connection.ioloop.call_later(0, partial(on_confirm, False))
+            return
         tag = self._next_tag
         self._next_tag += 1
         self._pending[tag] = (properties.message_id if mandatory else None, on_confirm, time.monotonic())
-        self._channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
 
     def _on_return(self, _channel: Channel, _method: Any, properties: pika.BasicProperties, _body: bytes) -> None:
         # NOTE: basic.return always arrives before the basic.ack of the same message.

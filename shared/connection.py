@@ -319,7 +319,7 @@ class Link:
 
     @property
     def connecting(self) -> bool:
-        """An attempt is under way or scheduled."""
+        """Connected, or an attempt is under way or scheduled."""
         return self._timer is not None or (self._connection is not None and not self._connection.is_closed)
 
     def open(self) -> None:

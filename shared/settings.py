@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+import os
+import sys
+from collections.abc import Mapping
 from typing import Annotated, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -10,6 +14,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from shared.errors import ConfigError
 
 S = TypeVar("S", bound="InferqSettings")
+
+ENV_PREFIX = "INFERQ_"
+NOT_SETTINGS = ("INFERQ_TEST_",)
+"""Prefixes of ``INFERQ_*`` variables that are not settings of any process (the test suite's)."""
 
 QueueName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$")]
 
@@ -22,7 +30,7 @@ def split_urls(value: str) -> list[str]:
 class InferqSettings(BaseSettings):
     """What every inferq process needs: the broker, the queues and the stores."""
 
-    model_config = SettingsConfigDict(env_prefix="INFERQ_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/%2F")
     amqp_shuffle: bool = True
@@ -133,8 +141,41 @@ class OperatorSettings(InferqSettings):
     management_timeout_s: Annotated[float, Field(gt=0)] = 3.0
 
 
+def known_variables() -> set[str]:
+    """Every ``INFERQ_*`` variable some inferq process reads: the fields of every settings class."""
+    classes: list[type[InferqSettings]] = [InferqSettings]
+    names: set[str] = set()
+    while classes:
+        cls = classes.pop()
+        names.update(ENV_PREFIX + field.upper() for field in cls.model_fields)
+        classes.extend(cls.__subclasses__())
+    return names
+
+
+def misspelled_variables(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``(variable, nearest setting)`` for each ``INFERQ_*`` variable in ``environ`` that no process reads
+    but that looks like one that does: set, and silently ignored, it is almost certainly a typo."""
+    known = known_variables()
+    # Compared without the prefix, which every candidate shares and would make anything look alike.
+    suffixes = {name.removeprefix(ENV_PREFIX): name for name in known}
+    found = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper.startswith(NOT_SETTINGS):
+            continue
+        nearest = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), suffixes, n=1, cutoff=0.7)
+        if nearest:
+            found.append((name, suffixes[nearest[0]]))
+    return found
+
+
 def load_settings(cls: type[S]) -> S:
-    """Read settings from the environment; bad configuration becomes one clear :class:`ConfigError`."""
+    """Read settings from the environment; bad configuration becomes one clear :class:`ConfigError`.
+
+    A variable that looks like a misspelled setting is named on stderr, with the setting it resembles
+    (before logging is set up, and never on stdout, which carries the commands' output)."""
+    for name, nearest in misspelled_variables(os.environ):
+        print(f"inferq: warning: {name} is not a setting (ignored); did you mean {nearest}?", file=sys.stderr)
     try:
         return cls()
     except ValidationError as exc:

@@ -27,6 +27,16 @@ def test_results_get_of_an_unknown_id_exits_1_with_one_line(env: Env) -> None:
     assert done.stderr.count("\n") == 1
 
 
+def test_results_get_of_a_corrupt_stored_result_is_one_line_not_a_traceback(env: Env) -> None:
+    env.result_dir.mkdir(parents=True)
+    (env.result_dir / "mangled.json").write_bytes(b'{"id": "mangled", "status": "succ')
+    done = env.inferq("results", "get", "mangled")
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.startswith("inferq: error: the stored result of job 'mangled' is unreadable: ")
+    assert done.stderr.count("\n") == 1
+
+
 def test_submit_prints_each_id_once_the_broker_confirmed_it(iris_store: Env) -> None:
     lines = [dumps(job_dict(id=f"sub-{i}")).decode() for i in range(5)]
     lines.append(dumps({k: v for k, v in job_dict().items() if k != "id"}).decode())  # the id is generated

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from shared.settings import WorkerSettings, split_urls
-from shared.topology import QUORUM_GROUP_SIZE, jobs_queue
+from shared.topology import QUORUM_GROUP_SIZE, jobs_queue, retry_queue
 from worker.metrics import MetricsServer, WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,7 +155,7 @@ def test_config_comes_from_the_configmap_and_secrets_only_by_reference(
         assert not CREDENTIALS_IN_URL.search(text), obj["metadata"]["name"]
 
 
-def test_keda_scales_the_deployment_on_the_jobs_queue_down_to_zero(
+def test_keda_scales_the_deployment_on_the_jobs_and_retry_queues_down_to_zero(
     rendered: dict[str, dict[str, Any]], config: dict[str, str]
 ) -> None:
     scaled = rendered["ScaledObject/inferq-worker"]["spec"]
@@ -163,14 +163,20 @@ def test_keda_scales_the_deployment_on_the_jobs_queue_down_to_zero(
     assert scaled["minReplicaCount"] == 0
     assert scaled["maxReplicaCount"] >= 1
     assert scaled["cooldownPeriod"] >= 60
-    (trigger,) = scaled["triggers"]
-    assert trigger["type"] == "rabbitmq"
-    expected_queue = jobs_queue(WorkerSettings.model_construct()).name
-    assert trigger["metadata"]["queueName"] == config["INFERQ_JOBS_QUEUE"] == expected_queue
-    assert trigger["metadata"]["mode"] == "QueueLength"
-    assert int(trigger["metadata"]["value"]) > 0
-    auth = rendered[f"TriggerAuthentication/{trigger['authenticationRef']['name']}"]["spec"]
-    assert auth["secretTargetRef"] == [{"parameter": "host", "name": "inferq-secrets", "key": "INFERQ_MANAGEMENT_URL"}]
+    jobs_trigger, retry_trigger = scaled["triggers"]
+    settings = WorkerSettings.model_construct()
+    assert jobs_trigger["metadata"]["queueName"] == config["INFERQ_JOBS_QUEUE"] == jobs_queue(settings).name
+    # A backlog of suspects in <jobs>.retry scales the fleet too (and wakes it from zero).
+    assert retry_trigger["metadata"]["queueName"] == retry_queue(settings).name
+    for trigger in (jobs_trigger, retry_trigger):
+        assert trigger["type"] == "rabbitmq"
+        assert trigger["metadata"]["mode"] == "QueueLength"
+        assert int(trigger["metadata"]["value"]) > 0
+        assert trigger["metadata"]["activationValue"] == "0"
+        auth = rendered[f"TriggerAuthentication/{trigger['authenticationRef']['name']}"]["spec"]
+        assert auth["secretTargetRef"] == [
+            {"parameter": "host", "name": "inferq-secrets", "key": "INFERQ_MANAGEMENT_URL"}
+        ]
 
 
 def test_disruption_budget_and_metrics_service_select_the_worker_pods(rendered: dict[str, dict[str, Any]]) -> None:

@@ -130,6 +130,24 @@ def test_dlq_replay_all_moves_every_dead_letter_to_the_jobs_queue(
     assert [p.message_id for p, _ in drain(channel, env["INFERQ_JOBS_QUEUE"])] == ["x1", "x2", "x3"]
 
 
+def test_dlq_replay_all_names_letters_without_a_message_id_by_their_body_id_or_says_they_have_none(
+    env: dict[str, str], channel: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given dead letters published without an AMQP message id: one whose body has an id, one not JSON
+    dlq = env["INFERQ_JOBS_QUEUE"] + ".dlq"
+    props = pika.BasicProperties(delivery_mode=2, headers={REASON_HEADER: "undecodable: not JSON"})
+    channel.confirm_delivery()
+    channel.basic_publish("", dlq, orjson.dumps({"id": "in-body", "model": "tiny"}), props, mandatory=True)
+    channel.basic_publish("", dlq, b"\xff not json", props, mandatory=True)
+
+    code, out, err = run_cli(capsys, "dlq", "replay", "--all")
+
+    assert code == 0, err
+    assert out.splitlines() == ["in-body", "(no id: 10B, reason undecodable: not JSON)"]
+    assert "None" not in out
+    assert len(drain(channel, env["INFERQ_JOBS_QUEUE"])) == 2
+
+
 def test_dlq_replay_into_a_full_jobs_queue_keeps_the_dead_letters(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

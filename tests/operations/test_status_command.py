@@ -51,8 +51,9 @@ def publish(channel: Any, queue: str, count: int) -> None:
 def test_status_without_management_api_counts_ready_messages_and_consumers_over_amqp(
     env: dict[str, str], channel: Any, published_model: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Given 3 waiting jobs, 2 dead letters and one consumer on the results queue
+    # Given 3 waiting jobs, 4 suspects waiting to run alone, 2 dead letters and one consumer on the results queue
     publish(channel, env["INFERQ_JOBS_QUEUE"], 3)
+    publish(channel, env["INFERQ_JOBS_QUEUE"] + ".retry", 4)
     publish(channel, env["INFERQ_JOBS_QUEUE"] + ".dlq", 2)
     channel.basic_consume(env["INFERQ_RESULTS_QUEUE"], lambda *_: None)
 
@@ -64,6 +65,7 @@ def test_status_without_management_api_counts_ready_messages_and_consumers_over_
     assert "unreachable" in report["management_error"]
     queues = queues_by_role(report)
     assert (queues["jobs"]["ready"], queues["jobs"]["unacked"], queues["jobs"]["consumers"]) == (3, None, 0)
+    assert (queues["retry"]["name"], queues["retry"]["ready"]) == (env["INFERQ_JOBS_QUEUE"] + ".retry", 4)
     assert (queues["dlq"]["ready"], queues["dlq"]["consumers"]) == (2, 0)
     assert (queues["results"]["ready"], queues["results"]["consumers"]) == (0, 1)
     assert queues["dlq"]["name"] == env["INFERQ_JOBS_QUEUE"] + ".dlq"
@@ -79,6 +81,8 @@ def test_status_table_names_each_queue_and_model(
     lines = out.splitlines()
     jobs_line = next(line for line in lines if line.startswith("jobs "))
     assert jobs_line.split() == ["jobs", env["INFERQ_JOBS_QUEUE"], "4", "?", "0"]
+    retry_line = next(line for line in lines if line.startswith("retry "))
+    assert retry_line.split() == ["retry", env["INFERQ_JOBS_QUEUE"] + ".retry", "0", "?", "0"]
     assert any(line.split()[:3] == ["tiny", "1,2", "champion->1"] for line in lines)
     assert "management API unavailable" in out
 

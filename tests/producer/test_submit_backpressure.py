@@ -9,20 +9,8 @@ import time
 
 from support import BackgroundWorker, Env, dumps, job_dict, wait_for
 
-from shared.amqp import Backoff
-
 JOBS = 3000
 BOUND = 200
-
-
-def test_a_backoff_after_ten_thousand_attempts_still_gives_a_capped_delay() -> None:
-    backoff = Backoff(base_s=0.05, cap_s=2.0)
-    delays = [backoff.next_delay() for _ in range(10_000)]
-    assert backoff.attempt == 10_000
-    assert all(0 < d <= 2.0 for d in delays)
-    assert all(d >= 1.0 for d in delays[10:])  # jitter keeps at least half of the capped delay
-    backoff.reset()
-    assert backoff.next_delay() <= 0.05
 
 
 def test_submit_into_a_full_queue_prints_every_id_once_a_late_worker_has_drained_it(iris_store: Env) -> None:
