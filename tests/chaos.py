@@ -139,9 +139,9 @@ def stall_store(env: Env, seconds: float) -> str:
     return f"result store stalled for {seconds:.0f}s"
 
 
-def node_fault(cluster: PrivateCluster, rng: random.Random) -> str:
+def node_fault(cluster: PrivateCluster, rng: random.Random, *, kill: bool) -> str:
     node: PrivateBroker = rng.choice(cluster.nodes)
-    if rng.random() < 0.5:
+    if kill:
         node.kill()
         time.sleep(rng.uniform(3, 15))
         cluster.restart(node)
@@ -232,13 +232,17 @@ def run_schedule(env: Env, cluster: PrivateCluster, rng: random.Random, seconds:
     stream = Stream(env, cluster, [])
     faults: Counter[str] = Counter()
     end = time.monotonic() + seconds
+    bag: list[str] = []
     while time.monotonic() < end:
         time.sleep(rng.uniform(5, 20))
-        kind = rng.choice(["worker", "worker", "node", "store"])
+        if not bag:  # every kind of fault in each round, in a random order
+            bag = ["worker", "worker", "node-kill", "node-cut", "store"]
+            rng.shuffle(bag)
+        kind = bag.pop()
         if kind == "worker":
             say(fleet.kill_one(rng))
-        elif kind == "node":
-            say(node_fault(cluster, rng))
+        elif kind.startswith("node"):
+            say(node_fault(cluster, rng, kill=kind == "node-kill"))
         else:
             say(stall_store(env, rng.uniform(3, 10)))
         faults[kind] += 1
