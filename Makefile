@@ -6,9 +6,11 @@ STAMP  := $(VENV)/.installed-stamp
 STORE  ?= file
 BENCH_STAMP := $(VENV)/.bench-stamp
 BENCH_ARGS ?=
+DURATION ?= 10m
+SEED ?= 7
 
 # The tests need PostgreSQL too (the PostgreSQL result store); `make test` starts or installs it.
-.PHONY: help env broker postgres demo test test-fast lint format bench clean
+.PHONY: help env broker postgres demo test test-fast lint format bench chaos clean
 
 help:
 	@echo "make demo   run the end-to-end demo (RabbitMQ + file stores)"
@@ -16,6 +18,7 @@ help:
 	@echo "make test   run the whole test suite against the real broker"
 	@echo "make lint   ruff + mypy --strict"
 	@echo "make bench  inferq vs the ideal pipeline, a naive worker and Celery (BENCH_ARGS='--jobs 20000' for a shorter run)"
+	@echo "make chaos DURATION=10m [SEED=7]  soak on a private 3-node RabbitMQ cluster under random faults, then the audit"
 
 $(STAMP): pyproject.toml
 	scripts/ensure-python.sh $(PYTHON)
@@ -37,6 +40,10 @@ demo: env broker
 
 test: env broker postgres
 	$(BIN)/python -m pytest
+
+# Not part of `make test`: minutes of random node, worker and store faults on a private cluster.
+chaos: env broker
+	$(BIN)/python tests/chaos.py --duration $(DURATION) --seed $(SEED)
 
 lint: env
 	$(BIN)/ruff check .

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,10 +70,13 @@ class ConfirmTracker:
     """Publisher confirms for one channel: maps delivery tags to callbacks, handles ``multiple`` acks,
     and reports a message the broker returned as unroutable as refused."""
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, on_streak: Callable[[int], None] | None = None) -> None:
         self._channel = channel
+        self._on_streak = on_streak
+        self.nack_streak = 0
+        """Publishes refused in a row since the last one confirmed."""
         self._next_tag = 1
-        self._pending: OrderedDict[int, tuple[str | None, ConfirmCallback]] = OrderedDict()
+        self._pending: OrderedDict[int, tuple[str | None, ConfirmCallback, float]] = OrderedDict()
         self._returned: set[str] = set()
         channel.confirm_delivery(ack_nack_callback=self._on_confirm)
         channel.add_on_return_callback(self._on_return)
@@ -103,7 +107,7 @@ class ConfirmTracker:
             return
         tag = self._next_tag
         self._next_tag += 1
-        self._pending[tag] = (properties.message_id if mandatory else None, on_confirm)
+        self._pending[tag] = (properties.message_id if mandatory else None, on_confirm, time.monotonic())
 
     def _on_return(self, _channel: Channel, _method: Any, properties: pika.BasicProperties, _body: bytes) -> None:
         # NOTE: basic.return always arrives before the basic.ack of the same message.
@@ -123,17 +127,27 @@ class ConfirmTracker:
             entry = self._pending.pop(tag, None)
             if entry is None:
                 continue
-            message_id, callback = entry
+            message_id, callback, _sent_at = entry
             returned = message_id is not None and message_id in self._returned
             if returned:
                 self._returned.discard(message_id)
             answers.append((callback, acked and not returned))
+        self.nack_streak = 0 if acked else self.nack_streak + len(answers)
+        # Told before the callbacks run, so that a session being replaced takes no more publishes.
+        if self._on_streak is not None:
+            self._on_streak(self.nack_streak)
         _answer_all(answers)
 
     def fail_all(self) -> None:
         """The channel is gone: every unconfirmed publish counts as refused."""
         pending, self._pending = self._pending, OrderedDict()
-        _answer_all([(callback, False) for _message_id, callback in pending.values()])
+        _answer_all([(callback, False) for _message_id, callback, _sent_at in pending.values()])
+
+    def oldest_wait_s(self) -> float:
+        """How long the oldest unconfirmed publish has waited for the broker's answer (0 if none)."""
+        for _message_id, _callback, sent_at in self._pending.values():
+            return time.monotonic() - sent_at
+        return 0.0
 
 
 def _answer_all(answers: list[tuple[ConfirmCallback, bool]]) -> None:

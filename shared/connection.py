@@ -13,8 +13,14 @@ The policy, the same for the producer, the worker and the operator commands:
   the owner sees it (:class:`Session`). Sessions are numbered (``epoch``): a delivery tag, a confirm or
   a reply queue belongs to one session only.
 
-The broker's address is a list of URLs (:func:`broker_urls`), tried in turn: today the list holds the
-one ``INFERQ_AMQP_URL``; a cluster's nodes can be added there without changing any caller.
+The broker's address is a list of URLs (:func:`broker_urls`): ``INFERQ_AMQP_URL`` names one node or a
+cluster's nodes separated by commas. Each client tries them in its own shuffled order (a fleet spreads
+over the nodes) and moves to the next one after a failed attempt or a lost connection.
+
+A session whose publishes the broker keeps refusing (a long run of nacks and no ack) is dropped and a
+new one opened, on the next node: a RabbitMQ channel that published to a quorum queue whose leader was
+lost can go on nacking nearly everything until it is replaced. Owners see this as a lost session, so
+every guarantee of a reconnect holds (unconfirmed publishes are reported refused; tags die).
 
 :class:`Link` is for pika ``SelectConnection`` clients that own an I/O loop (the worker runs it on one
 I/O thread; the producer drives it in its caller's thread). :func:`open_blocking` is for the operator
@@ -23,6 +29,7 @@ commands: it blocks, so it must never be called on an I/O loop's thread.
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from collections.abc import Sequence
@@ -48,6 +55,21 @@ NOT_ALLOWED = 530
 CONNECT_BACKOFF_BASE_S = 0.2
 CONNECT_BACKOFF_CAP_S = 10.0
 
+SILENCE_HEARTBEATS = 1.5
+"""A connection on which nothing arrived for this many heartbeat intervals is dead. The broker sends a
+heartbeat every half interval, so that is three missed in a row. pika's own check waits up to
+``2 * (heartbeat + 5)`` s, too long for a node that vanished without a reset (its traffic dropped)."""
+
+UNANSWERED_HEARTBEATS = 2.0
+"""A session with a publish neither confirmed nor refused for this many heartbeat intervals is replaced:
+a node cut off from its cluster (pausing, or not yet) can keep the connection alive with heartbeats
+while the queues behind it never answer."""
+
+NACK_STREAK_LIMIT = 64
+"""Nacks in a row, without an ack, after which a session is replaced (doubled after each replacement
+that brings no ack, so a full queue refusing publishes costs few reconnects)."""
+NACK_STREAK_LIMIT_CAP = 8192
+
 
 def connect_backoff() -> Backoff:
     """The backoff between connection attempts, the same for every process."""
@@ -57,9 +79,13 @@ def connect_backoff() -> Backoff:
 # -- where the broker is ---------------------------------------------------------------------------
 
 
-def broker_urls(settings: InferqSettings) -> list[str]:
-    """The broker's URLs, tried in turn (one today: ``INFERQ_AMQP_URL``)."""
-    return [settings.amqp_url.get_secret_value()]
+def broker_urls(settings: InferqSettings, rng: random.Random | None = None) -> list[str]:
+    """The broker's URLs in the order this client tries them: shuffled, so that a fleet of clients
+    given the same list spreads over a cluster's nodes instead of all starting on the first."""
+    urls = list(settings.amqp_urls)
+    if settings.amqp_shuffle:
+        (rng or random.Random()).shuffle(urls)
+    return urls
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +102,7 @@ class Endpoint:
 
 
 class Endpoints:
-    """The broker URLs of a process, handed out in turn, one per connection attempt."""
+    """The broker URLs of a client, handed out in turn (round robin), one per connection attempt."""
 
     def __init__(self, settings: InferqSettings, name: str) -> None:
         self._all = [Endpoint(_parameters(settings, url, name), redacted_url(url)) for url in broker_urls(settings)]
@@ -87,6 +113,9 @@ class Endpoints:
         endpoint = self._all[self._next % len(self._all)]
         self._next += 1
         return endpoint
+
+    def __len__(self) -> int:
+        return len(self._all)
 
     @property
     def shown(self) -> str:
@@ -272,6 +301,10 @@ class Link:
         self._closing = False
         self._failed = False
         self._reopen = False
+        self._recycling = False
+        self._nack_limit = NACK_STREAK_LIMIT
+        self._watchdog: object | None = None
+        self._heard = (0, 0.0)  # (bytes received, when that count last changed)
 
     @property
     def session(self) -> Session | None:
@@ -354,7 +387,7 @@ class Link:
 
     def _on_channel_open(self, channel: Channel) -> None:
         channel.add_on_close_callback(self._on_channel_closed)
-        self._confirms = ConfirmTracker(channel)
+        self._confirms = ConfirmTracker(channel, on_streak=self._on_nack_streak)
         self._declaring = True
         declare_queues(channel, self._queues, lambda: self._on_declared(channel))
 
@@ -365,7 +398,64 @@ class Link:
         self._backoff.reset()
         self._epoch += 1
         self._session = Session(self._connection, channel, self._confirms, self._epoch)
+        self._watch(self._connection)
+        if self._epoch > 1:  # the first connection is the expected case; a failover is worth a line
+            log.info("broker_reconnected", url=self._endpoint.shown, epoch=self._epoch)
         self._handler.on_ready(self._session)
+
+    # -- a node that went silent ------------------------------------------------------------------
+
+    def _watch(self, connection: pika.SelectConnection) -> None:
+        if self.settings.heartbeat_s <= 0:
+            return
+        self._heard = (connection.bytes_received, time.monotonic())
+        self._watchdog = self._ioloop.call_later(self.settings.heartbeat_s / 4, lambda: self._check(connection))
+
+    def _check(self, connection: pika.SelectConnection) -> None:
+        self._watchdog = None
+        if id(connection) != id(self._connection) or not connection.is_open:
+            return  # (ids: an `is not` against the Optional attribute would widen `connection` for mypy)
+        now = time.monotonic()
+        confirms = self._confirms
+        if confirms is not None and confirms.oldest_wait_s() > UNANSWERED_HEARTBEATS * self.settings.heartbeat_s:
+            self._replace(connection, "broker_not_answering", waited_s=round(confirms.oldest_wait_s(), 1))
+            return
+        if connection.bytes_received != self._heard[0]:
+            self._heard = (connection.bytes_received, now)
+        elif now - self._heard[1] > SILENCE_HEARTBEATS * self.settings.heartbeat_s:
+            silent_s = round(now - self._heard[1], 1)
+            log.warning("broker_silent", url=self._endpoint.shown, silent_s=silent_s)
+            # NOTE: a close handshake would wait for an answer that never comes; end the stream as
+            # pika's own heartbeat check does.
+            connection._terminate_stream(
+                pika.exceptions.AMQPHeartbeatTimeout(f"nothing heard from the broker for {silent_s}s")
+            )
+            return
+        self._watchdog = self._ioloop.call_later(self.settings.heartbeat_s / 4, lambda: self._check(connection))
+
+    # -- a session the broker keeps refusing --------------------------------------------------------
+
+    def _on_nack_streak(self, nacks: int) -> None:
+        if nacks == 0:
+            self._nack_limit = NACK_STREAK_LIMIT  # an ack: the session works
+            return
+        connection = self._connection
+        if nacks < self._nack_limit or self._recycling or connection is None or not connection.is_open:
+            return
+        self._nack_limit = min(self._nack_limit * 2, NACK_STREAK_LIMIT_CAP)
+        self._replace(connection, "broker_refusing_publishes", nacks=nacks)
+
+    def _replace(self, connection: pika.SelectConnection, event: str, **fields: object) -> None:
+        log.warning(event, url=self._endpoint.shown, action="new session", **fields)
+        self._recycling = True
+        # Closing the connection (not just the channel) also moves the client to the next node.
+        connection.close(reply_text="replacing a session the broker does not serve")
+        # NOTE: a node that does not answer may not answer the close either: give it one heartbeat.
+        self._ioloop.call_later(max(self.settings.heartbeat_s, 1), lambda: self._abandon(connection))
+
+    def _abandon(self, connection: pika.SelectConnection) -> None:
+        if id(connection) == id(self._connection) and not connection.is_closed:
+            connection._terminate_stream(pika.exceptions.AMQPConnectionError("the broker did not answer the close"))
 
     # -- losing it ----------------------------------------------------------------------------------
 
@@ -393,7 +483,11 @@ class Link:
 
     def _on_close(self, _connection: Any, reason: BaseException) -> None:
         self._connection = None
+        if self._watchdog is not None:
+            self._ioloop.remove_timeout(self._watchdog)
+            self._watchdog = None
         self._drop_session()
+        recycled, self._recycling = self._recycling, False
         if self._closing:
             self._closing = False
             self._handler.on_closed()
@@ -404,11 +498,11 @@ class Link:
             return
         if self._failed:
             return
-        refused = refusal(reason, self._endpoint)
+        refused = None if recycled else refusal(reason, self._endpoint)
         if refused is not None:
             self._fail(refused)
             return
-        text = describe_failure(reason, self._endpoint)
+        text = "replaced: the broker did not serve it" if recycled else describe_failure(reason, self._endpoint)
         log.warning("broker_connection_lost", reason=text)
         if self._handler.on_lost(text) and not self._closing and not self.connecting:
             self._deadline = time.monotonic() + self.settings.connect_timeout_s

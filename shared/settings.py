@@ -22,12 +22,20 @@ NOT_SETTINGS = ("INFERQ_TEST_",)
 QueueName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$")]
 
 
+def split_urls(value: str) -> list[str]:
+    """``a,b, c`` -> ``[a, b, c]``; empty items are dropped."""
+    return [url.strip() for url in value.split(",") if url.strip()]
+
+
 class InferqSettings(BaseSettings):
     """What every inferq process needs: the broker, the queues and the stores."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/%2F")
+    amqp_shuffle: bool = True
+    """Try the broker URLs in an order shuffled per process (spreads a fleet over a cluster's nodes);
+    false keeps the given order, e.g. to prefer a nearby node and fall back to the others."""
     jobs_queue: QueueName = "inferq.jobs"
     results_queue: QueueName = "inferq.results"
     results_exchange: QueueName | None = None
@@ -49,9 +57,18 @@ class InferqSettings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().startswith(("amqp://", "amqps://")):
-            raise ValueError("must start with amqp:// or amqps://")
+        urls = split_urls(value.get_secret_value())
+        if not urls:
+            raise ValueError("must name at least one amqp:// or amqps:// URL")
+        for url in urls:
+            if not url.startswith(("amqp://", "amqps://")):
+                raise ValueError("each comma-separated URL must start with amqp:// or amqps://")
         return value
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        """The broker's URLs: one node, or a cluster's nodes (``INFERQ_AMQP_URL`` separated by commas)."""
+        return split_urls(self.amqp_url.get_secret_value())
 
     @property
     def results_exchange_name(self) -> str:

@@ -25,6 +25,13 @@ job may already be queued, so the worker looks for a stored result first."""
 
 
 ALL_RESULTS = "#"
+
+QUORUM_GROUP_SIZE = 3
+"""Replicas of each queue: a quorum queue keeps working while a majority of them is up, so three
+survive the loss of any one node. On a cluster of fewer nodes the broker places a replica on each
+(min(3, nodes)); nodes added later do not receive replicas by themselves (``rabbitmq-queues grow``)."""
+REPLICATED: dict[str, Any] = {"x-queue-type": "quorum", "x-quorum-initial-group-size": QUORUM_GROUP_SIZE}
+"""The arguments of every durable queue inferq owns."""
 """The binding key of a queue that takes every result notification."""
 
 
@@ -55,7 +62,7 @@ def jobs_queue(settings: InferqSettings) -> QueueSpec:
     return QueueSpec(
         settings.jobs_queue,
         {
-            "x-queue-type": "quorum",
+            **REPLICATED,
             "x-delivery-limit": settings.max_deliveries,
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": settings.dlq_queue,
@@ -72,7 +79,7 @@ def retry_queue(settings: InferqSettings) -> QueueSpec:
     return QueueSpec(
         f"{settings.jobs_queue}.retry",
         {
-            "x-queue-type": "quorum",
+            **REPLICATED,
             "x-delivery-limit": settings.max_deliveries,
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": settings.dlq_queue,
@@ -82,7 +89,7 @@ def retry_queue(settings: InferqSettings) -> QueueSpec:
 
 def dlq_queue(settings: InferqSettings) -> QueueSpec:
     """Dead letters: kept until an operator looks at them."""
-    return QueueSpec(settings.dlq_queue, {"x-queue-type": "quorum"})
+    return QueueSpec(settings.dlq_queue, dict(REPLICATED))
 
 
 def results_queue(settings: InferqSettings) -> QueueSpec:
@@ -91,7 +98,7 @@ def results_queue(settings: InferqSettings) -> QueueSpec:
     return QueueSpec(
         settings.results_queue,
         {
-            "x-queue-type": "quorum",
+            **REPLICATED,
             "x-max-length": settings.results_max_length,
             "x-message-ttl": settings.results_max_age_s * 1000,
             "x-overflow": "drop-head",

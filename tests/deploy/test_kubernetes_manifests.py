@@ -8,19 +8,23 @@ import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from gateway.settings import GatewaySettings
-from shared.settings import WorkerSettings
-from shared.topology import jobs_queue, retry_queue
+from shared.settings import WorkerSettings, split_urls
+from shared.topology import QUORUM_GROUP_SIZE, jobs_queue, retry_queue
 from worker.metrics import MetricsServer, WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 SECRET_NAME = re.compile(r"PASS|SECRET|TOKEN|AMQP_URL|MANAGEMENT_URL|ACCESS_KEY", re.I)
-CREDENTIALS_IN_URL = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
+CREDENTIALS_IN_URL = re.compile(r"://[^/\s:@]*:[^/\s@]+@")
+SECRET_REFERENCE = re.compile(r"\$\((RABBITMQ_USERNAME|RABBITMQ_PASSWORD)\)")
+"""Kubernetes substitutes these from the operator's Secret when it starts the container."""
+BROKER_USER_SECRET = "inferq-rabbitmq-default-user"
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +60,7 @@ def test_the_rendered_set_is_a_worker_deployment_with_config_scaling_budget_and_
 ) -> None:
     assert set(rendered) == {
         "ConfigMap/inferq-config",
+        "RabbitmqCluster/inferq-rabbitmq",
         "Deployment/inferq-worker",
         "Service/inferq-worker-metrics",
         "PodDisruptionBudget/inferq-worker",
@@ -138,14 +143,19 @@ def test_config_comes_from_the_configmap_and_secrets_only_by_reference(
     assert container["envFrom"] == [{"configMapRef": {"name": "inferq-config"}}]
     env = {e["name"]: e for e in container["env"]}
     assert {"INFERQ_AMQP_URL", "INFERQ_RESULT_STORE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env)
+    from_secrets = {"inferq-secrets", BROKER_USER_SECRET}
     for name, entry in env.items():
+        if name == "INFERQ_AMQP_URL":  # composed of the broker's node addresses and secret references
+            assert not CREDENTIALS_IN_URL.search(SECRET_REFERENCE.sub("", entry["value"]))
+            continue
         assert "value" not in entry, f"{name} is inline"
-        assert entry["valueFrom"]["secretKeyRef"]["name"] == "inferq-secrets"
+        assert entry["valueFrom"]["secretKeyRef"]["name"] in from_secrets
     for key, value in config.items():
         assert not SECRET_NAME.search(key), f"{key} belongs in the Secret"
         assert not CREDENTIALS_IN_URL.search(value), f"{key} carries credentials"
     for obj in rendered.values():
-        assert not CREDENTIALS_IN_URL.search(yaml.safe_dump(obj)), obj["metadata"]["name"]
+        text = SECRET_REFERENCE.sub("", yaml.safe_dump(obj, width=10_000))
+        assert not CREDENTIALS_IN_URL.search(text), obj["metadata"]["name"]
 
 
 def test_keda_scales_the_deployment_on_the_jobs_and_retry_queues_down_to_zero(
@@ -223,8 +233,10 @@ def test_the_api_runs_non_root_read_only_with_secrets_by_reference(api_pod: dict
     env = {e["name"]: e for e in container["env"]}
     assert {"INFERQ_AMQP_URL", "INFERQ_API_TOKEN", "INFERQ_RESULT_STORE", "INFERQ_OPERATIONS_STORE"} <= set(env)
     for name, entry in env.items():
-        if SECRET_NAME.search(name) or name in {"INFERQ_RESULT_STORE", "INFERQ_OPERATIONS_STORE"}:
-            assert entry["valueFrom"]["secretKeyRef"]["name"] == "inferq-secrets", name
+        if name == "INFERQ_AMQP_URL":  # the broker's node addresses, credentials by reference, as for workers
+            assert not CREDENTIALS_IN_URL.search(SECRET_REFERENCE.sub("", entry["value"]))
+        elif SECRET_NAME.search(name) or name in {"INFERQ_RESULT_STORE", "INFERQ_OPERATIONS_STORE"}:
+            assert entry["valueFrom"]["secretKeyRef"]["name"] in {"inferq-secrets", BROKER_USER_SECRET}, name
 
 
 def test_the_api_service_selects_only_api_pods_and_the_worker_service_only_workers(
@@ -240,3 +252,62 @@ def test_the_api_service_selects_only_api_pods_and_the_worker_service_only_worke
     assert api_service["ports"][0]["targetPort"] == "http"
     pdb = rendered["PodDisruptionBudget/inferq-worker"]["spec"]["selector"]["matchLabels"]
     assert not pdb.items() <= api_labels.items()
+
+
+# -- the broker: a RabbitMQ cluster through the Cluster Operator -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def broker(rendered: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    spec: dict[str, Any] = rendered["RabbitmqCluster/inferq-rabbitmq"]["spec"]
+    return spec
+
+
+def broker_config(broker: dict[str, Any]) -> dict[str, str]:
+    lines = broker["rabbitmq"]["additionalConfig"].splitlines()
+    pairs = [line.split("=", 1) for line in lines if "=" in line and not line.lstrip().startswith("#")]
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def test_the_broker_is_three_nodes_one_per_host_pausing_a_minority(broker: dict[str, Any]) -> None:
+    # Quorum queues keep a replica on three nodes and need a majority: an odd count, at least three.
+    assert broker["replicas"] == QUORUM_GROUP_SIZE == 3
+    settings = broker_config(broker)
+    assert settings["cluster_partition_handling"] == "pause_minority"
+    assert int(settings["quorum_queue.initial_cluster_size"]) == QUORUM_GROUP_SIZE
+    anti = broker["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["topologyKey"] == "kubernetes.io/hostname"
+    assert anti[0]["labelSelector"]["matchLabels"] == {"app.kubernetes.io/name": "inferq-rabbitmq"}
+
+
+def test_the_broker_consumer_timeout_is_what_the_workers_are_told(
+    broker: dict[str, Any], config: dict[str, str]
+) -> None:
+    consumer_timeout_s = int(broker_config(broker)["consumer_timeout"]) / 1000
+    told = float(config.get("INFERQ_BROKER_CONSUMER_TIMEOUT_S", WorkerSettings().broker_consumer_timeout_s))
+    assert consumer_timeout_s >= told
+    job_timeout_s = float(config.get("INFERQ_JOB_TIMEOUT_S", WorkerSettings().job_timeout_s))
+    assert job_timeout_s < told
+
+
+def test_workers_are_given_every_node_of_the_broker(pod: dict[str, Any], broker: dict[str, Any]) -> None:
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    urls = split_urls(env["INFERQ_AMQP_URL"]["value"])
+    hosts = [urlsplit(url).hostname for url in urls]
+    # the operator's pod addresses: <cluster>-server-<i>.<cluster>-nodes
+    assert hosts == [f"inferq-rabbitmq-server-{i}.inferq-rabbitmq-nodes" for i in range(broker["replicas"])]
+    assert {urlsplit(url).port for url in urls} == {5672}
+    for url in urls:
+        assert url.startswith("amqp://$(RABBITMQ_USERNAME):$(RABBITMQ_PASSWORD)@")
+    refs = {name: env[name]["valueFrom"]["secretKeyRef"] for name in ("RABBITMQ_USERNAME", "RABBITMQ_PASSWORD")}
+    assert refs == {
+        "RABBITMQ_USERNAME": {"name": BROKER_USER_SECRET, "key": "username"},
+        "RABBITMQ_PASSWORD": {"name": BROKER_USER_SECRET, "key": "password"},
+    }
+    # Kubernetes substitutes $(VAR) only from variables defined earlier in the list
+    names = [e["name"] for e in container["env"]]
+    assert names.index("RABBITMQ_PASSWORD") < names.index("INFERQ_AMQP_URL")
+    # and the worker accepts the list as its settings
+    substituted = SECRET_REFERENCE.sub("x", env["INFERQ_AMQP_URL"]["value"])
+    assert len(WorkerSettings(amqp_url=substituted).amqp_urls) == broker["replicas"]
