@@ -215,14 +215,19 @@ class S3ResultStore:
         put = self._put if self._putter is None else partial(self._put_lean, self._putter, self._putter.credentials())
         if len(results) <= 1:
             return [put(result) for result in results]
+        # NOTE: concurrent conditional PUTs of one key race each other: only the first result of an id in
+        # the batch is written, and a later one gets whatever that write left stored.
+        firsts: dict[str, Result] = {}
+        for result in results:
+            firsts.setdefault(result.id, result)
         pool = self._executor()
-        futures: list[Future[Result]] = [pool.submit(put, result) for result in results]
-        wait(futures)
-        for future in futures:
+        futures: dict[str, Future[Result]] = {job_id: pool.submit(put, first) for job_id, first in firsts.items()}
+        wait(futures.values())
+        for future in futures.values():
             error = future.exception()
             if error is not None:
                 raise error
-        return [future.result() for future in futures]
+        return [futures[result.id].result() for result in results]
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._pool_lock:

@@ -64,7 +64,7 @@ def test_backfill_out_waits_for_every_row_and_writes_them_in_input_order(sqlite_
     out.unlink()
     again = sqlite_env.inferq("backfill", str(data), "--model", "iris", "--id-column", "key", "--out", str(out))
     assert again.returncode == 0, again.stderr
-    assert "published 0 jobs (0 rows), skipped 600 already finished" in again.stdout
+    assert "published 0 jobs (0 rows) on iris version 2, skipped 600 already finished" in again.stdout
     assert out.read_bytes() == first
     assert sqlite_env.depth(sqlite_env.jobs_queue) == 0
 
@@ -112,16 +112,17 @@ def test_results_export_and_copy(sqlite_env: Env, models: Models, tmp_path: Path
     _write_csv(data, models, 40, ids=True)
     assert sqlite_env.inferq("backfill", str(data), "--model", "iris", "--id-column", "key").returncode == 0
     sqlite_env.drain()
-    # When exported as CSV, by ids (one unknown) and as JSON lines by model
+    # When exported as CSV, by ids (one unknown; a backfill's job id is <model>:<version>:<row id>)
+    # and as JSON lines by model
     ids = tmp_path / "ids.txt"
-    ids.write_text("row-0003\nno-such-job\nrow-0001\n")
+    ids.write_text("iris:2:row-0003\nno-such-job\niris:2:row-0001\n")
     by_ids = sqlite_env.inferq("results", "export", "--ids", str(ids))
     assert by_ids.returncode == 0, by_ids.stderr
     table = list(csv.DictReader(by_ids.stdout.splitlines()))
     assert [(r["id"], r["status"]) for r in table] == [
-        ("row-0003", "succeeded"),
+        ("iris:2:row-0003", "succeeded"),
         ("no-such-job", "missing"),
-        ("row-0001", "succeeded"),
+        ("iris:2:row-0001", "succeeded"),
     ]
     assert list(table[0])[:5] == ["id", "status", "version", "error_code", "label"]
     jsonl = tmp_path / "all.jsonl"
