@@ -13,7 +13,7 @@ SEED ?= 7
 .PHONY: help env broker postgres demo test test-fast lint format bench chaos clean
 
 help:
-	@echo "make demo   run the end-to-end demo (RabbitMQ + file stores)"
+	@echo "make demo   run the end-to-end demo (RabbitMQ, a model directory, SQLite results)"
 	@echo "make demo STORE=s3   the same demo on S3 stores (a local SeaweedFS it starts and stops)"
 	@echo "make test   run the whole test suite against the real broker"
 	@echo "make lint   ruff + mypy --strict"
