@@ -10,15 +10,18 @@ column's type, or one id on two rows is an error naming the file, the line and t
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from shared.errors import InferqError, InvalidPayload
 from shared.messages import Job, is_valid_job_id
 from shared.results import ResultStore
 from shared.rowfile import RowFileError, csv_header, kind_of, read_records
 from shared.table import Cell, RowError, Table
+
+T = TypeVar("T")
 
 MAX_JOB_ID_CHARS = 128  # the wire contract's bound on a job id
 
@@ -125,11 +128,11 @@ def derive_job_id(model: str, version: int, rows: list[Row], batch_rows: int) ->
     return f"bf-{digest.hexdigest()[:40]}"
 
 
-def chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
-    """``rows`` in lists of ``size`` (the last may be shorter)."""
-    chunk: list[Row] = []
-    for row in rows:
-        chunk.append(row)
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last may be shorter)."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
         if len(chunk) == size:
             yield chunk
             chunk = []

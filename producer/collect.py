@@ -39,17 +39,6 @@ def expected_jobs(rows: Iterator[Row], model: str, version: int, batch_rows: int
         yield ExpectedJob(derive_job_id(model, version, chunk, batch_rows), keys)
 
 
-def _chunks(jobs: Iterable[ExpectedJob], size: int) -> Iterator[list[ExpectedJob]]:
-    chunk: list[ExpectedJob] = []
-    for job in jobs:
-        chunk.append(job)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def wait_for_chunk(
     store: ResultStore, chunk: list[ExpectedJob], sleep: Callable[[float], None] = time.sleep
 ) -> dict[str, Result]:
@@ -78,7 +67,7 @@ def write_backfill_output(
     try:
         with partial.open("w", newline="") as handle:
             writer = RowWriter(handle, fmt, [id_header, "error_code"])
-            for chunk in _chunks(jobs, CHUNK_JOBS):
+            for chunk in chunks(jobs, CHUNK_JOBS):
                 results = wait_for_chunk(store, chunk)
                 for job in chunk:
                     rows += _write_job(writer, job, results[job.job_id], id_header)

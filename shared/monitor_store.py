@@ -308,20 +308,7 @@ class SQLiteMonitorStore:
 
     def put_pairs(self, pairs: list[ShadowPair]) -> None:
         rows = [(p.job_id, p.shadow_version, p.model, p.version, p.to_json().decode()) for p in pairs]
-        with self._lock:
-            try:
-                connection = self._connect()
-                connection.execute("BEGIN IMMEDIATE")
-                try:
-                    connection.executemany("INSERT OR IGNORE INTO shadow_pairs VALUES (?, ?, ?, ?, ?)", rows)
-                    connection.execute("COMMIT")
-                except BaseException:
-                    if connection.in_transaction:
-                        connection.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                self._drop()
-                raise StoreUnreachable(f"write of shadow pairs to sqlite:{self.path} failed: {exc}") from None
+        self._write("shadow pairs", "INSERT OR IGNORE INTO shadow_pairs VALUES (?, ?, ?, ?, ?)", rows)
 
     def pairs(self, model: str) -> list[ShadowPair]:
         with self._lock:
@@ -333,12 +320,16 @@ class SQLiteMonitorStore:
         return [ShadowPair.from_json(row[0]) for row in rows]
 
     def put_window(self, window: WindowCounts) -> None:
+        self._write("monitor counts", _SQLITE_UPSERT, _rows(window))
+
+    def _write(self, what: str, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """``sql`` for every row, in one transaction that holds the write lock from its start."""
         with self._lock:
             try:
                 connection = self._connect()
                 connection.execute("BEGIN IMMEDIATE")
                 try:
-                    connection.executemany(_SQLITE_UPSERT, _rows(window))
+                    connection.executemany(sql, rows)
                     connection.execute("COMMIT")
                 except BaseException:
                     if connection.in_transaction:
@@ -346,7 +337,7 @@ class SQLiteMonitorStore:
                     raise
             except sqlite3.Error as exc:
                 self._drop()
-                raise StoreUnreachable(f"write of monitor counts to sqlite:{self.path} failed: {exc}") from None
+                raise StoreUnreachable(f"write of {what} to sqlite:{self.path} failed: {exc}") from None
 
     def totals(self, model: str, version: int, since_s: float | None = None) -> Totals:
         sql = _TOTALS_SQL.format(table="monitor_counts", p="?")
