@@ -29,35 +29,44 @@ class Limits:
 
 def prepare_inputs(job: Job, manifest: Manifest, limits: Limits) -> Arrays:
     """The job's tensors as arrays, checked against the model's signature; raises a :class:`JobError`."""
+    given = check_inputs(job, manifest, limits)
+    return {spec.name: given[spec.name].to_numpy() for spec in manifest.inputs}
+
+
+def check_inputs(job: Job, manifest: Manifest, limits: Limits) -> dict[str, Tensor]:
+    """The job's tensors by input name, their names, types, shapes and sizes checked against the model's
+    signature (not their data: converting it is :meth:`Tensor.to_numpy`'s, or a whole batch's at once);
+    raises a :class:`JobError`."""
     given = {t.name: t for t in job.inputs}
-    expected = {spec.name for spec in manifest.inputs}
-    if set(given) != expected:
+    if len(given) != len(manifest.inputs) or any(spec.name not in given for spec in manifest.inputs):
+        expected = {spec.name for spec in manifest.inputs}
         # Named columns are inputs of their own: name what is missing or unexpected, not only the sets.
         missing, extra = sorted(expected - set(given)), sorted(set(given) - expected)
         gap = "; ".join(
             part for part in (f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "") if part
         )
         raise InputMismatch(f"model {manifest.name!r} v{manifest.version} takes inputs {sorted(expected)}: {gap}")
-    arrays = {spec.name: _check_tensor(given[spec.name], spec, limits) for spec in manifest.inputs}
-    rows = {a.shape[0] for a in arrays.values()}
+    rows = {_check_tensor(given[spec.name], spec, limits) for spec in manifest.inputs}
     if len(rows) > 1:
         raise InputMismatch(f"inputs disagree on the number of rows: {sorted(rows)}")
     if next(iter(rows)) > limits.max_rows_per_job:
         raise TooLarge(f"job has {next(iter(rows))} rows, above the limit of {limits.max_rows_per_job}")
-    return arrays
+    return given
 
 
-def _check_tensor(tensor: Tensor, spec: TensorSpec, limits: Limits) -> npt.NDArray[Any]:
-    elements = math.prod(tensor.shape)
+def _check_tensor(tensor: Tensor, spec: TensorSpec, limits: Limits) -> int:
+    """The tensor's row count, once its size, datatype and shape fit ``spec``."""
+    shape = tensor.shape
+    elements = math.prod(shape)
     if elements > limits.max_elements_per_tensor:
         raise TooLarge(
             f"input {tensor.name!r} has {elements} elements, above the limit of {limits.max_elements_per_tensor}"
         )
     if tensor.datatype is not spec.datatype:
         raise InputMismatch(f"input {tensor.name!r} must be {spec.datatype}, job sent {tensor.datatype}")
-    if len(tensor.shape) != len(spec.shape) or any(
-        want is not None and got != want for got, want in zip(tensor.shape[1:], spec.shape[1:], strict=True)
+    if len(shape) != len(spec.shape) or any(
+        want is not None and got != want for got, want in zip(shape[1:], spec.shape[1:], strict=True)
     ):
         wanted = ["N" if d is None else d for d in spec.shape]
-        raise InputMismatch(f"input {tensor.name!r} must have shape {wanted}, job sent {tensor.shape}")
-    return tensor.to_numpy()
+        raise InputMismatch(f"input {tensor.name!r} must have shape {wanted}, job sent {shape}")
+    return shape[0]

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from shared.messages import Status
 from shared.settings import InferqSettings
 
 REASON_HEADER = "x-inferq-reason"
@@ -49,12 +50,12 @@ class _Routable(Protocol):
     @property
     def model(self) -> str | None: ...
     @property
-    def status(self) -> str: ...
+    def status(self) -> Status: ...
 
 
 def result_routing_key(result: _Routable) -> str:
     """``<model>.<status>`` (``unknown`` for a message whose model could not be read)."""
-    return f"{result.model or 'unknown'}.{result.status}"
+    return f"{result.model or 'unknown'}.{result.status.value}"
 
 
 def jobs_queue(settings: InferqSettings) -> QueueSpec:

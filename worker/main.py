@@ -56,7 +56,7 @@ log = get_logger(__name__)
 PROCESSING_THREADS = 1
 """Units of work in flight at once. One: measured against two (one computing while the other stores),
 one thread does as well or better under the GIL, with fewer handoffs (see the commit that set it)."""
-GC_EVERY_S = 10.0
+GC_EVERY_S = 60.0
 HOLD_RETRY_S = 1.0
 """How soon a job held for an unreachable model or result store is tried again."""
 SUSPECT_DELIVERIES = 2

@@ -28,6 +28,7 @@ from shared.errors import JobError
 from shared.logging import get_logger
 from shared.messages import OutputTensor
 from shared.monitor_store import MonitorStore, WindowCounts
+from worker.runner import Feed
 
 log = get_logger(__name__)
 
@@ -132,7 +133,10 @@ class Monitor:
         state = self._versions.get(key)
         if state is None:
             state = self._versions.setdefault(key, _Version(manifest, reference))
-        feeds = {name: _concat([a[name] for a, _ in ran]) for name in ran[0][0]}
+        if isinstance(inputs, Feed) and len(ran) == len(inputs):
+            feeds = inputs.arrays  # every job ran: the batch's own stacked rows
+        else:
+            feeds = {name: _concat([a[name] for a, _ in ran]) for name in ran[0][0]}
         rows = next(iter(feeds.values())).shape[0]
         wanted = [c.tensor for c in reference.outputs]
         outputs = _output_arrays(wanted, [r for _, r in ran])  # type: ignore[misc]

@@ -17,13 +17,13 @@ from shared.amqp import Backoff
 from shared.codec import Rejected, describe_validation_error
 from shared.errors import ErrorCode, JobError, StoreError
 from shared.logging import get_logger
-from shared.messages import ErrorInfo, Job, OutputTensor, Result, Status, Timings, trusted
+from shared.messages import ErrorInfo, Job, OutputTensor, Result, Status, Tensor, Timings, trusted
 from shared.results import ResultStore
 from worker.batcher import Batch
 from worker.consumer import Delivery
 from worker.models import ModelFetcher
 from worker.monitor import Monitor
-from worker.runner import Arrays, Limits, LoadedModel, Watchdog, prepare_inputs, run_isolating
+from worker.runner import Feed, Limits, LoadedModel, Watchdog, check_inputs, run_isolating, stack_inputs
 from worker.shadow import Shadow
 
 log = get_logger(__name__)
@@ -86,13 +86,18 @@ class StoreUnavailable(Exception):
 
 def job_digest(job: Job) -> str:
     """SHA-256 of what a job asks for (model, requested version, inputs, parameters), not of its id."""
-    inputs = [(t.name, t.shape, str(t.datatype), t.data) for t in job.inputs]
-    material = orjson.dumps([job.model, job.version, inputs, job.parameters], option=orjson.OPT_SORT_KEYS)
+    # NOTE: stored results carry this digest: any change to what it hashes makes every redelivery of a
+    # job stored before the change look like an id conflict. (orjson writes a StrEnum as its value, and
+    # sorting keys only matters for the parameters, the one object here.)
+    inputs = [(t.name, t.shape, t.datatype, t.data) for t in job.inputs]
+    option = orjson.OPT_SORT_KEYS if job.parameters else 0
+    material = orjson.dumps([job.model, job.version, inputs, job.parameters], option=option)
     return hashlib.sha256(material).hexdigest()
 
 
-def _timings(delivery: Delivery, inference_ms: float | None) -> Timings:
-    now_ms = time.time() * 1000
+def _timings(delivery: Delivery, inference_ms: float | None, now_ms: float | None = None) -> Timings:
+    if now_ms is None:
+        now_ms = time.time() * 1000
     published = delivery.published_ms
     start_ms = published if published is not None else delivery.received_ms
     queue_ms = None if published is None else round(max(delivery.received_ms - published, 0.0), 3)
@@ -155,11 +160,11 @@ class Processor:
         return Outcome(delivery, result)
 
     def _succeeded(
-        self, item: Pending, version: int, sha256: str, outputs: list[OutputTensor], inference_ms: float
+        self, item: Pending, version: int, sha256: str, outputs: list[OutputTensor], inference_ms: float, now_ms: float
     ) -> Outcome:
         # Built without validation and encoded once with orjson: this runs for every job, and pydantic
         # would cost more than everything else the worker does per job together.
-        job, timings = item.job, _timings(item.delivery, inference_ms)
+        job, timings = item.job, _timings(item.delivery, inference_ms, now_ms)
         digest = job_digest(job)
         wire = orjson.dumps(
             {
@@ -263,36 +268,46 @@ class Processor:
             done.outcomes.append(Outcome(item.delivery, stored, counted=False))
 
     def _run(self, items: list[Pending], version: int, sha256: str, model: LoadedModel, done: Processed) -> None:
-        runnable: list[tuple[Pending, Arrays]] = []
+        checked: list[Pending] = []
+        tensors: list[dict[str, Tensor]] = []
         for item in items:
             try:
-                runnable.append((item, prepare_inputs(item.job, model.manifest, self.limits)))
+                tensors.append(check_inputs(item.job, model.manifest, self.limits))
+                checked.append(item)
             except JobError as error:
                 done.outcomes.append(self.failed(item.delivery, item.job, error))
-        if not runnable:
+        if not checked:
             return
+        feeds, refused = stack_inputs(tensors, model.manifest.inputs)
+        for index, refusal in refused.items():
+            done.outcomes.append(self.failed(checked[index].delivery, checked[index].job, refusal))
+        for indices, feed in feeds:
+            self._run_feed([checked[i] for i in indices], feed, version, sha256, model, done)
+
+    def _run_feed(
+        self, items: list[Pending], feed: Feed, version: int, sha256: str, model: LoadedModel, done: Processed
+    ) -> None:
         with self._compute:
             started = time.perf_counter()
-            results = run_isolating(model, [arrays for _, arrays in runnable], self.watchdog)
+            results = run_isolating(model, feed, self.watchdog)
             seconds = time.perf_counter() - started
-        for (item, _), result in zip(runnable, results, strict=True):
+        now_ms = time.time() * 1000  # the batch's jobs finish together
+        for item, result in zip(items, results, strict=True):
             if isinstance(result, JobError):
                 done.outcomes.append(self.failed(item.delivery, item.job, result))
             else:
-                done.outcomes.append(self._succeeded(item, version, sha256, result, seconds * 1000))
+                done.outcomes.append(self._succeeded(item, version, sha256, result, seconds * 1000, now_ms))
         # Monitoring seam: drift counts (worker/monitor.py) and shadow sampling (worker/shadow.py) per batch.
         if self.monitor is not None:
-            self.monitor.observe(model.manifest, [arrays for _, arrays in runnable], results)
+            self.monitor.observe(model.manifest, feed, results)
         if self.shadow is not None:
-            job_ids = [item.job.id for item, _ in runnable]
-            self.shadow.offer(model.manifest, job_ids, [a for _, a in runnable], results, seconds * 1000)
-        rows = sum(item.job.rows for item, _ in runnable)
-        done.runs.append(BatchRun(model.manifest.name, rows, seconds))
+            self.shadow.offer(model.manifest, [item.job.id for item in items], feed, results, seconds * 1000)
+        done.runs.append(BatchRun(model.manifest.name, feed.bounds[-1], seconds))
         log.info(
             "batch_done",
             model=model.manifest.name,
             version=version,
-            jobs=len(runnable),
+            jobs=len(items),
             inference_ms=round(seconds * 1000, 3),
         )
 

@@ -32,7 +32,7 @@ from shared.messages import OutputTensor
 from shared.monitor_store import MonitorStore, ShadowPair, WindowCounts
 from shared.settings import WorkerSettings
 from shared.topology import jobs_queue
-from worker.runner import LoadedModel, run_isolating
+from worker.runner import Feed, LoadedModel, run_isolating
 
 log = get_logger(__name__)
 
@@ -184,7 +184,7 @@ class Shadow:
         if not group:
             return []
         started = time.perf_counter()
-        results = run_isolating(loaded, [c.arrays for c in group])
+        results = run_isolating(loaded, Feed.of([c.arrays for c in group]))
         ms = (time.perf_counter() - started) * 1000
         return [
             self._pair(c, version, None, None, str(r))

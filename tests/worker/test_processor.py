@@ -18,7 +18,7 @@ from model_store.base import publish
 from model_store.local import LocalModelStore
 from model_store.registry import Registry
 from model_store.stores import open_model_store
-from shared.messages import Job, Result, Status
+from shared.messages import Datatype, Job, Result, Status, Tensor
 from shared.results import ResultStore, open_result_store
 from worker.batcher import Batch
 from worker.consumer import Delivery
@@ -160,3 +160,18 @@ def test_jobs_of_a_model_whose_store_is_unreachable_are_held_and_other_models_ru
     # Then the job is held (to be tried again), neither failed nor run
     assert [p.job.id for p in done.held] == [job.id]
     assert done.outcomes == [] and done.rejections == []
+
+
+def test_the_job_digest_is_the_one_results_were_stored_with() -> None:
+    # Stored results carry this digest: if it changed, every redelivery of a job stored before the change
+    # would be dead-lettered as an id conflict. These values were computed when the format was set.
+    with_parameters = Job(
+        id="job-1",
+        model="iris",
+        version=2,
+        inputs=[Tensor(name="x", shape=[1, 3], datatype=Datatype.FP32, data=[0.5, 1, 2.25])],
+        parameters={"b": 1, "a": [1, 2]},
+    )
+    plain = Job(id="job-2", model="iris", inputs=[Tensor(name="x", shape=[2], datatype=Datatype.INT64, data=[1, 2])])
+    assert job_digest(with_parameters) == "48ba23decce2463b2cc65f9f173e5d4184c5ba7e92e20fcb01b18efe851315cc"
+    assert job_digest(plain) == "8d6fec7b05838111cd83ade55bf459b3ec58a4beea97252c4279aac63f72fea5"
