@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import orjson
 from pydantic import ValidationError
 
+from model_store.manifest import Manifest
 from shared.amqp import Backoff
 from shared.codec import Rejected, describe_validation_error
 from shared.errors import ErrorCode, JobError, StoreError
@@ -70,6 +71,16 @@ class BatchRun:
     seconds: float
 
 
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """A batch that ran on a version with a reference: counted for drift once its results are stored."""
+
+    manifest: Manifest
+    deliveries: list[Delivery]
+    inputs: list[Arrays]
+    results: list[object]
+
+
 @dataclass(slots=True)
 class Processed:
     """What one unit of work came to: results to publish, jobs to dead-letter, jobs to hold and retry."""
@@ -78,6 +89,7 @@ class Processed:
     rejections: list[Rejection] = field(default_factory=list)
     held: list[Pending] = field(default_factory=list)
     runs: list[BatchRun] = field(default_factory=list)
+    observed: list[Observed] = field(default_factory=list)
 
 
 class StoreUnavailable(Exception):
@@ -201,6 +213,8 @@ class Processor:
         for batch in batches:
             self._process_batch(batch, done)
         self._store(done)
+        if done.observed:
+            self._observe(done)
         return done
 
     def _process_batch(self, batch: Batch[ModelKey, Pending], done: Processed) -> None:
@@ -280,9 +294,11 @@ class Processor:
                 done.outcomes.append(self.failed(item.delivery, item.job, result))
             else:
                 done.outcomes.append(self._succeeded(item, version, sha256, result, seconds * 1000))
-        # Monitoring seam: drift counts (worker/monitor.py) and shadow sampling (worker/shadow.py) per batch.
-        if self.monitor is not None:
-            self.monitor.observe(model.manifest, [arrays for _, arrays in runnable], results)
+        # Monitoring seam: drift counts (worker/monitor.py, once the results are stored) and shadow
+        # sampling (worker/shadow.py) per batch.
+        if self.monitor is not None and model.manifest.reference is not None:
+            deliveries = [item.delivery for item, _ in runnable]
+            done.observed.append(Observed(model.manifest, deliveries, [a for _, a in runnable], list(results)))
         if self.shadow is not None:
             job_ids = [item.job.id for item, _ in runnable]
             self.shadow.offer(model.manifest, job_ids, [a for _, a in runnable], results, seconds * 1000)
@@ -318,6 +334,21 @@ class Processor:
             else:
                 kept.append(Outcome(outcome.delivery, earlier, counted=False))
         done.outcomes = kept
+
+    def _observe(self, done: Processed) -> None:
+        """Count for drift the jobs whose result this delivery stored. A job whose id already had a result
+        (it ran before, and that result is what goes out) was counted when that result was stored; a unit
+        whose results could not be stored never gets here, and its jobs are counted when they are."""
+        monitor = self.monitor
+        if monitor is None:
+            return
+        stored = {id(o.delivery) for o in done.outcomes if o.counted}
+        for seen in done.observed:
+            keep = [i for i, d in enumerate(seen.deliveries) if id(d) in stored]
+            if len(keep) == len(seen.deliveries):
+                monitor.observe(seen.manifest, seen.inputs, seen.results)
+            elif keep:
+                monitor.observe(seen.manifest, [seen.inputs[i] for i in keep], [seen.results[i] for i in keep])
 
     def _put_many(self, results: list[Result]) -> list[Result]:
         backoff = Backoff(cap_s=self._retry_max_s)
