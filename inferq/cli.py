@@ -582,7 +582,11 @@ def monitor_drift(model: str, version: str, since: str | None, min_rows: int, as
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
 def monitor_shadow(model: str, as_json: bool) -> None:
-    """Agreement of MODEL's shadow version with the version that answered, over the stored pairs."""
+    """Agreement of MODEL's shadow version with the version that answered, over the stored pairs.
+
+    A pair is one sampled job (skipped ones aside), whether or not the answering version succeeded:
+    errors counts the pairs whose answering version failed the job (input checks included) and those
+    whose shadow version failed it; agreement and differences cover the pairs where both answered."""
     from operations.shadow import render_shadow, shadow_report  # noqa: PLC0415
     from shared.monitor_store import open_monitor_store  # noqa: PLC0415
 

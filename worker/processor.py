@@ -278,11 +278,15 @@ class Processor:
 
     def _run(self, items: list[Pending], version: int, sha256: str, model: LoadedModel, done: Processed) -> None:
         runnable: list[tuple[Pending, Arrays]] = []
+        refused: list[tuple[Job, JobError]] = []
         for item in items:
             try:
                 runnable.append((item, prepare_inputs(item.job, model.manifest, self.limits)))
             except JobError as error:
                 done.outcomes.append(self.failed(item.delivery, item.job, error))
+                refused.append((item.job, error))
+        if refused and self.shadow is not None:  # shadow seam: the shadow version may take what this one refused
+            self.shadow.offer_refused(model.manifest, refused)
         if not runnable:
             return
         with self._compute:
