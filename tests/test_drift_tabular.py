@@ -171,3 +171,25 @@ def test_a_reference_without_a_column_the_model_reads_or_not_utf8_is_one_line_an
         f"inferq: error: --reference {bad_number}:3: column 'age': 'old' is not a number",
     ]
     assert env.store.list_models() == [] or env.store.list_versions("churn") == []
+
+
+def test_a_model_over_named_numbers_in_one_input_reads_its_reference_by_name(env: Env, tmp_path: Path) -> None:
+    # Given a regression fitted on named columns (one 2-D input) and its rows in a CSV of another order
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame({"rooms": rng.integers(1, 8, 500).astype(float), "area": rng.normal(80, 20, 500)})
+    joblib.dump(LogisticRegression().fit(frame, frame["area"] > 80), tmp_path / "named.joblib")
+    exported = load_model_file(tmp_path / "named.joblib")
+    assert exported.columns is not None and {c.input for c in exported.columns} == {"X"}
+    data = tmp_path / "rows.csv"
+    frame[["area", "rooms"]].assign(note="x").to_csv(data, index=False)
+
+    manifest = publish(
+        env.store, "named", exported.onnx, columns=exported.columns, reference=read_reference(data, exported.columns)
+    )
+
+    # Then each column is the feature of its name, binned from its own values
+    assert manifest.reference is not None
+    rooms, area = manifest.reference.features
+    assert (rooms.name, rooms.tensor, rooms.column, area.name, area.column) == ("rooms", "X", 0, "area", 1)
+    assert sorted(set(rooms.edges)) == rooms.edges and rooms.edges[0] >= 1 and rooms.edges[-1] <= 7
+    assert 60 < area.edges[len(area.edges) // 2] < 100
