@@ -1,10 +1,12 @@
 """``python -m bench.monitor_cost``: what drift counting costs a draining worker, with and without, one run.
 
-The bench's three models are published with their training rows as reference. Each repetition drains the
-same number of preloaded 1-row jobs twice, in alternating order: once with ``INFERQ_MONITOR=true`` and
-once with it off, each in an in-process worker (SQLite result store). Reported per repetition: the
-throughput ratio (on / off), the worker CPU per job of both, and the share of the worker's CPU that the
-counting itself took (thread CPU time inside ``Monitor.observe``). Ratios only: the machine is shared.
+The bench's three models are published with their training rows as reference (or, with ``--tabular``,
+a pipeline over two text and five numeric columns, one input per column, with its rows by name).
+Each repetition drains the same number of preloaded 1-row jobs twice, in alternating order: once with
+``INFERQ_MONITOR=true`` and once with it off, each in an in-process worker (SQLite result store).
+Reported per repetition: the throughput ratio (on / off), the worker CPU per job of both, and the share
+of the worker's CPU that the counting itself took (thread CPU time inside ``Monitor.observe``). Ratios
+only: the machine is shared.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 from bench.load import Load, declare, delete
 from bench.measure import Bench
-from bench.workload import Jobs, publish_models
+from bench.workload import Jobs, TabularJobs, publish_models, publish_tabular
 from shared.settings import WorkerSettings
 from worker.main import build_worker
 from worker.monitor import Monitor
@@ -74,13 +76,19 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument(
+        "--tabular",
+        action="store_true",
+        help="Jobs for a pipeline over named columns (two text, five numbers, one input each) instead.",
+    )
+    parser.add_argument(
         "--amqp-url", default=os.environ.get("INFERQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
     )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="inferq-monitor-cost-"))
     try:
-        publish_models(work / "models")
-        bench = Bench(args.amqp_url, work / "models", work, Jobs(), uuid.uuid4().hex[:8])
+        (publish_tabular if args.tabular else publish_models)(work / "models")
+        jobs = TabularJobs() if args.tabular else Jobs()
+        bench = Bench(args.amqp_url, work / "models", work, jobs, uuid.uuid4().hex[:8])
         ratios, shares, cpu_ratios = [], [], []
         for rep in range(1, args.reps + 1):
             order = (True, False) if rep % 2 else (False, True)

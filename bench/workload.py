@@ -7,6 +7,7 @@ exact JSON the inferq producer publishes (a :class:`Job` with one KServe FP32 te
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,3 +96,78 @@ def _template(spec: ModelSpec, row: np.ndarray[Any, Any]) -> tuple[bytes, bytes]
     body = Job(id=_ID_PLACEHOLDER, model=spec.name, inputs=[tensor]).model_dump_json(exclude_none=True).encode()
     head, tail = body.split(_ID_PLACEHOLDER.encode())
     return head, tail
+
+
+TABULAR_MODEL = "tabular-7"
+TABULAR_TEXT = {"city": 30, "plan": 4}
+"""Text columns of the tabular model and how many distinct values each takes (more than 20: OTHER is used)."""
+TABULAR_NUMBERS = ("age", "income", "tenure", "visits", "spend")
+
+
+def _tabular_frame(rng: np.random.Generator, size: int) -> Any:
+    pd: Any = importlib.import_module("pandas")  # a test dependency, untyped; only this workload needs it
+
+    columns: dict[str, Any] = {
+        name: [f"{name}-{v:02d}" for v in rng.zipf(1.6, size) % values] for name, values in TABULAR_TEXT.items()
+    }
+    columns.update({name: np.round(rng.normal(50, 15, size), 3) for name in TABULAR_NUMBERS})
+    return pd.DataFrame(columns)
+
+
+def publish_tabular(model_store: Path) -> None:
+    """A pipeline over named columns (two text columns one-hot encoded, five numbers scaled, a logistic
+    regression), published as version 1 of ``tabular-7`` with one input per column and its training rows
+    by name as reference."""
+    from sklearn.compose import ColumnTransformer  # noqa: PLC0415
+    from sklearn.pipeline import Pipeline  # noqa: PLC0415
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler  # noqa: PLC0415
+
+    from model_store.export import export_estimator  # noqa: PLC0415
+    from model_store.reference import ReferenceTable  # noqa: PLC0415
+
+    store = LocalModelStore(model_store)
+    if store.list_versions(TABULAR_MODEL):
+        return
+    frame = _tabular_frame(np.random.default_rng(SEED), 4000)
+    label = (frame["income"] > 50) ^ (frame["city"] == "city-01")
+    prep = ColumnTransformer(
+        [
+            ("num", StandardScaler(), list(TABULAR_NUMBERS)),
+            ("cat", OneHotEncoder(handle_unknown="ignore"), list(TABULAR_TEXT)),
+        ]
+    )
+    pipeline = Pipeline([("prep", prep), ("clf", LogisticRegression(max_iter=1000))]).fit(frame, label)
+    data, columns = export_estimator(pipeline, None, None)
+    assert columns is not None
+    values = [frame[c.name].to_numpy(dtype=object if c.datatype is Datatype.BYTES else np.float64) for c in columns]
+    publish(
+        store,
+        TABULAR_MODEL,
+        data,
+        source="sklearn:Pipeline",
+        framework=framework_versions(),
+        columns=columns,
+        reference=ReferenceTable(columns, values),
+    )
+
+
+class TabularJobs(Jobs):
+    """1-row jobs for ``tabular-7``: one ``[1, 1]`` tensor per column, as the inferq producer sends a row."""
+
+    def __init__(self) -> None:
+        frame = _tabular_frame(np.random.default_rng(SEED + 1), ROWS_PER_MODEL)
+        templates = []
+        for row in frame.to_dict("records"):
+            tensors = [
+                Tensor(
+                    name=name,
+                    shape=[1, 1],
+                    datatype=Datatype.BYTES if name in TABULAR_TEXT else Datatype.FP32,
+                    data=[value],
+                )
+                for name, value in row.items()
+            ]
+            body = Job(id=_ID_PLACEHOLDER, model=TABULAR_MODEL, inputs=tensors).model_dump_json(exclude_none=True)
+            head, tail = body.encode().split(_ID_PLACEHOLDER.encode())
+            templates.append((head, tail))
+        self._templates = [templates]

@@ -84,9 +84,12 @@ def models() -> None:
     "--reference",
     "reference_path",
     type=click.Path(path_type=Path),
-    help="Training inputs (.csv with a header, .jsonl rows or .npy): the distribution drift is measured against.",
+    help="Training inputs (.csv with a header, .jsonl rows or .npy): the distribution drift is measured against. "
+    "A model that names its columns reads them by name (every column it reads must be there).",
 )
-@click.option("--feature-names", help="Comma-separated feature names for --reference (default: the CSV header).")
+@click.option(
+    "--feature-names", help="Comma-separated feature names for a --reference of rows by position (default: the header)."
+)
 def models_publish(
     name: str,
     path: Path,
@@ -101,12 +104,13 @@ def models_publish(
     (converted with skl2onnx; unpickling runs code from the file, so publish only files you trust)."""
     # scikit-learn and skl2onnx take seconds to import: only this command needs them.
     from model_store.export import framework_versions, load_model_file  # noqa: PLC0415
-    from model_store.reference import read_reference_data  # noqa: PLC0415
+    from model_store.reference import read_reference  # noqa: PLC0415
 
     settings = _settings(InferqSettings)
     names = [n.strip() for n in feature_names.split(",")] if feature_names else None
-    reference = read_reference_data(reference_path, names) if reference_path is not None else None
     exported = load_model_file(path, n_features, sample)
+    # A model over named columns reads its reference by those names, so the file is read after the export.
+    reference = read_reference(reference_path, exported.columns, names) if reference_path is not None else None
     framework = framework_versions() if exported.source.startswith("sklearn:") else {}
     store = open_model_store(settings.model_store)
     manifest = publish(
@@ -578,7 +582,11 @@ def monitor_drift(model: str, version: str, since: str | None, min_rows: int, as
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
 def monitor_shadow(model: str, as_json: bool) -> None:
-    """Agreement of MODEL's shadow version with the version that answered, over the stored pairs."""
+    """Agreement of MODEL's shadow version with the version that answered, over the stored pairs.
+
+    A pair is one sampled job (skipped ones aside), whether or not the answering version succeeded:
+    errors counts the pairs whose answering version failed the job (input checks included) and those
+    whose shadow version failed it; agreement and differences cover the pairs where both answered."""
     from operations.shadow import render_shadow, shadow_report  # noqa: PLC0415
     from shared.monitor_store import open_monitor_store  # noqa: PLC0415
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from model_store.manifest import Manifest, build_manifest
-from model_store.reference import Reference, build_reference
+from model_store.reference import Reference, ReferenceTable, build_reference, build_table_reference
 from shared.errors import InvalidName, InvalidPayload, UnknownModel, UnknownVersion, VersionExists
 from shared.messages import LATEST, VersionRef, is_valid_alias, is_valid_name
 from shared.table import Column, Table
@@ -111,11 +111,12 @@ def publish(
     source: str = "onnx",
     framework: dict[str, str] | None = None,
     columns: list[Column] | None = None,
-    reference: tuple[Any, list[str]] | None = None,
+    reference: tuple[Any, list[str]] | ReferenceTable | None = None,
 ) -> Manifest:
     """Publish ``model_bytes`` as a new immutable version (the next number unless ``version`` is given);
     ``columns`` names the table the model reads, when it reads named columns; ``reference`` (rows as a
-    2-D array, feature names) becomes the manifest's reference distribution."""
+    2-D array and feature names, or a :class:`ReferenceTable` by column name) becomes the manifest's
+    reference distribution."""
     check_name(name)
     if alias is not None:
         check_alias(alias)
@@ -123,7 +124,8 @@ def publish(
     # The reference is computed once, before any number is taken: it depends only on the model.
     binned = None
     if reference is not None:
-        binned = _reference(build_manifest(name, first, model_bytes, source, framework or {}), model_bytes, *reference)
+        draft = build_manifest(name, first, model_bytes, source, framework or {}, columns)
+        binned = _reference(draft, model_bytes, reference)
     for number in range(first, first + MAX_PUBLISH_ATTEMPTS):
         manifest = build_manifest(name, number, model_bytes, source, framework or {}, columns)
         if binned is not None:
@@ -150,7 +152,12 @@ def set_alias(store: ModelStore, name: str, alias: str, version: int) -> None:
     store.update_aliases(name, lambda aliases: {**aliases, alias: version})
 
 
-def _reference(manifest: Manifest, model_bytes: bytes, data: Any, names: list[str]) -> Reference:
+def _reference(manifest: Manifest, model_bytes: bytes, reference: tuple[Any, list[str]] | ReferenceTable) -> Reference:
+    if isinstance(reference, ReferenceTable):
+        if [c.name for c in reference.columns] != [c.name for c in manifest.columns or []]:
+            raise InvalidPayload(f"--reference: model {manifest.name!r} does not read the reference's columns")
+        return build_table_reference(model_bytes, manifest.inputs, reference)
+    data, names = reference
     if len(manifest.inputs) != 1 or len(manifest.inputs[0].shape) != 2:
         raise InvalidPayload(f"--reference: model {manifest.name!r} does not take one 2-D input")
     spec = manifest.inputs[0]

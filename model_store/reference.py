@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import InvalidPayload
 from shared.messages import NUMPY_DTYPES, Datatype
+from shared.rowfile import RowFileError, csv_header, kind_of, read_records
+from shared.table import Column
 
 DECILES = tuple(q / 10 for q in range(1, 10))
 MAX_CATEGORIES = 20
@@ -77,11 +81,17 @@ def bin_counts(column: BinnedColumn, values: npt.NDArray[Any]) -> npt.NDArray[np
         index = np.searchsorted(np.asarray(column.edges), numbers, side="right")
         index[np.isnan(numbers)] = len(column.edges) + 1
         return np.bincount(index, minlength=column.bins).astype(np.int64)
-    slot = {c: i for i, c in enumerate(column.categories)}
-    other, missing = len(column.categories), len(column.categories) + 1
-    counts = np.zeros(column.bins, dtype=np.int64)
-    for value, n in Counter(_text(v) for v in values.tolist()).items():
-        counts[missing if value is None else slot.get(value, other)] += n
+    return _string_counts({c: i for i, c in enumerate(column.categories)}, column.bins, values)
+
+
+def _string_counts(slot: dict[str, int], bins: int, values: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
+    """Counts of categorical ``values`` in bins ``slot`` (text → bin), then OTHER and MISSING: each
+    distinct value is read as text once, however often it occurs."""
+    other, missing = bins - 2, bins - 1
+    counts = np.zeros(bins, dtype=np.int64)
+    for value, n in Counter(values.reshape(-1).tolist()).items():
+        text = _text(value)
+        counts[missing if text is None else slot.get(text, other)] += n
     return counts
 
 
@@ -117,9 +127,11 @@ def numeric_column(index: int, name: str, tensor: str, column: int | None, value
 def categorical_column(
     index: int, name: str, tensor: str, column: int | None, values: npt.NDArray[Any]
 ) -> BinnedColumn:
-    """Bins for the most frequent reference values, OTHER and MISSING."""
+    """Bins for the ``MAX_CATEGORIES`` most frequent reference values (equal counts: the smaller text
+    first, so the bins do not depend on the order of the rows), OTHER and MISSING."""
     tally = Counter(t for t in (_text(v) for v in values.tolist()) if t is not None)
-    categories = sorted(c for c, _ in tally.most_common(MAX_CATEGORIES))
+    ranked = sorted(tally.items(), key=lambda item: (-item[1], item[0]))[:MAX_CATEGORIES]
+    categories = sorted(c for c, _ in ranked)
     draft = BinnedColumn(
         index=index, name=name, tensor=tensor, column=column, kind="categorical", categories=categories, proportions=[]
     )
@@ -194,18 +206,159 @@ def build_reference(
     model_bytes: bytes, input_name: str, input_datatype: Datatype, data: npt.NDArray[Any], names: list[str]
 ) -> Reference:
     """Bin the reference rows and the model's outputs on them (one onnxruntime run over all rows)."""
+    outputs = _run_model(model_bytes, {input_name: data.astype(NUMPY_DTYPES[input_datatype])})
+    features = describe_inputs(input_name, data, names)
+    return Reference(rows=int(data.shape[0]), features=features, outputs=describe_outputs(outputs))
+
+
+def _run_model(model_bytes: bytes, feeds: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+    """The model's outputs on ``feeds`` (one onnxruntime run over all reference rows)."""
     import onnxruntime as ort  # noqa: PLC0415  (only publishing with a reference runs the model here)
 
-    rows = data.astype(NUMPY_DTYPES[input_datatype])
     try:
         session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
         names_out = [o.name for o in session.get_outputs()]
-        outputs = dict(zip(names_out, session.run(names_out, {input_name: rows}), strict=True))
+        outputs = dict(zip(names_out, session.run(names_out, feeds), strict=True))
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
         raise InvalidPayload(f"--reference: the model cannot run on the reference rows: {exc}") from None
-    arrays = {name: np.asarray(value) for name, value in outputs.items() if isinstance(value, np.ndarray)}
-    features = describe_inputs(input_name, data, names)
-    return Reference(rows=int(data.shape[0]), features=features, outputs=describe_outputs(arrays))
+    return {name: np.asarray(value) for name, value in outputs.items() if isinstance(value, np.ndarray)}
+
+
+# -- models that read named columns ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceTable:
+    """The training rows of a model that reads named columns, one array per column in the model's order:
+    numbers as float64 (NaN where a value is missing), text as objects (``None`` where it is missing)."""
+
+    columns: list[Column]
+    values: list[npt.NDArray[Any]]
+
+    @property
+    def rows(self) -> int:
+        """How many reference rows."""
+        return int(self.values[0].shape[0]) if self.values else 0
+
+
+def read_reference(
+    path: Path, columns: Sequence[Column] | None, feature_names: list[str] | None = None
+) -> tuple[npt.NDArray[Any], list[str]] | ReferenceTable:
+    """The ``--reference`` file: read by column name for a model that names its columns (unless it is a
+    ``.npy`` array), else as rows of numbers in the model's input order."""
+    if not columns or path.suffix == ".npy":
+        return read_reference_data(path, feature_names)
+    if feature_names is not None:
+        raise InvalidPayload("--feature-names: the model names its own columns; the reference is read by those names")
+    return read_reference_table(path, columns)
+
+
+def read_reference_table(path: Path, columns: Sequence[Column]) -> ReferenceTable:
+    """Reference rows by column name from a ``.csv`` with a header or ``.jsonl`` rows (objects by name, or
+    arrays in the model's column order); every column the model reads must be there. An empty cell, a
+    ``null`` or an absent key is a missing value: the MISSING bin of a text column, the NaN bin of a number."""
+    try:
+        if kind_of(path) == "csv" and path.is_file():
+            header = csv_header(path)
+            absent = [c.name for c in columns if c.name not in header]
+            if absent:
+                raise InvalidPayload(
+                    f"--reference {path}: no column {absent[0]!r}, which the model reads "
+                    f"({', '.join(c.name for c in columns)})"
+                )
+        readers = [_reader(c) for c in columns]
+        cells: list[list[Any]] = [[] for _ in columns]
+        named: set[str] = set()
+        for record in read_records(path):
+            if isinstance(record.values, dict):
+                named.update(c.name for c in columns if c.name in record.values)
+            row = _cells(path, record.line, record.values, columns)
+            for position, (value, read) in enumerate(zip(row, readers, strict=True)):
+                try:
+                    cells[position].append(read(value))
+                except ValueError as exc:
+                    raise InvalidPayload(
+                        f"--reference {path}:{record.line}: column {columns[position].name!r}: {exc}"
+                    ) from None
+    except RowFileError as exc:
+        raise InvalidPayload(f"--reference {exc}") from None
+    if not cells or not cells[0]:
+        raise InvalidPayload(f"--reference {path}: no rows")
+    absent = [c.name for c in columns if named and c.name not in named]
+    if absent:
+        raise InvalidPayload(
+            f"--reference {path}: no row has column {absent[0]!r}, which the model reads "
+            f"({', '.join(c.name for c in columns)})"
+        )
+    values = [
+        np.array(c, dtype=object if column.datatype is Datatype.BYTES else np.float64)
+        for c, column in zip(cells, columns, strict=True)
+    ]
+    return ReferenceTable(list(columns), values)
+
+
+def _cells(path: Path, line: int, values: dict[str, Any] | list[Any], columns: Sequence[Column]) -> list[Any]:
+    """One row's values in the model's column order (absent keys of an object row are missing values)."""
+    if isinstance(values, dict):
+        return [values.get(c.name) for c in columns]
+    if len(values) != len(columns):
+        raise InvalidPayload(
+            f"--reference {path}:{line}: {len(values)} values, the model reads {len(columns)} columns "
+            f"({', '.join(c.name for c in columns)})"
+        )
+    return values
+
+
+def _reader(column: Column) -> Any:
+    """How one reference cell of ``column`` is read: text for a BYTES column, else a number."""
+    return _text_cell if column.datatype is Datatype.BYTES else _number_cell
+
+
+def _text_cell(value: Any) -> str | None:
+    if isinstance(value, list | dict):
+        raise ValueError(f"{value!r} is not a value")
+    return _text(value)
+
+
+def _number_cell(value: Any) -> float:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return float("nan")
+    if isinstance(value, list | dict):
+        raise ValueError(f"{value!r} is not a number")
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number") from None
+
+
+def build_table_reference(model_bytes: bytes, inputs: Sequence[Any], table: ReferenceTable) -> Reference:
+    """Bin each column of ``table`` as a feature (numbers at deciles, text by its most frequent values) and
+    the model's outputs on the rows; ``inputs`` are the model's ONNX inputs (a manifest's ``TensorSpec``)."""
+    feeds: dict[str, list[npt.NDArray[Any]]] = {}
+    features: list[BinnedColumn] = []
+    for index, (column, values) in enumerate(zip(table.columns, table.values, strict=True)):
+        position = len(feeds.setdefault(column.input, []))
+        feeds[column.input].append(values)
+        describe = categorical_column if column.datatype is Datatype.BYTES else numeric_column
+        features.append(describe(index, column.name, column.input, position, values))
+    datatypes = {spec.name: spec.datatype for spec in inputs}
+    arrays = {name: _feed(name, datatypes[name], parts, table) for name, parts in feeds.items()}
+    outputs = _run_model(model_bytes, arrays)
+    return Reference(rows=table.rows, features=features, outputs=describe_outputs(outputs))
+
+
+def _feed(name: str, datatype: Datatype, parts: list[npt.NDArray[Any]], table: ReferenceTable) -> npt.NDArray[Any]:
+    """The model input ``name`` on every reference row (a missing text is the empty string)."""
+    if datatype is Datatype.BYTES:
+        return np.stack([np.array(["" if v is None else v for v in p], dtype=object) for p in parts], axis=1)
+    dtype = NUMPY_DTYPES[datatype]
+    if np.dtype(dtype).kind != "f":
+        for column, values in zip(table.columns, table.values, strict=True):
+            if column.input == name and np.isnan(values).any():
+                raise InvalidPayload(
+                    f"--reference: column {column.name!r} has missing values; the model needs {datatype}"
+                )
+    return np.stack(parts, axis=1).astype(dtype)
 
 
 def _numeric_categories(column: BinnedColumn) -> npt.NDArray[np.float64] | None:
@@ -221,9 +374,9 @@ class Binner:
 
     Numeric columns of one tensor are binned together with one comparison against a matrix of edges
     (padded with +inf) and one ``bincount``, and numeric class labels with one ``searchsorted``, so a
-    batch costs a handful of numpy calls however many features the model has; string categories go
-    through :func:`bin_counts`. Same bins as :func:`bin_counts` (``x >= edge`` counted over the edges is
-    ``searchsorted(..., side="right")``)."""
+    batch costs a handful of numpy calls however many features the model has; text categories (and
+    numeric labels that arrive as text) are counted once per distinct value. Same bins as
+    :func:`bin_counts` (``x >= edge`` counted over the edges is ``searchsorted(..., side="right")``)."""
 
     def __init__(self, columns: list[BinnedColumn]) -> None:
         self.columns = columns
@@ -232,7 +385,7 @@ class Binner:
         self.size = int(self.offsets[-1])
         self._numeric: list[_NumericGroup] = []
         self._labels: list[tuple[BinnedColumn, npt.NDArray[np.float64], npt.NDArray[np.int64], int]] = []
-        self._strings: list[tuple[int, BinnedColumn]] = []
+        self._strings: list[tuple[int, BinnedColumn, dict[str, int], bool]] = []
         by_tensor: dict[str, list[int]] = {}
         for position, column in enumerate(columns):
             numbers = _numeric_categories(column) if column.kind == "categorical" else None
@@ -243,8 +396,9 @@ class Binner:
                 self._labels.append(
                     (column, numbers[order], order + self.offsets[position], int(self.offsets[position]))
                 )
-            else:
-                self._strings.append((position, column))
+            if column.kind == "categorical":  # text values (and numeric labels sent as text) go by their text
+                slots = {c: i for i, c in enumerate(column.categories)}
+                self._strings.append((position, column, slots, numbers is not None))
         for tensor, positions in by_tensor.items():
             self._numeric.append(_NumericGroup(tensor, [columns[p] for p in positions], self.offsets[positions]))
 
@@ -253,7 +407,7 @@ class Binner:
         indexes = [group.bins(arrays) for group in self._numeric]
         for column, values, slots, start in self._labels:
             array = arrays.get(column.tensor)
-            if array is not None and array.size:
+            if array is not None and array.size and array.dtype.kind not in "OUS":
                 indexes.append(_label_bins(column, column_values(column, array), values, slots, start))
         present = [i for i in indexes if i is not None]
         total = (
@@ -261,11 +415,12 @@ class Binner:
             if present
             else np.zeros(self.size, dtype=np.int64)
         )
-        for position, column in self._strings:
+        for position, column, texts, numbered in self._strings:
             array = arrays.get(column.tensor)
-            if array is not None and array.size:
-                start = self.offsets[position]
-                total[start : start + column.bins] += bin_counts(column, column_values(column, array))
+            if array is None or not array.size or (numbered and array.dtype.kind not in "OUS"):
+                continue  # absent, or numeric labels in numbers: binned above
+            start = self.offsets[position]
+            total[start : start + column.bins] += _string_counts(texts, column.bins, column_values(column, array))
         return total
 
     def split(self, counts: npt.NDArray[np.int64]) -> dict[int, list[int]]:

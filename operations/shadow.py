@@ -56,6 +56,7 @@ class ShadowReport:
     outputs: list[OutputDifference]
     inference_ms: tuple[float | None, float | None]
     errors: tuple[int, int]
+    """Pairs whose answering version failed the job, and pairs whose shadow version failed it."""
     skipped: int
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,7 +87,7 @@ def _values(tensor: dict[str, Any]) -> list[Any]:
 
 def _compare(pairs: list[ShadowPair]) -> tuple[str | None, int, int, list[OutputDifference]]:
     """Label agreement (rows that agree, rows) and the numeric outputs' absolute differences."""
-    ok = [p for p in pairs if p.shadow_outputs is not None]
+    ok = [p for p in pairs if p.error is None and p.shadow_outputs is not None]
     if not ok:
         return None, 0, 0, []
     first = ok[0].outputs
@@ -148,10 +149,10 @@ def shadow_report(models: ModelStore, monitor: MonitorStore, model: str) -> Shad
         agreement_ci=wilson_interval(agree, rows) if label is not None and rows else None,
         outputs=outputs,
         inference_ms=(
-            _mean([p.inference_ms for p in pairs]),
+            _mean([p.inference_ms for p in pairs if p.inference_ms is not None]),
             _mean([p.shadow_inference_ms for p in pairs if p.shadow_inference_ms is not None]),
         ),
-        errors=(0, sum(1 for p in pairs if p.shadow_error is not None)),
+        errors=(sum(1 for p in pairs if p.error is not None), sum(1 for p in pairs if p.shadow_error is not None)),
         skipped=skipped,
     )
 
@@ -170,6 +171,7 @@ def render_shadow(report: ShadowReport) -> list[str]:
     for output in report.outputs:
         lines.append(f"output {output.name!r}: mean |diff| {output.mean_abs_diff:.6f}, p95 {output.p95_abs_diff:.6f}")
     mine, theirs = report.inference_ms
-    lines.append(f"mean inference ms (batch): version {mine} shadow {theirs}; shadow errors {report.errors[1]}")
+    lines.append(f"mean inference ms (batch): version {mine} shadow {theirs}")
+    lines.append(f"errors (of the {report.pairs} pairs): version {report.errors[0]}, shadow {report.errors[1]}")
     lines.append(f"promote: {report.promote_command()}")
     return lines

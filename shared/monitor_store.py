@@ -92,7 +92,9 @@ class Totals:
 
 @dataclass(frozen=True, slots=True)
 class ShadowPair:
-    """One job run by its own version and by the shadow version: both outputs, both inference times."""
+    """One sampled job run by its own version and by the shadow version: both outputs (or errors), both
+    inference times. ``error`` is the answering version's error when it failed the job (its ``outputs``
+    are then empty, and ``inference_ms`` is ``None`` when it refused the inputs before running)."""
 
     job_id: str
     model: str
@@ -100,10 +102,11 @@ class ShadowPair:
     shadow_version: int
     outputs: list[dict[str, Any]]
     shadow_outputs: list[dict[str, Any]] | None
-    inference_ms: float
+    inference_ms: float | None
     shadow_inference_ms: float | None
     shadow_error: str | None
     worker: str
+    error: str | None = None
 
     def to_json(self) -> bytes:
         """The stored document."""

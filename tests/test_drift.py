@@ -159,3 +159,24 @@ def test_a_stopped_worker_writes_its_open_window(monitored: tuple[Env, np.random
     finally:
         monitoring.close()
     assert totals.rows == 60 and sum(totals.inputs[SHIFTED]) == 60
+
+
+def test_jobs_sent_twice_are_counted_once(monitored: tuple[Env, np.random.Generator], tmp_path: Path) -> None:
+    env, rng = monitored
+    data, names = read_reference_data(tmp_path / "train.csv")
+    publish(env.store, "risk", (tmp_path / "risk.onnx").read_bytes(), reference=(data, names))
+    jobs = live_jobs(rng, 30, 4)
+    # Given jobs whose producer sent them again after the first copies had their results
+    env.submit(jobs)
+    env.drain()
+    env.submit(jobs)
+    env.drain()
+
+    # Then the second copies got the stored results, and drift counted each job once
+    assert len(env.results_on_queue()) == 60 and len(env.stored()) == 30
+    monitoring = open_monitor_store(env.result_store_at)
+    try:
+        totals = monitoring.totals("risk", 1)
+    finally:
+        monitoring.close()
+    assert totals.rows == 120 and sum(totals.inputs[0]) == 120

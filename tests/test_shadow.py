@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import orjson
 from onnx import TensorProto, helper
+from sklearn.linear_model import LogisticRegression
 from support import Env, Models, make_job
 
 from model_store.base import publish
+from model_store.export import estimator_to_onnx
 from model_store.shadow import sampled, set_shadow
 
 
@@ -117,3 +119,48 @@ def test_a_failing_shadow_model_never_touches_the_jobs_results(iris_store: Env, 
     report = orjson.loads(iris_store.inferq("monitor", "shadow", "iris", "--json").stdout)
     assert report["pairs"] == len(jobs) and report["errors"] == {"version": 0, "shadow_version": len(jobs)}
     assert report["agreement"] is None and report["agreement_ci"] is None
+
+
+def test_jobs_the_answering_version_fails_at_run_time_are_its_errors(iris_store: Env, models: Models) -> None:
+    # Given version 3 answering and failing every job when it runs, and version 1 in its shadow
+    publish(iris_store.store, "iris", failing_model())  # version 3
+    set_shadow(iris_store.store, "iris", 1, 1.0)
+    jobs = [make_job(models.X[i : i + 1], version=3) for i in range(30)]
+    iris_store.submit(jobs)
+
+    iris_store.drain()
+
+    # Then every job failed, every one has a pair, and the errors are the answering version's
+    stored = iris_store.stored()
+    assert {r.status.value for r in stored.values()} == {"failed"} and len(stored) == len(jobs)
+    report = orjson.loads(iris_store.inferq("monitor", "shadow", "iris", "--json").stdout)
+    assert (report["version"], report["shadow_version"], report["pairs"]) == (3, 1, len(jobs))
+    assert report["errors"] == {"version": len(jobs), "shadow_version": 0}
+    assert report["agreement"] is None  # no pair where both answered
+
+
+def test_jobs_the_answering_version_refuses_are_its_errors_and_the_shadow_may_take_them(
+    iris_store: Env, models: Models
+) -> None:
+    # Given version 1 (four features) answering, and version 3 (three features) in its shadow
+    three = LogisticRegression(max_iter=500).fit(models.X[:, :3], models.forest.predict(models.X))
+    publish(iris_store.store, "iris", estimator_to_onnx(three))  # version 3
+    set_shadow(iris_store.store, "iris", 3, 1.0)
+    four_wide = [make_job(models.X[i : i + 1], version=1) for i in range(20)]
+    three_wide = [make_job(models.X[i : i + 1, :3], version=1) for i in range(10)]
+    iris_store.submit(four_wide + three_wide)
+
+    iris_store.drain()
+
+    # Then version 1 refused the three-wide jobs (input mismatch) and the shadow answered them, while the
+    # four-wide jobs were answered by version 1 and refused by the shadow
+    stored = iris_store.stored()
+    assert {stored[j.id].status.value for j in three_wide} == {"failed"}
+    assert {stored[j.id].status.value for j in four_wide} == {"succeeded"}
+    shown = iris_store.inferq("monitor", "shadow", "iris", "--json")
+    assert shown.returncode == 0, shown.stderr
+    report = orjson.loads(shown.stdout)
+    assert (report["version"], report["shadow_version"], report["pairs"]) == (1, 3, 30)
+    assert report["errors"] == {"version": 10, "shadow_version": 20}
+    text = iris_store.inferq("monitor", "shadow", "iris").stdout
+    assert "errors (of the 30 pairs): version 10, shadow 20" in text

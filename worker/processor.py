@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import orjson
 from pydantic import ValidationError
 
+from model_store.manifest import Manifest
 from shared.amqp import Backoff
 from shared.codec import Rejected, describe_validation_error
 from shared.errors import ErrorCode, JobError, StoreError
@@ -23,7 +24,7 @@ from worker.batcher import Batch
 from worker.consumer import Delivery
 from worker.models import ModelFetcher
 from worker.monitor import Monitor
-from worker.runner import Feed, Limits, LoadedModel, Watchdog, check_inputs, run_isolating, stack_inputs
+from worker.runner import Arrays, Feed, Limits, LoadedModel, Watchdog, check_inputs, run_isolating, stack_inputs
 from worker.shadow import Shadow
 
 log = get_logger(__name__)
@@ -70,6 +71,17 @@ class BatchRun:
     seconds: float
 
 
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """A batch that ran on a version with a reference: counted for drift once its results are stored."""
+
+    manifest: Manifest
+    deliveries: list[Delivery]
+    inputs: Sequence[Arrays]
+    """Each job's inputs (a :class:`Feed`: the batch's stacked rows)."""
+    results: list[object]
+
+
 @dataclass(slots=True)
 class Processed:
     """What one unit of work came to: results to publish, jobs to dead-letter, jobs to hold and retry."""
@@ -78,6 +90,7 @@ class Processed:
     rejections: list[Rejection] = field(default_factory=list)
     held: list[Pending] = field(default_factory=list)
     runs: list[BatchRun] = field(default_factory=list)
+    observed: list[Observed] = field(default_factory=list)
 
 
 class StoreUnavailable(Exception):
@@ -206,6 +219,8 @@ class Processor:
         for batch in batches:
             self._process_batch(batch, done)
         self._store(done)
+        if done.observed:
+            self._observe(done)
         return done
 
     def _process_batch(self, batch: Batch[ModelKey, Pending], done: Processed) -> None:
@@ -270,17 +285,20 @@ class Processor:
     def _run(self, items: list[Pending], version: int, sha256: str, model: LoadedModel, done: Processed) -> None:
         checked: list[Pending] = []
         tensors: list[dict[str, Tensor]] = []
+        refused: list[tuple[Job, JobError]] = []
         for item in items:
             try:
                 tensors.append(check_inputs(item.job, model.manifest, self.limits))
                 checked.append(item)
             except JobError as error:
                 done.outcomes.append(self.failed(item.delivery, item.job, error))
-        if not checked:
-            return
-        feeds, refused = stack_inputs(tensors, model.manifest.inputs)
-        for index, refusal in refused.items():
-            done.outcomes.append(self.failed(checked[index].delivery, checked[index].job, refusal))
+                refused.append((item.job, error))
+        feeds, unconvertible = stack_inputs(tensors, model.manifest.inputs) if checked else ([], {})
+        for index, problem in unconvertible.items():
+            done.outcomes.append(self.failed(checked[index].delivery, checked[index].job, problem))
+            refused.append((checked[index].job, problem))
+        if refused and self.shadow is not None:  # shadow seam: the shadow version may take what this one refused
+            self.shadow.offer_refused(model.manifest, refused)
         for indices, feed in feeds:
             self._run_feed([checked[i] for i in indices], feed, version, sha256, model, done)
 
@@ -297,9 +315,11 @@ class Processor:
                 done.outcomes.append(self.failed(item.delivery, item.job, result))
             else:
                 done.outcomes.append(self._succeeded(item, version, sha256, result, seconds * 1000, now_ms))
-        # Monitoring seam: drift counts (worker/monitor.py) and shadow sampling (worker/shadow.py) per batch.
-        if self.monitor is not None:
-            self.monitor.observe(model.manifest, feed, results)
+        # Monitoring seam: drift counts (worker/monitor.py, once the results are stored) and shadow
+        # sampling (worker/shadow.py) per batch.
+        if self.monitor is not None and model.manifest.reference is not None:
+            deliveries = [item.delivery for item in items]
+            done.observed.append(Observed(model.manifest, deliveries, feed, list(results)))
         if self.shadow is not None:
             self.shadow.offer(model.manifest, [item.job.id for item in items], feed, results, seconds * 1000)
         done.runs.append(BatchRun(model.manifest.name, feed.bounds[-1], seconds))
@@ -333,6 +353,21 @@ class Processor:
             else:
                 kept.append(Outcome(outcome.delivery, earlier, counted=False))
         done.outcomes = kept
+
+    def _observe(self, done: Processed) -> None:
+        """Count for drift the jobs whose result this delivery stored. A job whose id already had a result
+        (it ran before, and that result is what goes out) was counted when that result was stored; a unit
+        whose results could not be stored never gets here, and its jobs are counted when they are."""
+        monitor = self.monitor
+        if monitor is None:
+            return
+        stored = {id(o.delivery) for o in done.outcomes if o.counted}
+        for seen in done.observed:
+            keep = [i for i, d in enumerate(seen.deliveries) if id(d) in stored]
+            if len(keep) == len(seen.deliveries):
+                monitor.observe(seen.manifest, seen.inputs, seen.results)
+            elif keep:
+                monitor.observe(seen.manifest, [seen.inputs[i] for i in keep], [seen.results[i] for i in keep])
 
     def _put_many(self, results: list[Result]) -> list[Result]:
         backoff = Backoff(cap_s=self._retry_max_s)

@@ -1,8 +1,9 @@
 """Shadow traffic in the worker: the next version runs on a sample of real jobs, beside the one that answers.
 
 A job is sampled by a hash of its id (:func:`model_store.shadow.sampled`). The processing thread only
-stages a sampled job's inputs and outputs; once the unit's results are stored and their publishes
-issued, the I/O thread releases them to the shadow thread, which runs the shadow version in a batch
+stages a sampled job's inputs and outputs, or the error the answering version gave it (a failed job is
+shadowed too: its pair counts as an error of that version); once the unit's results are stored and
+their publishes issued, the I/O thread releases them to the shadow thread, which runs the shadow version in a batch
 of its own and stores the pairs in the store's shadow area. Nothing here touches the job's result, the
 results queue or ``reply_to``, and any failure of the shadow model becomes the pair's error. While the
 jobs queue is deeper than ``INFERQ_SHADOW_MAX_BACKLOG`` sampled jobs are skipped, and counted.
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 import pika
 import pika.exceptions
@@ -28,7 +30,7 @@ from model_store.shadow import ShadowSetting, read_shadow, sampled
 from shared.connection import open_blocking
 from shared.errors import InferqError, JobError
 from shared.logging import get_logger
-from shared.messages import OutputTensor
+from shared.messages import NUMPY_DTYPES, Job, OutputTensor
 from shared.monitor_store import MonitorStore, ShadowPair, WindowCounts
 from shared.settings import WorkerSettings
 from shared.topology import jobs_queue
@@ -43,7 +45,8 @@ DEPTH_EVERY_S = 1.0
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """A sampled job that ran: what the shadow version needs, and what to pair its answer with."""
+    """A sampled job: what the shadow version needs, and what to pair its answer with (the answering
+    version's outputs, or its error when it failed the job)."""
 
     job_id: str
     model: str
@@ -51,7 +54,32 @@ class Candidate:
     target: int | str
     arrays: Arrays
     outputs: list[OutputTensor]
-    inference_ms: float
+    inference_ms: float | None
+    error: str | None = None
+
+
+def _misfit(arrays: Arrays, manifest: Manifest) -> str | None:
+    """Why ``arrays`` cannot feed ``manifest``'s inputs (``None`` when they can): the shadow version may
+    take other inputs than the version that answered."""
+    specs = {spec.name: spec for spec in manifest.inputs}
+    if set(arrays) != set(specs):
+        return f"the shadow version takes inputs {sorted(specs)}, the job has {sorted(arrays)}"
+    for name, array in arrays.items():
+        spec = specs[name]
+        wanted = np.dtype(NUMPY_DTYPES[spec.datatype])
+        fixed = all(w is None or g == w for g, w in zip(array.shape[1:], spec.shape[1:], strict=False))
+        if array.dtype != wanted or array.ndim != len(spec.shape) or not fixed:
+            shape = ["N" if d is None else d for d in spec.shape]
+            return f"input {name!r} must be {spec.datatype} of shape {shape} for the shadow version"
+    return None
+
+
+def _raw_arrays(job: Job) -> Arrays:
+    """A refused job's tensors as they came (empty when they are not even readable)."""
+    try:
+        return {t.name: t.to_numpy() for t in job.inputs}
+    except JobError:
+        return {}
 
 
 def _tensor(t: OutputTensor) -> dict[str, Any]:
@@ -90,10 +118,28 @@ class Shadow:
         if setting is None:
             return
         chosen = [
-            Candidate(job_id, manifest.name, manifest.version, setting.target, arrays, result, ms)  # type: ignore[arg-type]
+            Candidate(job_id, manifest.name, manifest.version, setting.target, arrays, [], ms, str(result))
+            if isinstance(result, JobError)
+            else Candidate(job_id, manifest.name, manifest.version, setting.target, arrays, result, ms)  # type: ignore[arg-type]
             for job_id, arrays, result in zip(job_ids, inputs, results, strict=True)
-            if not isinstance(result, JobError) and sampled(job_id, setting.fraction)
+            if sampled(job_id, setting.fraction)
         ]
+        self._stage(manifest, chosen)
+
+    def offer_refused(self, manifest: Manifest, refused: Sequence[tuple[Job, JobError]]) -> None:
+        """Stage the sampled jobs that the answering version refused before running them (their inputs do
+        not fit its signature): the shadow version runs on their tensors as sent."""
+        setting = self._setting(manifest.name)
+        if setting is None:
+            return
+        chosen = [
+            Candidate(job.id, manifest.name, manifest.version, setting.target, _raw_arrays(job), [], None, str(error))
+            for job, error in refused
+            if sampled(job.id, setting.fraction)
+        ]
+        self._stage(manifest, chosen)
+
+    def _stage(self, manifest: Manifest, chosen: list[Candidate]) -> None:
         if not chosen:
             return
         with self._lock:
@@ -181,12 +227,15 @@ class Shadow:
             log.warning("shadow_model_unavailable", model=model, target=str(target), error=str(exc))
             return [self._pair(c, -1, None, None, str(exc)) for c in group]
         group = [c for c in group if c.version != version]  # the target answered these itself: nothing to compare
+        misfits = [(c, _misfit(c.arrays, loaded.manifest)) for c in group]
+        pairs = [self._pair(c, version, None, None, why) for c, why in misfits if why is not None]
+        group = [c for c, why in misfits if why is None]
         if not group:
-            return []
+            return pairs
         started = time.perf_counter()
         results = run_isolating(loaded, Feed.of([c.arrays for c in group]))
         ms = (time.perf_counter() - started) * 1000
-        return [
+        return pairs + [
             self._pair(c, version, None, None, str(r))
             if isinstance(r, JobError)
             else self._pair(c, version, [_tensor(t) for t in r], ms, None)
@@ -208,10 +257,11 @@ class Shadow:
             shadow_version=version,
             outputs=[_tensor(t) for t in candidate.outputs],
             shadow_outputs=outputs,
-            inference_ms=round(candidate.inference_ms, 3),
+            inference_ms=None if candidate.inference_ms is None else round(candidate.inference_ms, 3),
             shadow_inference_ms=None if ms is None else round(ms, 3),
             shadow_error=error,
             worker=self.worker,
+            error=candidate.error,
         )
 
     def _store(self, pairs: list[ShadowPair]) -> bool:

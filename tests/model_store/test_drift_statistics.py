@@ -107,3 +107,45 @@ def test_the_batch_binner_gives_the_same_bins_as_one_column_at_a_time() -> None:
     for column in columns:
         values = labels if column.tensor == "label" else live.astype(np.float32)[:, column.column]
         assert binned[column.index] == bin_counts(column, values).tolist(), column.name
+
+
+def test_a_text_column_keeps_its_twenty_most_frequent_values_ties_broken_by_the_text() -> None:
+    # Given 25 values: "v00" to "v17" seen 20 times down to 12, then "a", "b", "m", "y", "z" each twice,
+    # and some missing values: only two of the five tied at the boundary fit in the twenty bins
+    frequent = [f"v{i:02d}" for i in range(18) for _ in range(20 - i // 2)]
+    tied = ["z", "y", "m", "b", "a"] * 2
+    values = [*frequent, *tied, "", None, float("nan")]
+    shuffled = np.random.default_rng(1).permutation(np.array(values, dtype=object))
+
+    # When the column is binned from the rows in two different orders
+    column = categorical_column(0, "city", "city", 0, np.array(values, dtype=object))
+    again = categorical_column(0, "city", "city", 0, shuffled)
+
+    # Then the bins are the same: the 18 frequent values and the two smallest tied texts, OTHER, MISSING
+    assert column == again
+    assert column.categories == sorted([f"v{i:02d}" for i in range(18)] + ["a", "b"])
+    assert column.labels()[-2:] == [OTHER, MISSING] and column.bins == 22
+    shares = dict(zip(column.labels(), column.proportions, strict=True))
+    assert shares[OTHER] == pytest.approx(6 / len(values)) and shares[MISSING] == pytest.approx(3 / len(values))
+    # and live values land by their text: an unseen one in OTHER, empty or None in MISSING
+    live = np.array(["a", "m", "tokyo", "", None, "v00", b"v00"], dtype=object)
+    counts = dict(zip(column.labels(), bin_counts(column, live).tolist(), strict=True))
+    assert (counts["a"], counts["v00"], counts[OTHER], counts[MISSING]) == (1, 2, 2, 2)
+
+
+def test_the_batch_binner_counts_text_columns_as_one_column_at_a_time_does() -> None:
+    # A text column whose reference values all look like numbers must still take any text live
+    codes = categorical_column(0, "code", "code", 0, np.array(["1", "2", "2", "3"], dtype=object))
+    city = categorical_column(1, "city", "city", 0, np.array(["rome", "oslo", "rome"], dtype=object))
+    age = numeric_column(2, "age", "age", 0, np.arange(100, dtype=np.float64))
+    columns = [codes, city, age]
+    live_codes = np.array([["2"], ["x"], [""], ["3"]], dtype=object)
+    live_city = np.array([["rome"], ["lima"], ["oslo"], ["rome"]], dtype=object)
+    live_age = np.array([[5.0], [50.0], [500.0], [np.nan]], dtype=np.float32)
+
+    binner = Binner(columns)
+    binned = binner.split(binner.counts({"code": live_codes, "city": live_city, "age": live_age}))
+
+    assert binned[0] == bin_counts(codes, live_codes[:, 0]).tolist() == [0, 1, 1, 1, 1]
+    assert binned[1] == bin_counts(city, live_city[:, 0]).tolist() == [1, 2, 1, 0]
+    assert binned[2] == bin_counts(age, live_age[:, 0]).tolist()

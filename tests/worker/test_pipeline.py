@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -10,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pika
 import pytest
-from support import AMQP_URL, BackgroundWorker, Env, Models, dumps, job_dict, make_job
+from support import AMQP_URL, BackgroundWorker, Env, Models, dumps, job_dict, make_job, wait_for
 
 from model_store.base import publish
 from producer.client import Producer
@@ -192,11 +193,11 @@ def test_a_raw_reply_to_queue_receives_the_correlation_id(iris_store: Env, model
 
 def test_two_worker_processes_on_one_queue_give_every_job_exactly_one_result(iris_store: Env, models: Models) -> None:
     jobs = [make_job(models.X[i % 150 : i % 150 + 1], version=1 + i % 2) for i in range(1500)]
-    assert len(iris_store.submit(jobs)) == len(jobs)
-
+    # Both consume before any job is queued: the broker then shares the jobs between them (however
+    # unevenly their start-up went), instead of the first one up draining the queue alone.
     workers = [
         subprocess.Popen(
-            [sys.executable, "-m", "inferq", "worker", "--drain"],
+            [sys.executable, "-m", "inferq", "worker"],
             env=iris_store.environ(INFERQ_PREFETCH="50"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -204,7 +205,15 @@ def test_two_worker_processes_on_one_queue_give_every_job_exactly_one_result(iri
         )
         for _ in range(2)
     ]
-    logs = [w.communicate(timeout=120)[1] for w in workers]
+    try:
+        wait_for(lambda: iris_store.consumers(iris_store.jobs_queue) == 2, timeout_s=60)
+        assert len(iris_store.submit(jobs)) == len(jobs)
+        wait_for(lambda: len(iris_store.stored()) == len(jobs), timeout_s=120)
+        wait_for(lambda: iris_store.depth(iris_store.results_queue) == len(jobs), timeout_s=30)
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+    logs = [w.communicate(timeout=60)[1] for w in workers]
 
     assert [w.returncode for w in workers] == [0, 0], logs
     on_queue = Counter(r.id for r in iris_store.results_on_queue())
