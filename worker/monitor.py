@@ -126,7 +126,7 @@ class Monitor:
         reference = manifest.reference
         if reference is None:
             return
-        ran = [(a, r) for a, r in zip(inputs, results, strict=True) if not isinstance(r, JobError)]
+        ran = [i for i, r in enumerate(results) if not isinstance(r, JobError)]
         if not ran:
             return
         key = (manifest.name, manifest.version)
@@ -136,10 +136,10 @@ class Monitor:
         if isinstance(inputs, Feed) and len(ran) == len(inputs):
             feeds = inputs.arrays  # every job ran: the batch's own stacked rows
         else:
-            feeds = {name: _concat([a[name] for a, _ in ran]) for name in ran[0][0]}
+            feeds = {name: _concat([inputs[i][name] for i in ran]) for name in inputs[ran[0]]}
         rows = next(iter(feeds.values())).shape[0]
         wanted = [c.tensor for c in reference.outputs]
-        outputs = _output_arrays(wanted, [r for _, r in ran])  # type: ignore[misc]
+        outputs = _output_arrays(wanted, [results[i] for i in ran])  # type: ignore[misc]
         counts = np.concatenate([state.inputs.counts(feeds), state.outputs.counts(outputs)])
         start = int(self._clock() // self.window_s) * self.window_s
         with self._lock:

@@ -87,7 +87,11 @@ class TimedOut(InferenceError):
 
 
 class Watchdog:
-    """Terminates an onnxruntime run that outlives its time limit (one thread, reused for every run)."""
+    """Terminates an onnxruntime run that outlives its time limit (one thread, reused for every run).
+
+    Arming a run wakes nobody: the watch thread looks at least once per time limit, and a run armed
+    since its last look cannot be due before its next one (a wake-up per batch would cost a thread
+    handoff per batch)."""
 
     def __init__(self, limit_s: float) -> None:
         self.limit_s = limit_s
@@ -100,7 +104,6 @@ class Watchdog:
         options = ort.RunOptions()
         with self._condition:
             self._armed = (options, time.monotonic() + self.limit_s)
-            self._condition.notify()
         return options
 
     def disarm(self) -> None:
@@ -112,7 +115,7 @@ class Watchdog:
         with self._condition:
             while True:
                 if self._armed is None:
-                    self._condition.wait()
+                    self._condition.wait(self.limit_s)
                     continue
                 options, deadline = self._armed
                 remaining = deadline - time.monotonic()
