@@ -1,10 +1,12 @@
 """A TCP proxy for fault tests that either forwards to a real server or black-holes: it accepts
-connections and never answers (what a dead S3 endpoint behind a load balancer looks like)."""
+connections and never answers (what a dead S3 endpoint behind a load balancer looks like). It can also
+cut the connections open now (both ends see a reset), as a failing network path would."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
 
 
@@ -31,6 +33,17 @@ class TcpProxy:
         with self._lock:
             held, self._held = self._held, []
         for conn in held:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def cut(self) -> None:
+        """Reset every connection open now, both sides; connections made afterwards are served as usual."""
+        with self._lock:
+            every, self._all, self._held = self._all, [], []
+        for conn in every:
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
+                conn.shutdown(socket.SHUT_RD)  # wakes the thread reading it
             with contextlib.suppress(OSError):
                 conn.close()
 

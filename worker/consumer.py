@@ -88,6 +88,22 @@ def _published_ms(properties: BasicProperties) -> float | None:
     return None
 
 
+def _count_returns(channel: Channel, on_return: Callable[[], None]) -> None:
+    """Tell ``on_return`` of every delivery pika hands back to the broker by itself.
+
+    NOTE: a delivery that crosses ``basic.cancel`` on the wire never reaches the consumer's callback:
+    pika rejects it (requeued). The broker counts it as ready again only a moment later, so a depth
+    asked just after the cancel can miss it. The worker itself never rejects (it nacks), so every
+    ``basic_reject`` on its channel is such a return."""
+    reject = channel.basic_reject
+
+    def counted(delivery_tag: int = 0, requeue: bool = True) -> None:
+        on_return()
+        reject(delivery_tag, requeue)
+
+    channel.basic_reject = counted
+
+
 class Consumer:
     """The worker's broker side: consume jobs, publish results with confirms, ack."""
 
@@ -103,6 +119,9 @@ class Consumer:
         self._epoch = 0
         self._stopping = False
         self._wanted = True  # consume whenever a channel is up; false after cancel() until resume()
+        self.handed_back = 0
+        """Deliveries handed back to a queue: quarantined, requeued, or returned after a cancel. Each
+        may reach this worker again at any moment (drain mode does not end in a cycle that moved this)."""
         self.failure: BaseException | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -144,6 +163,7 @@ class Consumer:
         """A new session: consume again (unless stopping)."""
         self._epoch = session.epoch
         self._channel, self._confirms = session.channel, session.confirms
+        _count_returns(session.channel, self._count_handed_back)
         if self._stopping:
             self._link.close()
             return
@@ -283,6 +303,7 @@ class Consumer:
 
     def quarantine(self, delivery: Delivery, on_confirm: ConfirmCallback) -> None:
         """Move a redelivered job, unchanged, to the retry queue, where it runs alone."""
+        self._count_handed_back()
         self._forward(delivery, retry_queue(self.settings).name, {}, on_confirm)
 
     def _forward(self, delivery: Delivery, queue: str, headers: dict[str, Any], on_confirm: ConfirmCallback) -> None:
@@ -308,7 +329,11 @@ class Consumer:
         """Hand one delivery back to the broker for another try."""
         if self.is_current(delivery):
             assert self._channel is not None
+            self._count_handed_back()
             self._channel.basic_nack(delivery.tag, multiple=False, requeue=True)
+
+    def _count_handed_back(self) -> None:
+        self.handed_back += 1
 
     def queue_depth(self, on_count: Callable[[int], None]) -> None:
         """Ask the broker how many jobs are ready in the jobs and retry queues together."""

@@ -4,8 +4,14 @@ no I/O) and the loop that drives it on the worker's I/O thread (:class:`DrainLoo
 While consuming, whenever the worker is idle it asks the broker for the queue's depth. At zero it
 cancels its consumer (deliveries sent before the cancel arrive before its confirmation, so none is
 missed), finishes what it holds, and asks once more: jobs may have been requeued meanwhile (another
-worker's, or ours). Zero again: done. Otherwise it consumes again and the cycle restarts. A new
-channel (after a reconnect) always restarts the cycle, whatever step it was at.
+worker's, or ours). Zero again, and nothing handed back to a queue during the cycle: done. Otherwise
+it consumes again and the cycle restarts. A new channel (after a reconnect) always restarts the
+cycle, whatever step it was at.
+
+NOTE: the broker counts a message handed back to a queue as ready only a moment later. A job the
+worker quarantined or requeued, or a delivery that crossed the cancel on the wire (the client
+library returns those by itself), may be missing from the final count: a cycle in which anything
+was handed back is never the last one, and the next cycle consumes it.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class DrainDetector:
 
     def __init__(self) -> None:
         self._phase = _Phase.CONSUMING
+        self._handed_back = 0  # the broker side's count when this cycle began
 
     @property
     def done(self) -> bool:
@@ -68,8 +75,9 @@ class DrainDetector:
             return Step.ASK_DEPTH
         return Step.WAIT
 
-    def depth(self, ready_jobs: int, idle: bool) -> Step:
-        """The broker answered :attr:`Step.ASK_DEPTH` or :attr:`Step.ASK_FINAL_DEPTH`."""
+    def depth(self, ready_jobs: int, idle: bool, handed_back: int = 0) -> Step:
+        """The broker answered :attr:`Step.ASK_DEPTH` or :attr:`Step.ASK_FINAL_DEPTH`; ``handed_back``
+        counts the deliveries this worker has handed back to a queue so far."""
         if self._phase is _Phase.ASKING:
             if ready_jobs == 0 and idle:
                 self._phase = _Phase.CANCELLING
@@ -77,9 +85,10 @@ class DrainDetector:
             self._phase = _Phase.CONSUMING
             return Step.WAIT
         if self._phase is _Phase.FINAL_ASKING:
-            if ready_jobs == 0:
+            if ready_jobs == 0 and handed_back == self._handed_back:
                 self._phase = _Phase.DONE
                 return Step.DONE
+            self._handed_back = handed_back
             self._phase = _Phase.CONSUMING
             return Step.RESUME
         return Step.WAIT  # an answer from before a reconnect
@@ -103,6 +112,10 @@ class DrainBroker(Protocol):
     @property
     def ready(self) -> bool:
         """Consuming on an open channel."""
+
+    @property
+    def handed_back(self) -> int:
+        """Deliveries handed back to a queue so far (quarantined, requeued, or returned after a cancel)."""
 
     def call_later(self, delay_s: float, callback: Callable[[], None]) -> object:
         """Run ``callback`` on the I/O thread after ``delay_s``."""
@@ -147,7 +160,7 @@ class DrainLoop:
         if step is Step.WAIT and self._broker.ready:
             self._broker.call_later(self._poll_s, self._tick)
         elif step in (Step.ASK_DEPTH, Step.ASK_FINAL_DEPTH):
-            self._broker.queue_depth(lambda ready_jobs: self._step(self.detector.depth(ready_jobs, self._idle())))
+            self._broker.queue_depth(self._answered)
         elif step is Step.CANCEL:
             self._broker.cancel(self._cancelled)
         elif step is Step.RESUME:
@@ -155,6 +168,9 @@ class DrainLoop:
         elif step is Step.DONE:
             log.info("queue_drained")
             self._broker.stop()
+
+    def _answered(self, ready_jobs: int) -> None:
+        self._step(self.detector.depth(ready_jobs, self._idle(), self._broker.handed_back))
 
     def _cancelled(self) -> None:
         self.detector.cancelled()

@@ -1,6 +1,13 @@
 """A model store that stops answering (black-holed: connections accepted, nothing ever answered) must
 not stop the worker: heartbeats flow, jobs of models it already knows go on and are acked, and the
-held jobs run once the store answers again."""
+held jobs run once the store answers again.
+
+The store stays silent for 12 s by default (twelve heartbeat intervals here: the broker would drop a
+connection after two missed ones). The long proof, a full minute of silence (the test takes about
+75 s), is run with:
+
+    INFERQ_TEST_BLACK_HOLE_S=60 .venv/bin/python -m pytest tests/worker/test_model_store_outage.py
+"""
 
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from model_store.base import publish
 from model_store.stores import open_model_store
 
 BLACK_HOLE_S = float(os.environ.get("INFERQ_TEST_BLACK_HOLE_S", "12"))
-"""How long the store stays silent (set 60 for the long proof; heartbeats are 1 s here)."""
+"""How long the store stays silent, in seconds (60 for the long proof, see above; heartbeats are 1 s here)."""
 
 
 @pytest.fixture
