@@ -35,9 +35,11 @@ log = get_logger(__name__)
 DELIVERY_COUNT_HEADER = "x-delivery-count"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Delivery:
-    """One job delivery, as much of its AMQP envelope as the worker needs."""
+    """One job delivery, as much of its AMQP envelope as the worker needs. Read-only by convention (not
+    frozen: one is made per job, and a frozen dataclass costs several times more to build); two
+    deliveries are equal only if they are the same one."""
 
     tag: int
     epoch: int

@@ -37,17 +37,18 @@ STORED_RESULT_UNREADABLE = "stored_result_unreadable"
 """Dead-letter reason: a result is stored for the job's id but cannot be read back."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Pending:
-    """A decoded job waiting for its batch."""
+    """A decoded job waiting for its batch (read-only by convention, like :class:`Delivery`)."""
 
     delivery: Delivery
     job: Job
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Outcome:
-    """A delivery and its one result; ``counted`` is false for a result stored earlier and sent again."""
+    """A delivery and its one result; ``counted`` is false for a result stored earlier and sent again
+    (read-only by convention, like :class:`Delivery`)."""
 
     delivery: Delivery
     result: Result
