@@ -15,7 +15,7 @@ import psutil
 
 from bench.load import DepthProbe, Load, Offered, celery_message, declare, delete
 from bench.stats import latency_summary, percentile
-from bench.systems import Running, System, result_store_location, start
+from bench.systems import Running, System, fresh_result_store, result_store_location, start
 from bench.workload import Jobs
 from shared.results import open_result_store
 from shared.settings import InferqSettings
@@ -170,6 +170,7 @@ def drain(bench: Bench, system: System, rep: int, jobs: int) -> dict[str, Any]:
     }
     if system.kind == "inferq":
         out.update(_inferq_checks(running, result_store_location(bench.result_store, run_dir), jobs))
+        fresh_result_store(bench.result_store, run_dir, keep=False)
     return out
 
 
@@ -248,6 +249,8 @@ def latency(
     finally:
         running.stop()
         delete(settings)
+        if system.kind == "inferq":
+            fresh_result_store(bench.result_store, bench.work_dir / run, keep=False)
     return out
 
 

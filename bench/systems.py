@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
+from psycopg import sql
 
 from shared.settings import InferqSettings
 
@@ -128,12 +131,29 @@ def _inferq_env(settings: InferqSettings, result_store: str) -> dict[str, str]:
 
 def result_store_location(choice: str, run_dir: Path) -> str:
     """Where inferq stores results in a run: ``sqlite`` (the default store), ``file``, or a
-    ``postgresql://`` URL (a schema of its own per run is not needed: job ids are unique per run)."""
+    ``postgresql://`` URL, in a schema of the run's own (see :func:`fresh_result_store`), so each run
+    counts only its own results."""
     if choice == "sqlite":
         return f"sqlite:{run_dir / 'results.db'}"
     if choice == "file":
         return str(run_dir / "results")
-    return choice
+    separator = "&" if "?" in choice else "?"
+    return f"{choice}{separator}options=-csearch_path%3D{_schema(run_dir)}"
+
+
+def _schema(run_dir: Path) -> str:
+    return "inferq_bench_" + re.sub(r"[^a-z0-9_]", "_", run_dir.name.lower())
+
+
+def fresh_result_store(choice: str, run_dir: Path, *, keep: bool = True) -> None:
+    """Empty the run's PostgreSQL schema (dropped, and created again if ``keep``); files need nothing."""
+    if not choice.startswith("postgresql"):
+        return
+    schema = sql.Identifier(_schema(run_dir))
+    with psycopg.connect(choice, autocommit=True) as connection:
+        connection.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(schema))
+        if keep:
+            connection.execute(sql.SQL("CREATE SCHEMA {}").format(schema))
 
 
 def _celery(settings: InferqSettings) -> tuple[list[str], dict[str, str]]:
@@ -174,6 +194,8 @@ def start(
         stat = run_dir / f"{system.slug}-{number}.stats.json"
         if system.kind == "inferq":
             command = [sys.executable, "-m", "inferq", "worker", *(["--drain"] if drain else [])]
+            if number == 0:
+                fresh_result_store(result_store, run_dir)
             env = _inferq_env(settings, result_store_location(result_store, run_dir))
             env["INFERQ_MONITOR"] = "true" if system.monitor else "false"
         elif system.kind == "celery":
