@@ -108,6 +108,11 @@ class Endpoints:
         self._all = [Endpoint(_parameters(settings, url, name), redacted_url(url)) for url in broker_urls(settings)]
         self._next = 0
 
+    @property
+    def upcoming(self) -> Endpoint:
+        """The endpoint :meth:`next` hands out next, without moving on."""
+        return self._all[self._next % len(self._all)]
+
     def next(self) -> Endpoint:
         """The endpoint for the next attempt."""
         endpoint = self._all[self._next % len(self._all)]
@@ -288,7 +293,9 @@ class Link:
         self._queues = list(queues)
         self._reconnect_forever = reconnect_forever
         self._endpoints = Endpoints(settings, name)
-        self._endpoint = self._endpoints.next()
+        # NOTE: not next(): the first attempt goes to the first URL (an unshuffled list names the
+        # preferred node first).
+        self._endpoint = self._endpoints.upcoming
         self._backoff = connect_backoff()
         self._connection: pika.SelectConnection | None = None
         self._session: Session | None = None
