@@ -5,6 +5,7 @@ epoch, and a deadline for a broker that is not there."""
 from __future__ import annotations
 
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -149,3 +150,26 @@ def test_an_unshuffled_list_is_tried_from_its_first_url(queue: QueueSpec, hole: 
     recorder = run_link(queue, steps, amqp_url=f"{hole.url},{AMQP_URL}", amqp_shuffle=False)
     assert recorder.failed is None
     assert ports == [hole.port], "the first connection goes to the first URL given"
+
+
+def test_a_broker_gone_silent_is_left_within_two_heartbeats_for_the_next_url(queue: QueueSpec, hole: BlackHole) -> None:
+    heartbeat_s = 2
+    dropped_at: list[float] = []
+    sessions: list[tuple[int, float]] = []
+
+    def steps(_recorder: Recorder, link: Link, session: Session) -> None:
+        sessions.append((session.connection.params.port, time.monotonic()))
+        if len(sessions) == 1:
+            # When every byte to and from the broker is dropped, with no reset and no FIN
+            hole.dropping.set()
+            dropped_at.append(time.monotonic())
+        else:
+            link.close()
+
+    recorder = run_link(queue, steps, amqp_url=f"{hole.url},{AMQP_URL}", amqp_shuffle=False, heartbeat_s=heartbeat_s)
+    # Then the link gives up on it within two heartbeat intervals and goes on with the next URL
+    assert recorder.failed is None
+    assert [port for port, _at in sessions] == [hole.port, pika.URLParameters(AMQP_URL).port]
+    assert len(recorder.lost) == 1 and "nothing heard from the broker" in recorder.lost[0]
+    detected_s = sessions[1][1] - dropped_at[0]
+    assert detected_s <= 2 * heartbeat_s, f"took {detected_s:.1f}s"
