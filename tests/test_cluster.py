@@ -225,11 +225,6 @@ def test_a_node_cut_off_from_the_others_pauses_and_its_clients_move(
     finish_and_audit(env, load, workers, cluster)
 
 
-@pytest.mark.xfail(
-    reason="seen failing under a loaded machine: the silence was not reported within four heartbeats; "
-    "not yet understood",
-    strict=False,
-)
 def test_a_worker_whose_node_goes_silent_fails_over_within_two_heartbeats(
     tmp_path: Path, models: Models, cluster: PrivateCluster
 ) -> None:
