@@ -60,6 +60,10 @@ SILENCE_HEARTBEATS = 1.5
 heartbeat every half interval, so that is three missed in a row. pika's own check waits up to
 ``2 * (heartbeat + 5)`` s, too long for a node that vanished without a reset (its traffic dropped)."""
 
+WATCH_EVERY_HEARTBEATS = 0.25
+"""How often (in heartbeat intervals) the link looks at its connection; a check is also timed for the
+moment the silence would reach its limit, so a dead link is noticed on time, not up to a period late."""
+
 UNANSWERED_HEARTBEATS = 2.0
 """A session with a publish neither confirmed nor refused for this many heartbeat intervals is replaced:
 a node cut off from its cluster (pausing, or not yet) can keep the connection alive with heartbeats
@@ -107,6 +111,11 @@ class Endpoints:
     def __init__(self, settings: InferqSettings, name: str) -> None:
         self._all = [Endpoint(_parameters(settings, url, name), redacted_url(url)) for url in broker_urls(settings)]
         self._next = 0
+
+    @property
+    def upcoming(self) -> Endpoint:
+        """The endpoint :meth:`next` hands out next, without moving on."""
+        return self._all[self._next % len(self._all)]
 
     def next(self) -> Endpoint:
         """The endpoint for the next attempt."""
@@ -234,6 +243,28 @@ def _unreachable(endpoints: Endpoints, settings: InferqSettings, reason: str) ->
 # -- asynchronous, for clients that own an I/O loop ----------------------------------------------
 
 
+class _HearingConnection(pika.SelectConnection):  # type: ignore[misc]
+    """A ``SelectConnection`` that notes when the broker last sent anything (``heard_at``, monotonic).
+
+    pika counts the bytes it received but not when: a watchdog comparing counts on a timer knows the
+    time of the last byte only to within its period, and later still when the I/O loop is busy."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.heard_at = time.monotonic()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def silent_s(self) -> float:
+        """Seconds since the broker last sent anything."""
+        return time.monotonic() - self.heard_at
+
+    def _proto_data_received(self, data: bytes) -> None:
+        # NOTE: pika's hook for every chunk read from the socket (BaseConnection); the time is taken
+        # before the chunk's frames are dispatched, which may take long.
+        self.heard_at = time.monotonic()
+        super()._proto_data_received(data)
+
+
 @dataclass(frozen=True, slots=True)
 class Session:
     """An open connection with one channel, publisher confirms on, and the queues declared.
@@ -288,9 +319,11 @@ class Link:
         self._queues = list(queues)
         self._reconnect_forever = reconnect_forever
         self._endpoints = Endpoints(settings, name)
-        self._endpoint = self._endpoints.next()
+        # NOTE: not next(): the first attempt goes to the first URL (an unshuffled list names the
+        # preferred node first).
+        self._endpoint = self._endpoints.upcoming
         self._backoff = connect_backoff()
-        self._connection: pika.SelectConnection | None = None
+        self._connection: _HearingConnection | None = None
         self._session: Session | None = None
         self._confirms: ConfirmTracker | None = None
         self._timer: object | None = None
@@ -304,7 +337,6 @@ class Link:
         self._recycling = False
         self._nack_limit = NACK_STREAK_LIMIT
         self._watchdog: object | None = None
-        self._heard = (0, 0.0)  # (bytes received, when that count last changed)
 
     @property
     def session(self) -> Session | None:
@@ -352,7 +384,7 @@ class Link:
         self._timer = None
         self._endpoint = self._endpoints.next()
         log.debug("broker_connecting", url=self._endpoint.shown, attempt=self._backoff.attempt + 1)
-        self._connection = pika.SelectConnection(
+        self._connection = _HearingConnection(
             self._endpoint.parameters,
             on_open_callback=self._on_open,
             on_open_error_callback=self._on_open_error,
@@ -405,33 +437,42 @@ class Link:
 
     # -- a node that went silent ------------------------------------------------------------------
 
-    def _watch(self, connection: pika.SelectConnection) -> None:
+    def _watch(self, connection: _HearingConnection) -> None:
         if self.settings.heartbeat_s <= 0:
             return
-        self._heard = (connection.bytes_received, time.monotonic())
-        self._watchdog = self._ioloop.call_later(self.settings.heartbeat_s / 4, lambda: self._check(connection))
+        self._watchdog = self._ioloop.call_later(self._until_next_check(connection), lambda: self._check(connection))
 
-    def _check(self, connection: pika.SelectConnection) -> None:
+    def _until_next_check(self, connection: _HearingConnection) -> float:
+        heartbeat_s = self.settings.heartbeat_s
+        limit_s = SILENCE_HEARTBEATS * heartbeat_s - connection.silent_s
+        return max(0.01, min(WATCH_EVERY_HEARTBEATS * heartbeat_s, limit_s + 0.01))
+
+    def _check(self, connection: _HearingConnection) -> None:
+        """Runs on the I/O loop's thread, on a timer: a silent connection is ended at once (the next
+        node is tried); a session whose publishes go unanswered is replaced."""
         self._watchdog = None
         if id(connection) != id(self._connection) or not connection.is_open:
             return  # (ids: an `is not` against the Optional attribute would widen `connection` for mypy)
-        now = time.monotonic()
-        confirms = self._confirms
-        if confirms is not None and confirms.oldest_wait_s() > UNANSWERED_HEARTBEATS * self.settings.heartbeat_s:
-            self._replace(connection, "broker_not_answering", waited_s=round(confirms.oldest_wait_s(), 1))
-            return
-        if connection.bytes_received != self._heard[0]:
-            self._heard = (connection.bytes_received, now)
-        elif now - self._heard[1] > SILENCE_HEARTBEATS * self.settings.heartbeat_s:
-            silent_s = round(now - self._heard[1], 1)
-            log.warning("broker_silent", url=self._endpoint.shown, silent_s=silent_s)
-            # NOTE: a close handshake would wait for an answer that never comes; end the stream as
-            # pika's own heartbeat check does.
-            connection._terminate_stream(
-                pika.exceptions.AMQPHeartbeatTimeout(f"nothing heard from the broker for {silent_s}s")
-            )
-            return
-        self._watchdog = self._ioloop.call_later(self.settings.heartbeat_s / 4, lambda: self._check(connection))
+        heartbeat_s = self.settings.heartbeat_s
+        silent_s = connection.silent_s
+        unanswered_s = self._confirms.oldest_wait_s() if self._confirms is not None else 0.0
+        unanswered = unanswered_s > UNANSWERED_HEARTBEATS * heartbeat_s
+        # Unanswered publishes on a link that also missed two heartbeats: the node is gone, not just
+        # not serving; a polite close would only wait for an answer that never comes.
+        if silent_s > SILENCE_HEARTBEATS * heartbeat_s or (unanswered and silent_s > heartbeat_s):
+            self._end_silent(connection, silent_s)
+        elif unanswered:
+            self._replace(connection, "broker_not_answering", waited_s=round(unanswered_s, 1))
+        else:
+            self._watch(connection)
+
+    def _end_silent(self, connection: _HearingConnection, silent_s: float) -> None:
+        log.warning("broker_silent", url=self._endpoint.shown, silent_s=round(silent_s, 1))
+        # NOTE: a close handshake would wait for an answer that never comes; end the stream as
+        # pika's own heartbeat check does.
+        connection._terminate_stream(
+            pika.exceptions.AMQPHeartbeatTimeout(f"nothing heard from the broker for {silent_s:.1f}s")
+        )
 
     # -- a session the broker keeps refusing --------------------------------------------------------
 

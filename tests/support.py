@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from seaweedfs import SeaweedFS
 
 AMQP_URL = os.environ.get("INFERQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+READ_WINDOW = 1000
+"""Deliveries in flight while a test reads a queue out."""
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -163,17 +165,35 @@ class Env:
         connection.close()
 
     def read_queue(self, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
-        """Take every message now in ``queue``."""
+        """Take every message now in ``queue``.
+
+        Consumed, not fetched with one ``basic.get`` round trip each (thousands of those on a quorum
+        queue of a cluster take half a minute); what arrives after the count stays on the queue."""
         connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
-        channel = connection.channel()
-        messages = []
-        while True:
-            method, props, body = channel.basic_get(queue, auto_ack=True)
-            if method is None:
-                break
-            messages.append((props, body))
-        connection.close()
-        return messages
+        try:
+            channel = connection.channel()
+            count = channel.queue_declare(queue, passive=True).method.message_count
+            messages: list[tuple[pika.BasicProperties, bytes]] = []
+            if count == 0:
+                return messages
+            channel.basic_qos(prefetch_count=READ_WINDOW)
+            unacked = None
+            for method, props, body in channel.consume(queue, inactivity_timeout=3):
+                if method is None:
+                    break  # fewer than counted: another consumer took some
+                messages.append((props, body))
+                unacked = method.delivery_tag
+                if len(messages) % (READ_WINDOW // 2) == 0:
+                    channel.basic_ack(unacked, multiple=True)
+                    unacked = None
+                if len(messages) == count:
+                    break
+            if unacked is not None:
+                channel.basic_ack(unacked, multiple=True)
+            channel.cancel()  # deliveries past the count go back to the queue
+            return messages
+        finally:
+            connection.close()
 
     def results_on_queue(self) -> list[Result]:
         return [Result.model_validate_json(body) for _, body in self.read_queue(self.results_queue)]

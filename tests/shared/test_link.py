@@ -5,12 +5,14 @@ epoch, and a deadline for a broker that is not there."""
 from __future__ import annotations
 
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
 import pika
 import pytest
 from pika.adapters.select_connection import IOLoop
+from private_broker import BlackHole
 from support import AMQP_URL
 
 from shared.connection import Link, Session
@@ -60,7 +62,8 @@ def queue() -> Iterator[QueueSpec]:
 def run_link(queue: QueueSpec, on_session: Callable[[Recorder, Link, Session], None], **settings: object) -> Recorder:
     ioloop = IOLoop()
     recorder = Recorder(ioloop, lambda session: on_session(recorder, link, session))
-    link = Link(InferqSettings(amqp_url=AMQP_URL, **settings), "test-link", ioloop, recorder, queues=[queue])
+    settings = {"amqp_url": AMQP_URL, **settings}
+    link = Link(InferqSettings(**settings), "test-link", ioloop, recorder, queues=[queue])
     link.open()
     timeout = ioloop.call_later(60, ioloop.stop)
     ioloop.start()
@@ -126,3 +129,47 @@ def test_no_broker_within_the_connect_timeout_fails_with_the_reason(queue: Queue
     assert isinstance(recorder.failed, BrokerUnavailable)
     assert str(recorder.failed).endswith(f"within 1s: connection refused (127.0.0.1:{port})")
     assert recorder.epochs == []
+
+
+@pytest.fixture
+def hole() -> Iterator[BlackHole]:
+    """A proxy in front of the broker that can start dropping every byte both ways."""
+    port = pika.URLParameters(AMQP_URL).port
+    hole = BlackHole(port)
+    yield hole
+    hole.close()
+
+
+def test_an_unshuffled_list_is_tried_from_its_first_url(queue: QueueSpec, hole: BlackHole) -> None:
+    ports: list[int] = []
+
+    def steps(_recorder: Recorder, link: Link, session: Session) -> None:
+        ports.append(session.connection.params.port)
+        link.close()
+
+    recorder = run_link(queue, steps, amqp_url=f"{hole.url},{AMQP_URL}", amqp_shuffle=False)
+    assert recorder.failed is None
+    assert ports == [hole.port], "the first connection goes to the first URL given"
+
+
+def test_a_broker_gone_silent_is_left_within_two_heartbeats_for_the_next_url(queue: QueueSpec, hole: BlackHole) -> None:
+    heartbeat_s = 2
+    dropped_at: list[float] = []
+    sessions: list[tuple[int, float]] = []
+
+    def steps(_recorder: Recorder, link: Link, session: Session) -> None:
+        sessions.append((session.connection.params.port, time.monotonic()))
+        if len(sessions) == 1:
+            # When every byte to and from the broker is dropped, with no reset and no FIN
+            hole.dropping.set()
+            dropped_at.append(time.monotonic())
+        else:
+            link.close()
+
+    recorder = run_link(queue, steps, amqp_url=f"{hole.url},{AMQP_URL}", amqp_shuffle=False, heartbeat_s=heartbeat_s)
+    # Then the link gives up on it within two heartbeat intervals and goes on with the next URL
+    assert recorder.failed is None
+    assert [port for port, _at in sessions] == [hole.port, pika.URLParameters(AMQP_URL).port]
+    assert len(recorder.lost) == 1 and "nothing heard from the broker" in recorder.lost[0]
+    detected_s = sessions[1][1] - dropped_at[0]
+    assert detected_s <= 2 * heartbeat_s, f"took {detected_s:.1f}s"
