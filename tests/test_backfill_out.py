@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -22,14 +23,42 @@ def sqlite_env(iris_store: Env) -> Env:
     return iris_store
 
 
+_running: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def no_backfill_outlives_its_test() -> Iterator[None]:
+    """A failing test must not leave its backfill running, or its pipes open for a later test to find."""
+    yield
+    while _running:
+        process = _running.pop()
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
 def _backfill(env: Env, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, "-m", "inferq", "backfill", *args],
-        env=env.environ(),
+        # On SIGABRT (sent below to a backfill that outlived its Ctrl-C) every thread's stack goes to stderr.
+        env={**env.environ(), "PYTHONFAULTHANDLER": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    _running.append(process)
+    return process
+
+
+def _interrupt(process: subprocess.Popen[str], timeout_s: float = 30) -> str:
+    """Ctrl-C, as a terminal sends it; its standard error once it exited."""
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.communicate(timeout=timeout_s)[1]
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        stderr = process.communicate()[1]
+        raise AssertionError(f"still running {timeout_s:g}s after Ctrl-C; its threads:\n{stderr[-6000:]}") from None
 
 
 def _write_csv(path: Path, models: Models, rows: int, *, ids: bool) -> None:
@@ -93,8 +122,7 @@ def test_ctrl_c_while_waiting_leaves_the_jobs_queued_and_says_how_to_resume(sqli
     running = _backfill(sqlite_env, str(data), "--model", "iris", "--out", str(out))
     wait_for(lambda: sqlite_env.depth(sqlite_env.jobs_queue) == 50, timeout_s=60)
     time.sleep(0.5)
-    running.send_signal(signal.SIGINT)
-    _, stderr = running.communicate(timeout=30)
+    stderr = _interrupt(running)
     assert running.returncode == 130
     assert "0 of 50 rows finished; the jobs stay queued" in stderr and "Run the same command again" in stderr
     assert sqlite_env.depth(sqlite_env.jobs_queue) == 50
