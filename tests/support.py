@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,7 +30,10 @@ from shared.results import S3ResultStore, open_result_store
 from shared.s3 import S3Location
 from shared.settings import ProducerSettings, WorkerSettings
 from shared.topology import all_queues
+from worker.batcher import Batch
+from worker.consumer import Delivery
 from worker.main import Counters, Worker, build_worker
+from worker.processor import Pending
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from seaweedfs import SeaweedFS
@@ -364,3 +368,28 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.05)
+
+
+_delivery_tags = iter(range(1, 1_000_000_000))
+
+
+def delivery(*, redelivered: bool = False) -> Delivery:
+    """A job delivery as the consumer makes one (a fresh tag each), for processor tests without a broker."""
+    return Delivery(
+        tag=next(_delivery_tags),
+        epoch=1,
+        redelivered=redelivered,
+        message_id=None,
+        reply_to=None,
+        correlation_id=None,
+        published_ms=time.time() * 1000,
+        received_ms=time.time() * 1000,
+        properties=pika.BasicProperties(),
+        body=b"{}",
+    )
+
+
+def pending_batch(*jobs: Job, redelivered: bool = False) -> Batch[tuple[str, int | str], Pending]:
+    """``jobs`` (of one model and version reference) as the batcher hands them to the processor."""
+    items = [Pending(delivery(redelivered=redelivered), job) for job in jobs]
+    return Batch((jobs[0].model, jobs[0].version), items, sum(j.rows for j in jobs))

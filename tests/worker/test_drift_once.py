@@ -8,9 +8,8 @@ import time
 from functools import partial
 from pathlib import Path
 
-import pika
 import pytest
-from support import Models, make_job
+from support import Models, make_job, pending_batch
 
 from model_store.base import publish
 from model_store.local import LocalModelStore
@@ -20,13 +19,10 @@ from shared.messages import Job, Result
 from shared.monitor_store import FileMonitorStore
 from shared.results import ResultStore, open_result_store
 from worker.batcher import Batch
-from worker.consumer import Delivery
 from worker.models import ModelFetcher
 from worker.monitor import Monitor
 from worker.processor import Pending, Processed, Processor, StoreUnavailable
 from worker.runner import Limits, LoadedModel, load_model
-
-tags = iter(range(1, 1_000_000))
 
 
 class FailsOnce:
@@ -47,25 +43,7 @@ class FailsOnce:
 
 
 def batch(jobs: list[Job], *, redelivered: bool = False) -> Batch[tuple[str, int | str], Pending]:
-    items = [
-        Pending(
-            Delivery(
-                tag=next(tags),
-                epoch=1,
-                redelivered=redelivered,
-                message_id=None,
-                reply_to=None,
-                correlation_id=None,
-                published_ms=time.time() * 1000,
-                received_ms=time.time() * 1000,
-                properties=pika.BasicProperties(),
-                body=b"{}",
-            ),
-            job,
-        )
-        for job in jobs
-    ]
-    return Batch((jobs[0].model, jobs[0].version), items, sum(j.rows for j in jobs))
+    return pending_batch(*jobs, redelivered=redelivered)
 
 
 @pytest.fixture

@@ -10,9 +10,8 @@ import uuid
 from functools import partial
 from pathlib import Path
 
-import pika
 import pytest
-from support import Models, make_job
+from support import Models, make_job, pending_batch
 
 from model_store.base import publish
 from model_store.local import LocalModelStore
@@ -21,32 +20,13 @@ from model_store.stores import open_model_store
 from shared.messages import Datatype, Job, Result, Status, Tensor
 from shared.results import ResultStore, open_result_store
 from worker.batcher import Batch
-from worker.consumer import Delivery
 from worker.models import ModelFetcher
 from worker.processor import ID_CONFLICT, STORED_RESULT_UNREADABLE, Pending, Processed, Processor, job_digest
 from worker.runner import Limits, LoadedModel, load_model
 
-tags = iter(range(1, 1_000_000))
-
-
-def delivery(*, redelivered: bool = False) -> Delivery:
-    return Delivery(
-        tag=next(tags),
-        epoch=1,
-        redelivered=redelivered,
-        message_id=None,
-        reply_to=None,
-        correlation_id=None,
-        published_ms=time.time() * 1000,
-        received_ms=time.time() * 1000,
-        properties=pika.BasicProperties(),
-        body=b"{}",
-    )
-
 
 def batch(*jobs: Job, redelivered: bool = False) -> Batch[tuple[str, int | str], Pending]:
-    items = [Pending(delivery(redelivered=redelivered), job) for job in jobs]
-    return Batch((jobs[0].model, jobs[0].version), items, sum(j.rows for j in jobs))
+    return pending_batch(*jobs, redelivered=redelivered)
 
 
 @pytest.fixture
