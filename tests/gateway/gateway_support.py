@@ -14,6 +14,7 @@ from private_broker import free_port
 from support import Env
 
 START_TIMEOUT_S = 60.0
+CLIENT_CONNECTIONS = 64
 
 
 def oip_request(rows: Any, **extra: Any) -> dict[str, Any]:
@@ -55,7 +56,13 @@ class GatewayProcess:
             time.sleep(0.1)
 
     def client(self, **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 60), **kw)
+        """A client that may be shared by up to ``CLIENT_CONNECTIONS`` threads."""
+        # NOTE: keep every connection the pool may open. httpcore 1.0 closes an idle connection once
+        # the pool holds more than max_keepalive_connections (default 20) connections in all, and one
+        # chosen for closing may meanwhile have been handed to another thread's request: that request
+        # then fails with "[Errno 9] Bad file descriptor" (seen with 32 threads on one client).
+        limits = httpx.Limits(max_connections=CLIENT_CONNECTIONS, max_keepalive_connections=CLIENT_CONNECTIONS)
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 60), limits=limits, **kw)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
