@@ -87,6 +87,7 @@ def server_for(gateway: Gateway) -> GatewayServer:
         create_app(gateway),
         host=settings.http_host,
         port=settings.http_port,
+        timeout_keep_alive=settings.http_keep_alive_s,
         log_config=None,  # our structlog set-up already owns the root logger
         access_log=False,
         server_header=False,

@@ -16,6 +16,10 @@ class GatewaySettings(ProducerSettings):
 
     http_host: str = "0.0.0.0"  # probes and clients reach the container from outside
     http_port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    http_keep_alive_s: Annotated[int, Field(ge=1)] = 75
+    """How long an idle client connection stays open. Above the idle timeout of the load balancers
+    usually put in front (60 s on AWS ALB, nginx's 60 s): a server that closes first races the
+    balancer's next request on that connection, and the request fails with a reset."""
     api_token: SecretStr | None = None
     """When set, every request but health, metrics and the schema needs ``Authorization: Bearer <token>``."""
     operations_store: str | None = None

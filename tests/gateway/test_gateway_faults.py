@@ -3,6 +3,7 @@ of traffic, two replicas. Each test runs its own ``inferq serve`` on its own que
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import uuid
@@ -129,3 +130,28 @@ def test_a_second_replica_sees_the_first_ones_operations(iris_store: Env, models
         other = oip_request([[1.0, 1.0, 1.0, 1.0]], id="shared-id")
         assert b.post("/v2/models/iris/infer", json=other).status_code == 409
     assert iris_store.depth(iris_store.jobs_queue) == 1
+
+
+def idle_connection_closed_by_server(url: str, idle_s: float) -> bool:
+    """Send one request on a raw keep-alive connection, stay idle ``idle_s``, and tell whether the
+    server has closed the connection by then."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.sendall(f"GET /v2/health/live HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(idle_s)
+        conn.setblocking(False)
+        try:
+            return conn.recv(1) == b""  # end of stream: the server closed it
+        except BlockingIOError:
+            return False  # nothing to read: still open
+
+
+def test_an_idle_client_connection_stays_open_for_the_keep_alive_time(iris_store: Env) -> None:
+    # Given a gateway with the default keep-alive and one with 1 s
+    with GatewayProcess(iris_store, iris_store.tmp) as default:
+        # Then a connection idle for 6 s is still open on the default one (75 s; uvicorn alone: 5 s)
+        assert not idle_connection_closed_by_server(default.url, idle_s=6)
+    with GatewayProcess(iris_store, iris_store.tmp, INFERQ_HTTP_KEEP_ALIVE_S="1") as short:
+        # And closed by the other
+        assert idle_connection_closed_by_server(short.url, idle_s=3)
