@@ -6,7 +6,8 @@ A job's whole story is :class:`Worker`'s methods in the order they run, top to b
 2. :meth:`Worker._flush` hands due batches to the processing thread, which resolves the version,
    runs one onnxruntime call per batch, encodes each result once and stores them
    (:class:`worker.processor.Processor`).
-3. :meth:`Worker._on_processed` (I/O thread again) publishes each result with a confirm.
+3. :meth:`Worker._on_processed` (I/O thread again) publishes each result with a confirm; one the
+   broker refuses is published again, its job held meanwhile (:class:`worker.publishing.ResultPublisher`).
 4. :meth:`Worker._finished` records each confirmed delivery in the :class:`AckWindow`, and
    :meth:`Worker._send_acks` acks once per pass of the I/O loop with ``multiple``.
 
@@ -49,6 +50,7 @@ from worker.metrics import MeteredRegistry, WorkerMetrics, start_metrics_server
 from worker.models import ModelFetcher
 from worker.monitor import Monitor
 from worker.processor import ModelKey, Outcome, Pending, Processed, Processor
+from worker.publishing import ResultMessage, ResultPublisher
 from worker.runner import Limits, LoadedModel, Watchdog, check_providers, load_model
 from worker.shadow import Shadow
 
@@ -79,10 +81,15 @@ class Counters:
     quarantined: int = 0
     reused: int = 0
     batches: int = 0
+    publishes_refused: int = 0
     started: float = field(default_factory=time.monotonic)
     first_job_at: float | None = None
     last_ack_at: float | None = None
     forced: bool = False
+
+    def publish_refused(self) -> None:
+        """The broker refused a result publish (it is published again)."""
+        self.publishes_refused += 1
 
 
 def worker_name() -> str:
@@ -158,6 +165,9 @@ class Worker:
         self._flush_timer: object | None = None
         self._acks = AckWindow()
         self._ack_timer: object | None = None
+        self._results = ResultPublisher(
+            self.consumer, self._acks, self._finished, self._stopping.is_set, self.counters.publish_refused
+        )
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -203,6 +213,7 @@ class Worker:
         self.consumer.call_later(self.settings.shutdown_grace_s, self._grace_expired)
         self.consumer.cancel(self._after_settled)
         self._release_held()  # handed back: another worker may reach their store
+        self._results.hand_back()  # refused result publishes: stored, so another worker sends them
         self._flush()
 
     def _grace_expired(self) -> None:
@@ -329,13 +340,9 @@ class Worker:
             self.metrics.observe_processed(done.runs, done.outcomes)
             for outcome in done.outcomes:
                 self._count(outcome)
-                self.consumer.publish_result(
-                    outcome.delivery,
-                    outcome.result.id,
-                    outcome.result.to_json(),
-                    partial(self._finished, outcome.delivery),
-                    routing_key=result_routing_key(outcome.result),
-                )
+                result = outcome.result
+                message = ResultMessage(outcome.delivery, result.id, result.to_json(), result_routing_key(result))
+                self._results.publish(message)
             for rejection in done.rejections:
                 self._dead_letter(rejection.delivery, rejection.reason)
             for pending in done.held:
@@ -424,6 +431,7 @@ class Worker:
         self._ready = []
         self._suspects = []
         self._held = []
+        self._results.forget()
         if self._flush_timer is not None:
             self.consumer.cancel_timer(self._flush_timer)
             self._flush_timer = None

@@ -1,0 +1,116 @@
+"""Result publishes, and what happens when the broker refuses one.
+
+A refusal (a nack: the results queue has no leader for a moment after its node died, or the broker is
+short of disk) says nothing about the job: its result is already stored. Handing the job back to the
+queue would spend one of its delivery attempts per refusal, and a few refusals in a row would
+dead-letter a job whose result is stored. So the delivery is *held* (the deliveries after it are still
+acked) and only the publish is repeated, with capped backoff, until the broker confirms it, the
+connection is lost (the broker redelivers the job, and its stored result goes out then) or the worker
+stops (the job is handed back).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+from shared.amqp import Backoff
+from shared.logging import get_logger
+from worker.acks import AckWindow
+from worker.consumer import Consumer, Delivery
+
+log = get_logger(__name__)
+
+REPUBLISH_MAX_S = 5.0
+"""Longest wait between two attempts to publish refused results."""
+
+
+@dataclass(slots=True, eq=False)
+class ResultMessage:
+    """A stored result's notification, encoded: what is published for ``delivery`` (read-only by
+    convention: one is made per job, and a frozen dataclass costs more to build)."""
+
+    delivery: Delivery
+    job_id: str
+    body: bytes
+    routing_key: str
+
+
+class ResultPublisher:
+    """Publishes results with confirms; a refused one is held and published again (I/O thread only)."""
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        acks: AckWindow,
+        finished: Callable[[Delivery, bool], None],
+        stopping: Callable[[], bool],
+        on_refused: Callable[[], None],
+    ) -> None:
+        self._consumer = consumer
+        self._acks = acks
+        self._finished = finished
+        self._stopping = stopping
+        self._refused: list[ResultMessage] = []
+        self._timer: object | None = None
+        self._on_refused = on_refused
+        self._backoff = Backoff(base_s=0.2, cap_s=REPUBLISH_MAX_S)
+
+    def __len__(self) -> int:
+        """Refused results waiting to be published again."""
+        return len(self._refused)
+
+    def publish(self, message: ResultMessage) -> None:
+        """Publish ``message``; its delivery is finished once the broker confirms it."""
+        self._consumer.publish_result(
+            message.delivery,
+            message.job_id,
+            message.body,
+            partial(self._confirmed, message),
+            routing_key=message.routing_key,
+        )
+
+    def _confirmed(self, message: ResultMessage, ok: bool) -> None:
+        if ok:
+            self._backoff.reset()
+            self._finished(message.delivery, True)
+            return
+        delivery = message.delivery
+        if not self._consumer.is_current(delivery):
+            return  # its channel is gone: the broker redelivers the job, and the stored result goes out then
+        if self._stopping():
+            self._finished(delivery, False)  # handed back: whoever takes it publishes the stored result
+            return
+        self._on_refused()
+        self._acks.hold(delivery.epoch, delivery.tag)
+        self._refused.append(message)
+        if self._timer is None:
+            delay_s = self._backoff.next_delay()
+            log.warning("result_publish_refused", job_id=message.job_id, retry_in_s=round(delay_s, 3))
+            self._timer = self._consumer.call_later(delay_s, self._again)
+
+    def _again(self) -> None:
+        self._timer = None
+        refused, self._refused = self._refused, []
+        for message in refused:
+            self._acks.release(message.delivery.epoch, message.delivery.tag)
+            self.publish(message)
+
+    def hand_back(self) -> None:
+        """Stopping: the jobs of refused results go back to the queue (their results are stored, and
+        whoever takes them again publishes those)."""
+        self._cancel_timer()
+        refused, self._refused = self._refused, []
+        for message in refused:
+            self._finished(message.delivery, False)
+
+    def forget(self) -> None:
+        """The connection was lost: the broker redelivers every unacked job, these included."""
+        self._cancel_timer()
+        self._refused = []
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._consumer.cancel_timer(self._timer)
+            self._timer = None
