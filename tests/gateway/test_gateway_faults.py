@@ -3,6 +3,7 @@ of traffic, two replicas. Each test runs its own ``inferq serve`` on its own que
 
 from __future__ import annotations
 
+import http.client
 import socket
 import threading
 import time
@@ -133,18 +134,23 @@ def test_a_second_replica_sees_the_first_ones_operations(iris_store: Env, models
 
 
 def idle_connection_closed_by_server(url: str, idle_s: float) -> bool:
-    """Send one request on a raw keep-alive connection, stay idle ``idle_s``, and tell whether the
-    server has closed the connection by then."""
+    """Send one request on a keep-alive connection, read the whole response, stay idle ``idle_s``, and
+    tell whether the server has closed the connection by then."""
     host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=5) as conn:
-        conn.sendall(f"GET /v2/health/live HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-        assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+    connection = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        connection.request("GET", "/v2/health/live")
+        response = connection.getresponse()
+        assert response.status == 200 and response.read()
         time.sleep(idle_s)
-        conn.setblocking(False)
+        assert connection.sock is not None
+        connection.sock.setblocking(False)
         try:
-            return conn.recv(1) == b""  # end of stream: the server closed it
+            return connection.sock.recv(1, socket.MSG_PEEK) == b""  # end of stream
         except BlockingIOError:
             return False  # nothing to read: still open
+    finally:
+        connection.close()
 
 
 def test_an_idle_client_connection_stays_open_for_the_keep_alive_time(iris_store: Env) -> None:
