@@ -57,10 +57,6 @@ class ResultPublisher:
         self._on_refused = on_refused
         self._backoff = Backoff(base_s=0.2, cap_s=REPUBLISH_MAX_S)
 
-    def __len__(self) -> int:
-        """Refused results waiting to be published again."""
-        return len(self._refused)
-
     def publish(self, message: ResultMessage) -> None:
         """Publish ``message``; its delivery is finished once the broker confirms it."""
         self._consumer.publish_result(
