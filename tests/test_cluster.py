@@ -5,6 +5,7 @@ One cluster serves the whole module."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pika
 import pytest
 from private_broker import BlackHole, PrivateBroker, PrivateCluster, free_port
 from support import Env, Models, make_job, wait_for
@@ -35,6 +37,20 @@ def cluster() -> Iterator[PrivateCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+_worlds: list[Env] = []
+
+
+@pytest.fixture(autouse=True)
+def each_test_deletes_its_queues() -> Iterator[None]:
+    """A test's queues go with it (left behind, each quorum queue is a replicated log the nodes keep
+    running for the rest of the module)."""
+    yield
+    while _worlds:
+        env = _worlds.pop()
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            env.delete_queues()
 
 
 @pytest.fixture(autouse=True)
@@ -101,6 +117,7 @@ class Load:
 def world(tmp_path: Path, models: Models, cluster: PrivateCluster) -> Env:
     # The test's own reads (depths, the audit) go through a node that every test leaves running.
     env = Env(tmp_path, f"cluster.{uuid.uuid4().hex[:8]}", amqp_url=cluster.nodes[0].url)
+    _worlds.append(env)
     publish(env.store, "iris", models.forest_onnx)
     publish(env.store, "iris", models.logistic_onnx)
     return env
