@@ -68,9 +68,15 @@ class Registry(Generic[M]):
         self._loaded: OrderedDict[tuple[str, int], tuple[Manifest, M]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def resolve(self, name: str, ref: VersionRef) -> int:
-        """The concrete version ``ref`` names, from a view of the store no older than ``refresh_s``."""
-        catalog = self._catalog(name, max_age_s=self._refresh_s)
+    @property
+    def refresh_s(self) -> float:
+        """How old a view of the versions and aliases may be when a job is resolved with it."""
+        return self._refresh_s
+
+    def resolve(self, name: str, ref: VersionRef, *, ahead_s: float = 0.0) -> int:
+        """The concrete version ``ref`` names, from a view of the store no older than ``refresh_s``
+        (renewed already ``ahead_s`` before that)."""
+        catalog = self._catalog(name, max_age_s=self._refresh_s - ahead_s)
         try:
             return self._lookup(catalog, name, ref)
         except (UnknownModel, UnknownVersion):
@@ -81,10 +87,11 @@ class Registry(Generic[M]):
                 raise
             return self._lookup(fresher, name, ref)
 
-    def needs_refresh(self, name: str) -> bool:
-        """True when the view of ``name`` is missing or older than ``refresh_s`` (:meth:`resolve` renews it)."""
+    def needs_refresh(self, name: str, *, ahead_s: float = 0.0) -> bool:
+        """True when the view of ``name`` is missing or older than ``refresh_s`` (:meth:`resolve` renews it),
+        or will be within ``ahead_s``."""
         cached = self._catalogs.get(name)
-        return cached is None or self._clock() - cached.fetched_at >= self._refresh_s
+        return cached is None or self._clock() - cached.fetched_at >= self._refresh_s - ahead_s
 
     def known_version(self, name: str, ref: VersionRef) -> int | None:
         """The version ``ref`` names in the last view of the store, without asking the store; ``None``

@@ -27,6 +27,10 @@ ERROR_KEPT_S = 1.0
 REFRESH_WAIT_S = 1.0
 """How long jobs wait for a due refresh of ``latest`` and aliases (so a moved alias is seen within the
 refresh interval) before the last view serves them anyway (the store is slow or silent)."""
+REFRESH_AHEAD = 0.2
+"""A view of ``latest`` and aliases is renewed in the background once it is this share of the refresh
+interval from due, and serves jobs meanwhile: with a store that answers in time, no job ever waits for a
+refresh (an S3 LIST takes tens of milliseconds, every interval)."""
 
 Key = tuple[str, VersionRef]
 Ready = tuple[int, Manifest, LoadedModel]
@@ -42,6 +46,7 @@ class ModelFetcher:
         self._fetching: dict[Key, float] = {}  # key → when its fetch was asked for
         self._errors: dict[Key, tuple[JobError, float]] = {}
         self._lock = threading.Lock()
+        self._ahead_s = registry.refresh_s * REFRESH_AHEAD
         threading.Thread(target=self._fetch_forever, name="inferq-models", daemon=True).start()
 
     def lookup(self, name: str, ref: VersionRef) -> Ready | None:
@@ -51,8 +56,10 @@ class ModelFetcher:
             failed = self._errors.get((name, ref))
         if failed is not None and time.monotonic() - failed[1] < ERROR_KEPT_S:
             raise failed[0]
-        if self.registry.needs_refresh(name) and self._fetch((name, ref)) < REFRESH_WAIT_S:
-            return None  # a refresh is due: wait for it a little (bounded staleness), not for ever
+        if self.registry.needs_refresh(name, ahead_s=self._ahead_s):
+            asked_s = self._fetch((name, ref))
+            if self.registry.needs_refresh(name) and asked_s < REFRESH_WAIT_S:
+                return None  # a refresh is due: wait for it a little (bounded staleness), not for ever
         version = self.registry.known_version(name, ref)
         loaded = self.registry.loaded_model(name, version) if version is not None else None
         if version is None or loaded is None:
@@ -85,7 +92,7 @@ class ModelFetcher:
     def _fetch_one(self, key: Key) -> None:
         name, ref = key
         try:
-            version = self.registry.resolve(name, ref)
+            version = self.registry.resolve(name, ref, ahead_s=self._ahead_s)
             self.registry.get(name, version)
         except JobError as error:
             with self._lock:
