@@ -59,6 +59,8 @@ PROCESSING_THREADS = 1
 """Units of work in flight at once. One: measured against two (one computing while the other stores),
 one thread does as well or better under the GIL, with fewer handoffs (see the commit that set it)."""
 GC_EVERY_S = 60.0
+CLOSE_WAIT_S = 10.0
+"""How long a worker that stopped with its work settled waits for the drift counting of its last unit."""
 HOLD_RETRY_S = 1.0
 """How soon a job held for an unreachable model or result store is tried again."""
 SUSPECT_DELIVERIES = 2
@@ -112,10 +114,14 @@ class ProcessingThreads:
         """Run ``work`` on a free thread."""
         self._work.put(work)
 
-    def close(self) -> None:
-        """Let the threads end once idle (not waited for)."""
+    def close(self, wait_s: float) -> None:
+        """Let the threads end once idle, waiting up to ``wait_s`` for them (one stuck in a run is left
+        behind: a daemon thread never delays the process's exit)."""
         for _ in self._threads:
             self._work.put(None)
+        deadline = time.monotonic() + wait_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _serve(self) -> None:
         while (work := self._work.get()) is not None:
@@ -176,7 +182,10 @@ class Worker:
         try:
             self.consumer.run()
         finally:
-            self._threads.close()  # NOTE: not joined: after a forced stop one may be stuck in a run
+            # Settled: only the last unit's drift counting may still run, and it is waited for. NOTE: not
+            # after a forced stop or a failure: a thread may be stuck in a run or a store retry.
+            settled = not self._units and not self.counters.forced
+            self._threads.close(CLOSE_WAIT_S if settled else 0.0)
             # Monitoring seam: the open window and the pending shadow pairs, so a short run shows at once.
             if self.processor.monitor is not None:
                 self.processor.monitor.flush()
@@ -319,6 +328,8 @@ class Worker:
             except Exception as exc:  # the store unavailable while stopping, or a bug: nothing is acked
                 done = exc
             self.consumer.call_threadsafe(partial(self._on_processed, done, batches, ready))
+            if not isinstance(done, BaseException):
+                self.processor.observe(done)  # drift counting: after the results left, not before
 
         self._threads.submit(unit)
 
@@ -329,6 +340,7 @@ class Worker:
     ) -> None:
         self._units -= 1
         self._alone = False
+        self._flush()  # the processing thread takes the next unit while these results go out
         if isinstance(done, BaseException):
             log.error("batch_not_completed", error=f"{type(done).__name__}: {done}")
             for delivery in [i.delivery for b in batches for i in b.items] + [o.delivery for o in ready]:
@@ -349,7 +361,6 @@ class Worker:
                 self._hold(pending)
             if self.processor.shadow is not None:  # shadow seam: results stored and published first
                 self.processor.shadow.release()
-        self._flush()
         self._after_settled()
 
     def _count(self, outcome: Outcome) -> None:

@@ -215,13 +215,12 @@ class Processor:
 
     def process(self, batches: Sequence[Batch[ModelKey, Pending]], ready: list[Outcome]) -> Processed:
         """Results for every job of ``batches`` plus the ``ready`` ones, all stored when this returns;
-        jobs whose model or stored result cannot be read now come back in ``held``."""
+        jobs whose model or stored result cannot be read now come back in ``held``. Drift is counted
+        afterwards, by :meth:`observe`, once the results are on their way."""
         done = Processed(outcomes=list(ready))
         for batch in batches:
             self._process_batch(batch, done)
         self._store(done)
-        if done.observed:
-            self._observe(done)
         return done
 
     def _process_batch(self, batch: Batch[ModelKey, Pending], done: Processed) -> None:
@@ -355,12 +354,12 @@ class Processor:
                 kept.append(Outcome(outcome.delivery, earlier, counted=False))
         done.outcomes = kept
 
-    def _observe(self, done: Processed) -> None:
-        """Count for drift the jobs whose result this delivery stored. A job whose id already had a result
+    def observe(self, done: Processed) -> None:
+        """Count for drift the jobs whose result :meth:`process` stored. A job whose id already had a result
         (it ran before, and that result is what goes out) was counted when that result was stored; a unit
         whose results could not be stored never gets here, and its jobs are counted when they are."""
         monitor = self.monitor
-        if monitor is None:
+        if monitor is None or not done.observed:
             return
         stored = {id(o.delivery) for o in done.outcomes if o.counted}
         for seen in done.observed:

@@ -70,9 +70,11 @@ def monitored(tmp_path: Path, models: Models) -> tuple[Processor, Monitor, Fails
 
 
 def process(processor: Processor, unit: Batch[tuple[str, int | str], Pending]) -> Processed:
-    """Process like the worker does: jobs held while the model is fetched are tried again."""
+    """Process like the worker does: jobs held while the model is fetched are tried again, and drift is
+    counted once the unit's results are stored."""
     for _ in range(100):
         done = processor.process([unit], [])
+        processor.observe(done)
         if not done.held:
             return done
         time.sleep(0.05)
