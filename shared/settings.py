@@ -85,7 +85,7 @@ class WorkerSettings(InferqSettings):
     """Settings of an ``inferq worker`` process."""
 
     max_batch_rows: Annotated[int, Field(ge=1, le=65536)] = 256
-    max_wait_ms: Annotated[float, Field(ge=0, le=60_000)] = 2.0
+    max_wait_ms: Annotated[float, Field(ge=0, le=60_000)] = 0.0
     # Deliveries stay unacked until their results are stored and confirmed: the window must cover a whole
     # batch being processed plus one waiting on confirms, or the worker idles between batches.
     prefetch: Annotated[int, Field(ge=1, le=65535)] = 2048

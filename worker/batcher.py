@@ -4,7 +4,8 @@ rule for *when* to take them.
 The rule: take everything as soon as the stream pauses, unless the previous take was less than
 ``max_wait_ms`` ago, in which case hold the batches until then (or until one is full). So a job that
 arrives alone runs at once, and a sustained stream is coalesced into fewer, larger batches, each job
-waiting at most ``max_wait_ms``.
+waiting at most ``max_wait_ms``. With 0 (the worker's default) nothing waits: a batch is what arrived
+together, or while the previous batch ran, which is how batches grow under load.
 """
 
 from __future__ import annotations

@@ -68,3 +68,14 @@ def test_a_full_batch_does_not_wait(clock: Clock) -> None:
     for i in range(3):
         batcher.add("m", i, rows=1)
     assert batcher.due_in() == 0.0
+
+
+def test_with_no_wait_a_stream_is_due_at_once_and_what_arrived_together_is_one_batch(clock: Clock) -> None:
+    batcher: Batcher[str, str] = Batcher(max_batch_rows=256, max_wait_ms=0, clock=clock)
+    batcher.add("m", "a", rows=1)
+    batcher.take_all()
+    clock.now += 0.0001
+    batcher.add("m", "b", rows=1)
+    batcher.add("m", "c", rows=1)
+    assert batcher.due_in() == 0.0
+    assert [b.items for b in batcher.take_all()] == [["b", "c"]]
