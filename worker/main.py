@@ -53,6 +53,7 @@ from worker.processor import ModelKey, Outcome, Pending, Processed, Processor
 from worker.publishing import ResultMessage, ResultPublisher
 from worker.runner import Limits, LoadedModel, Watchdog, check_providers, load_model
 from worker.shadow import Shadow
+from worker.waiting import Waiting
 
 log = get_logger(__name__)
 PROCESSING_THREADS = 1
@@ -154,7 +155,7 @@ class Worker:
         limits = Limits(settings.max_rows_per_job, settings.max_elements_per_tensor)
         watchdog = Watchdog(settings.job_timeout_s)
         # A model fetched in the background: its held jobs are tried again at once.
-        models = ModelFetcher(registry, on_fetched=lambda: self.consumer.call_threadsafe(self._release_held))
+        models = ModelFetcher(registry, on_fetched=lambda: self.consumer.call_threadsafe(self._held.retry_now))
         self.processor = Processor(
             models, store, limits, self.name, self._stopping, settings.store_retry_max_s, watchdog, monitor, shadow
         )
@@ -163,14 +164,17 @@ class Worker:
         )
         self._ready: list[Outcome] = []  # results known without running (rejected, expired)
         self._suspects: list[Pending] = []  # from the retry queue: each runs alone
-        self._held: list[Pending] = []  # jobs waiting for their model (or stored result) to be readable
-        self._hold_timer: object | None = None
         self._threads = ProcessingThreads(PROCESSING_THREADS)
         self._units = 0  # units of work at the processing threads
         self._alone = False  # a suspect is running: nothing else may
         self._flush_timer: object | None = None
         self._acks = AckWindow()
         self._ack_timer: object | None = None
+        # Jobs whose model (or stored result) cannot be read now: held, tried again in a second or as
+        # soon as a fetch finished; on stop, handed back (another worker may reach the store).
+        self._held: Waiting[Pending] = Waiting(
+            self.consumer, self._acks, self._batch, lambda: HOLD_RETRY_S, self._finished, self._stopping.is_set
+        )
         self._results = ResultPublisher(
             self.consumer, self._acks, self._finished, self._stopping.is_set, self.counters.publish_refused
         )
@@ -221,7 +225,7 @@ class Worker:
         self._stopping.set()
         self.consumer.call_later(self.settings.shutdown_grace_s, self._grace_expired)
         self.consumer.cancel(self._after_settled)
-        self._release_held()  # handed back: another worker may reach their store
+        self._held.hand_back()  # another worker may reach their store
         self._results.hand_back()  # refused result publishes: stored, so another worker sends them
         self._flush()
 
@@ -282,6 +286,7 @@ class Worker:
             self._suspects.append(pending)
         else:
             self._batcher.add((pending.job.model, pending.job.version), pending, pending.job.rows)
+        self._schedule_flush(0.0)
 
     def _dead_letter(self, delivery: Delivery, reason: str) -> None:
         log.warning("job_dead_lettered", message_id=delivery.message_id, reason=reason)
@@ -358,7 +363,9 @@ class Worker:
             for rejection in done.rejections:
                 self._dead_letter(rejection.delivery, rejection.reason)
             for pending in done.held:
-                self._hold(pending)
+                self._held.add(pending.delivery, pending)
+            if done.held:
+                self._schedule_acks()  # the deliveries after a held one are acked meanwhile
             if self.processor.shadow is not None:  # shadow seam: results stored and published first
                 self.processor.shadow.release()
         self._after_settled()
@@ -370,36 +377,6 @@ class Worker:
             self.counters.succeeded += 1
         else:
             self.counters.failed += 1
-
-    def _hold(self, pending: Pending) -> None:
-        """The model or result store cannot answer for this job now: keep it (unacked, so nothing is
-        lost and no delivery attempt is spent) and try again soon, without holding up the acks of
-        other jobs. On stop, it goes back to the queue."""
-        delivery = pending.delivery
-        if self._stopping.is_set():
-            self._finished(delivery, ok=False)
-            return
-        self._acks.hold(delivery.epoch, delivery.tag)
-        self._held.append(pending)
-        if self._hold_timer is None:
-            self._hold_timer = self.consumer.call_later(HOLD_RETRY_S, self._release_held)
-        self._schedule_acks()
-
-    def _release_held(self) -> None:
-        """Try held jobs again (a model was fetched, or the retry time came); on stop, hand them back."""
-        if self._hold_timer is not None:
-            self.consumer.cancel_timer(self._hold_timer)
-            self._hold_timer = None
-        held, self._held = self._held, []
-        for pending in held:
-            delivery = pending.delivery
-            if self._stopping.is_set():
-                self._finished(delivery, ok=False)
-            elif self.consumer.is_current(delivery):
-                self._acks.release(delivery.epoch, delivery.tag)
-                self._batch(pending)
-        if held:
-            self._schedule_flush(0.0)
 
     # -- 4. ack (I/O thread) ----------------------------------------------------------------------
 
@@ -441,7 +418,7 @@ class Worker:
         self._batcher.take_all()
         self._ready = []
         self._suspects = []
-        self._held = []
+        self._held.forget()
         self._results.forget()
         if self._flush_timer is not None:
             self.consumer.cancel_timer(self._flush_timer)

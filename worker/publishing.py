@@ -19,6 +19,7 @@ from shared.amqp import Backoff
 from shared.logging import get_logger
 from worker.acks import AckWindow
 from worker.consumer import Consumer, Delivery
+from worker.waiting import Waiting
 
 log = get_logger(__name__)
 
@@ -38,7 +39,7 @@ class ResultMessage:
 
 
 class ResultPublisher:
-    """Publishes results with confirms; a refused one is held and published again (I/O thread only)."""
+    """Publishes results with confirms; a refused one waits and is published again (I/O thread only)."""
 
     def __init__(
         self,
@@ -49,13 +50,12 @@ class ResultPublisher:
         on_refused: Callable[[], None],
     ) -> None:
         self._consumer = consumer
-        self._acks = acks
         self._finished = finished
-        self._stopping = stopping
-        self._refused: list[ResultMessage] = []
-        self._timer: object | None = None
         self._on_refused = on_refused
         self._backoff = Backoff(base_s=0.2, cap_s=REPUBLISH_MAX_S)
+        self._refused: Waiting[ResultMessage] = Waiting(
+            consumer, acks, self.publish, self._next_try_s, finished, stopping
+        )
 
     def publish(self, message: ResultMessage) -> None:
         """Publish ``message``; its delivery is finished once the broker confirms it."""
@@ -72,41 +72,19 @@ class ResultPublisher:
             self._backoff.reset()
             self._finished(message.delivery, True)
             return
-        delivery = message.delivery
-        if not self._consumer.is_current(delivery):
-            return  # its channel is gone: the broker redelivers the job, and the stored result goes out then
-        if self._stopping():
-            self._finished(delivery, False)  # handed back: whoever takes it publishes the stored result
-            return
         self._on_refused()
-        self._acks.hold(delivery.epoch, delivery.tag)
-        self._refused.append(message)
-        if self._timer is None:
-            delay_s = self._backoff.next_delay()
-            log.warning("result_publish_refused", job_id=message.job_id, retry_in_s=round(delay_s, 3))
-            self._timer = self._consumer.call_later(delay_s, self._again)
+        self._refused.add(message.delivery, message)
 
-    def _again(self) -> None:
-        self._timer = None
-        refused, self._refused = self._refused, []
-        for message in refused:
-            self._acks.release(message.delivery.epoch, message.delivery.tag)
-            self.publish(message)
+    def _next_try_s(self) -> float:
+        delay_s = self._backoff.next_delay()
+        log.warning("result_publish_refused", refused=len(self._refused) + 1, retry_in_s=round(delay_s, 3))
+        return delay_s
 
     def hand_back(self) -> None:
         """Stopping: the jobs of refused results go back to the queue (their results are stored, and
         whoever takes them again publishes those)."""
-        self._cancel_timer()
-        refused, self._refused = self._refused, []
-        for message in refused:
-            self._finished(message.delivery, False)
+        self._refused.hand_back()
 
     def forget(self) -> None:
         """The connection was lost: the broker redelivers every unacked job, these included."""
-        self._cancel_timer()
-        self._refused = []
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._consumer.cancel_timer(self._timer)
-            self._timer = None
+        self._refused.forget()

@@ -1,0 +1,95 @@
+"""Deliveries that wait for something outside the worker, without being lost or stalling the acks.
+
+A job whose model or stored result cannot be read now, and a result the broker refused to take, wait
+the same way. The delivery is *held* in the ack window, so the deliveries after it are still acked; what
+was being done for it is tried again after a delay (or at once, when what it waits for is back); a stop
+hands it back to the queue; a lost connection forgets it, because the broker redelivers every unacked
+delivery. Holding spends none of the job's delivery attempts, where handing it back would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
+
+from worker.acks import AckWindow
+from worker.consumer import Delivery
+
+T = TypeVar("T")
+
+
+class Loop(Protocol):
+    """What waiting needs of the consumer: its timers, and whether a delivery may still be acked."""
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> object: ...
+    def cancel_timer(self, handle: object) -> None: ...
+    def is_current(self, delivery: Delivery) -> bool: ...
+
+
+class Waiting(Generic[T]):
+    """Held deliveries, each with the work to try again: ``retry(item)`` after ``delay_s()``
+    (I/O thread only)."""
+
+    def __init__(
+        self,
+        loop: Loop,
+        acks: AckWindow,
+        retry: Callable[[T], None],
+        delay_s: Callable[[], float],
+        finished: Callable[[Delivery, bool], None],
+        stopping: Callable[[], bool],
+    ) -> None:
+        self._loop = loop
+        self._acks = acks
+        self._retry = retry
+        self._delay_s = delay_s
+        self._finished = finished
+        self._stopping = stopping
+        self._items: list[tuple[Delivery, T]] = []
+        self._timer: object | None = None
+
+    def __len__(self) -> int:
+        """Deliveries held now."""
+        return len(self._items)
+
+    def add(self, delivery: Delivery, item: T) -> None:
+        """Hold ``delivery`` and try ``item`` again later. While stopping it is handed back at once; one
+        of an earlier channel is left alone (the broker redelivers it)."""
+        if not self._loop.is_current(delivery):
+            return
+        if self._stopping():
+            self._finished(delivery, False)
+            return
+        self._acks.hold(delivery.epoch, delivery.tag)
+        self._items.append((delivery, item))
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._delay_s(), self.retry_now)
+
+    def retry_now(self) -> None:
+        """Try every held item again (what they wait for is back, or the delay passed); while
+        stopping, hand them back instead."""
+        self._cancel_timer()
+        items, self._items = self._items, []
+        for delivery, item in items:
+            if self._stopping():
+                self._finished(delivery, False)
+            elif self._loop.is_current(delivery):
+                self._acks.release(delivery.epoch, delivery.tag)
+                self._retry(item)
+
+    def hand_back(self) -> None:
+        """Stopping: every held delivery goes back to the queue, for another worker to finish."""
+        self._cancel_timer()
+        items, self._items = self._items, []
+        for delivery, _item in items:
+            self._finished(delivery, False)
+
+    def forget(self) -> None:
+        """The connection was lost: the broker redelivers every unacked delivery, these included."""
+        self._cancel_timer()
+        self._items = []
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._loop.cancel_timer(self._timer)
+            self._timer = None
