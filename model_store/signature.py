@@ -37,6 +37,13 @@ def check_inputs(job: Job, manifest: Manifest, limits: Limits) -> dict[str, Tens
     """The job's tensors by input name, their names, types, shapes and sizes checked against the model's
     signature (not their data: converting it is :meth:`Tensor.to_numpy`'s, or a whole batch's at once);
     raises a :class:`JobError`."""
+    if len(job.inputs) == 1 and len(manifest.inputs) == 1 and job.inputs[0].name == manifest.inputs[0].name:
+        # One input, the common case of a scikit-learn model: the same checks, without the sets.
+        tensor = job.inputs[0]
+        count = _check_tensor(tensor, manifest.inputs[0], limits)
+        if count > limits.max_rows_per_job:
+            raise TooLarge(f"job has {count} rows, above the limit of {limits.max_rows_per_job}")
+        return {tensor.name: tensor}
     given = {t.name: t for t in job.inputs}
     if len(given) != len(manifest.inputs) or any(spec.name not in given for spec in manifest.inputs):
         expected = {spec.name for spec in manifest.inputs}
