@@ -70,11 +70,12 @@ class ConfirmTracker:
     """Publisher confirms for one channel: maps delivery tags to callbacks, handles ``multiple`` acks,
     and reports a message the broker returned as unroutable as refused."""
 
-    def __init__(self, channel: Channel, on_streak: Callable[[int], None] | None = None) -> None:
+    def __init__(self, channel: Channel, on_streak: Callable[[int, float], None] | None = None) -> None:
         self._channel = channel
         self._on_streak = on_streak
         self.nack_streak = 0
         """Publishes refused in a row since the last one confirmed."""
+        self._streak_since: float | None = None  # when the first of them was refused (monotonic)
         self._next_tag = 1
         self._pending: OrderedDict[int, tuple[str | None, ConfirmCallback, float]] = OrderedDict()
         self._returned: set[str] = set()
@@ -132,10 +133,15 @@ class ConfirmTracker:
             if returned:
                 self._returned.discard(message_id)
             answers.append((callback, acked and not returned))
-        self.nack_streak = 0 if acked else self.nack_streak + len(answers)
+        if acked:
+            self.nack_streak, self._streak_since = 0, None
+        else:
+            self.nack_streak += len(answers)
+            self._streak_since = self._streak_since or time.monotonic()
         # Told before the callbacks run, so that a session being replaced takes no more publishes.
         if self._on_streak is not None:
-            self._on_streak(self.nack_streak)
+            since = self._streak_since
+            self._on_streak(self.nack_streak, 0.0 if since is None else time.monotonic() - since)
         _answer_all(answers)
 
     def fail_all(self) -> None:

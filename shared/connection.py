@@ -73,6 +73,12 @@ NACK_STREAK_LIMIT = 64
 """Nacks in a row, without an ack, after which a session is replaced (doubled after each replacement
 that brings no ack, so a full queue refusing publishes costs few reconnects)."""
 NACK_STREAK_LIMIT_CAP = 8192
+NACK_STREAK_S = 10.0
+"""Seconds of refusals in a row, without an ack, after which a session is replaced too (doubled with the
+count). A publisher that sends little, one job retried with backoff, never reaches the count; and a channel
+can go on refusing publishes to a quorum queue whose leader moved while a new channel is served at once
+(seen on RabbitMQ 3.10 just after a node was cut off from its cluster)."""
+NACK_STREAK_CAP_S = 600.0
 
 
 def connect_backoff() -> Backoff:
@@ -336,6 +342,7 @@ class Link:
         self._reopen = False
         self._recycling = False
         self._nack_limit = NACK_STREAK_LIMIT
+        self._nack_limit_s = NACK_STREAK_S
         self._watchdog: object | None = None
 
     @property
@@ -476,15 +483,18 @@ class Link:
 
     # -- a session the broker keeps refusing --------------------------------------------------------
 
-    def _on_nack_streak(self, nacks: int) -> None:
+    def _on_nack_streak(self, nacks: int, for_s: float) -> None:
         if nacks == 0:
-            self._nack_limit = NACK_STREAK_LIMIT  # an ack: the session works
+            self._nack_limit, self._nack_limit_s = NACK_STREAK_LIMIT, NACK_STREAK_S  # an ack: the session works
             return
         connection = self._connection
-        if nacks < self._nack_limit or self._recycling or connection is None or not connection.is_open:
+        if nacks < self._nack_limit and for_s < self._nack_limit_s:
+            return
+        if self._recycling or connection is None or not connection.is_open:
             return
         self._nack_limit = min(self._nack_limit * 2, NACK_STREAK_LIMIT_CAP)
-        self._replace(connection, "broker_refusing_publishes", nacks=nacks)
+        self._nack_limit_s = min(self._nack_limit_s * 2, NACK_STREAK_CAP_S)
+        self._replace(connection, "broker_refusing_publishes", nacks=nacks, refused_for_s=round(for_s, 1))
 
     def _replace(self, connection: pika.SelectConnection, event: str, **fields: object) -> None:
         log.warning(event, url=self._endpoint.shown, action="new session", **fields)

@@ -242,11 +242,6 @@ def test_a_node_cut_off_from_the_others_pauses_and_its_clients_move(
     finish_and_audit(env, load, workers, cluster)
 
 
-@pytest.mark.xfail(
-    reason="fails in most runs after the module's other tests, passes alone: the worker moves, but the test's own "
-    "publish through a majority node is refused for 60 s right after the cut; not yet understood",
-    strict=False,
-)
 def test_an_idle_worker_on_a_node_cut_off_from_the_others_moves_to_the_majority(
     tmp_path: Path, models: Models, cluster: PrivateCluster
 ) -> None:
@@ -263,6 +258,8 @@ def test_an_idle_worker_on_a_node_cut_off_from_the_others_moves_to_the_majority(
         logged(worker, "broker_reconnected", timeout_s=60)
         moved_s = time.monotonic() - cut_at
         # (not counted with consumers(): the queue keeps the cut-off node's consumer, suspected down)
+        # NOTE: right after the cut, a channel can go on refusing this publish although the queue has a
+        # leader again (RabbitMQ 3.10); the producer's session is replaced after 10 s of refusals.
         job = make_job(models.X[:1])
         env.submit([job])
         wait_for(lambda: job.id in env.stored(), timeout_s=30)
