@@ -73,8 +73,16 @@ class PrivateBroker:
                 return
             except pika.exceptions.AMQPError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"private RabbitMQ {self.node} did not start; see {self.dir}/log") from None
+                    raise RuntimeError(f"private RabbitMQ {self.node} did not start:\n{self.log_tail()}") from None
                 time.sleep(0.2)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the node's own log (its directory is removed with the cluster, so the text is kept
+        in the failure)."""
+        logs = sorted((self.dir / "log").glob("*.log"), key=lambda p: p.stat().st_mtime)
+        if not logs:
+            return f"(no log in {self.dir / 'log'})"
+        return "\n".join(logs[-1].read_text(errors="replace").splitlines()[-lines:])
 
     def ctl(self, *args: str, timeout_s: float = 120) -> str:
         cookie = ["--erlang-cookie", self.cookie] if self.cookie else []
