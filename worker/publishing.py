@@ -72,8 +72,8 @@ class ResultPublisher:
             self._backoff.reset()
             self._finished(message.delivery, True)
             return
-        self._on_refused()
-        self._refused.add(message.delivery, message)
+        if self._refused.add(message.delivery, message):  # not when its channel is gone, or stopping
+            self._on_refused()
 
     def _next_try_s(self) -> float:
         delay_s = self._backoff.next_delay()

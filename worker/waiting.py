@@ -52,18 +52,19 @@ class Waiting(Generic[T]):
         """Deliveries held now."""
         return len(self._items)
 
-    def add(self, delivery: Delivery, item: T) -> None:
-        """Hold ``delivery`` and try ``item`` again later. While stopping it is handed back at once; one
-        of an earlier channel is left alone (the broker redelivers it)."""
+    def add(self, delivery: Delivery, item: T) -> bool:
+        """Hold ``delivery`` and try ``item`` again later (``True``). While stopping it is handed back at
+        once; one of an earlier channel is left alone, since the broker redelivers it (``False``)."""
         if not self._loop.is_current(delivery):
-            return
+            return False
         if self._stopping():
             self._finished(delivery, False)
-            return
+            return False
         self._acks.hold(delivery.epoch, delivery.tag)
         self._items.append((delivery, item))
         if self._timer is None:
             self._timer = self._loop.call_later(self._delay_s(), self.retry_now)
+        return True
 
     def retry_now(self) -> None:
         """Try every held item again (what they wait for is back, or the delay passed); while

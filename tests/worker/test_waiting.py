@@ -73,7 +73,7 @@ def test_a_held_delivery_does_not_stop_the_acks_of_later_ones_and_is_tried_again
     world.finish(1, 2, 3)
 
     # Given the first delivery waits for its model store
-    world.waiting.add(first, "job-0")
+    assert world.waiting.add(first, "job-0")
 
     # Then the others are acked one by one, and the held one stays
     assert world.acks.take() == Acks(None, [d.tag for d in rest])
@@ -101,7 +101,7 @@ def test_a_stop_hands_every_held_delivery_back_and_later_ones_go_back_at_once() 
     world.waiting.add(world.deliveries[1], "b")
     world.stopping = True
     world.waiting.hand_back()
-    world.waiting.add(world.deliveries[2], "c")
+    assert not world.waiting.add(world.deliveries[2], "c")
     assert world.handed_back == [d.tag for d in world.deliveries[:3]]
     assert world.retried == [] and not world.loop.timers and len(world.waiting) == 0
 
@@ -122,6 +122,6 @@ def test_a_lost_connection_forgets_held_deliveries_and_an_old_channel_s_delivery
 
     # Given a new channel: a delivery of the old one is neither held nor tried again
     world.loop.epoch = 2
-    world.waiting.add(world.deliveries[1], "b")
+    assert not world.waiting.add(world.deliveries[1], "b")
     world.waiting.retry_now()
     assert world.retried == [] and world.handed_back == [] and len(world.waiting) == 0
