@@ -334,7 +334,10 @@ class Worker:
                 done = exc
             self.consumer.call_threadsafe(partial(self._on_processed, done, batches, ready))
             if not isinstance(done, BaseException):
-                self.processor.observe(done)  # drift counting: after the results left, not before
+                try:
+                    self.processor.observe(done)  # drift counting: after the results left, not before
+                except Exception as exc:  # a bug in counting must not end the processing thread
+                    log.error("drift_counting_failed", error=f"{type(exc).__name__}: {exc}")
 
         self._threads.submit(unit)
 

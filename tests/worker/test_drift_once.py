@@ -9,7 +9,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from support import Models, make_job, pending_batch
+from support import Env, Models, make_job, pending_batch
 
 from model_store.base import publish
 from model_store.local import LocalModelStore
@@ -124,3 +124,24 @@ def test_jobs_whose_ids_already_have_results_are_not_counted_again(
     # Then their stored results go out again and the counts stay those of the twelve jobs
     assert not any(o.counted for o in again.outcomes + redelivered.outcomes)
     assert counted_rows(monitor, tmp_path) == 12
+
+
+def test_a_failure_in_drift_counting_is_logged_and_the_worker_goes_on(
+    env: Env, models: Models, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Given a monitored model whose drift counting fails on every batch
+    publish(env.store, "iris", models.forest_onnx, reference=(models.X, list("abcd")))
+
+    def broken(*_args: object) -> None:
+        raise ValueError("a bug in counting")
+
+    monkeypatch.setattr(Monitor, "observe", broken)
+    jobs = [make_job(models.X[i : i + 1]) for i in range(300)]
+    env.submit(jobs)
+
+    # When a worker drains the queue, a few jobs at a time (many units, many failed counts)
+    counters = env.drain(prefetch=20)
+
+    # Then every job got its result, and the failure was said
+    assert counters.succeeded == len(jobs) and set(env.stored()) == {j.id for j in jobs}
+    assert "drift_counting_failed" in "".join(capfd.readouterr())
