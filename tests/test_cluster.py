@@ -129,7 +129,12 @@ def jobs_for(models: Models, count: int = JOBS) -> list[Job]:
 
 def finish_and_audit(env: Env, load: Load, workers: list[WorkerProcess], cluster: PrivateCluster) -> None:
     load.finish()
-    wait_for(lambda: len(env.stored()) >= len(load.jobs), timeout_s=240)
+    try:
+        wait_for(lambda: len(env.stored()) >= len(load.jobs), timeout_s=240)
+    except AssertionError:
+        depths = {q: env.depth(q) for q in (env.jobs_queue, f"{env.jobs_queue}.retry", f"{env.jobs_queue}.dlq")}
+        tails = "\n\n".join(w.log[-4000:] for w in workers)
+        raise AssertionError(f"{len(env.stored())} of {len(load.jobs)} stored; depths {depths}\n{tails}") from None
     for worker in workers:
         worker.signal(signal.SIGTERM)
     assert [w.wait(120) for w in workers] == [0] * len(workers), [w.log[-3000:] for w in workers]
