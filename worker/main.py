@@ -369,6 +369,9 @@ class Worker:
                 self._held.add(pending.delivery, pending)
             if done.held:
                 self._schedule_acks()  # the deliveries after a held one are acked meanwhile
+                if self.processor.models.fetched != done.fetched:
+                    # A fetch finished while the unit ran: its wake-up came before these jobs were held.
+                    self._held.retry_now()
             if self.processor.shadow is not None:  # shadow seam: results stored and published first
                 self.processor.shadow.release()
         self._after_settled()

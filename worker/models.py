@@ -47,6 +47,8 @@ class ModelFetcher:
         self._errors: dict[Key, tuple[JobError, float]] = {}
         self._lock = threading.Lock()
         self._ahead_s = registry.refresh_s * REFRESH_AHEAD
+        self.fetched = 0
+        """Fetches finished so far (each one is followed by ``on_fetched``)."""
         threading.Thread(target=self._fetch_forever, name="inferq-models", daemon=True).start()
 
     def lookup(self, name: str, ref: VersionRef) -> Ready | None:
@@ -87,6 +89,7 @@ class ModelFetcher:
             finally:
                 with self._lock:
                     self._fetching.pop(key, None)
+                    self.fetched += 1
                 self.on_fetched()
 
     def _fetch_one(self, key: Key) -> None:

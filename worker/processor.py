@@ -92,6 +92,8 @@ class Processed:
     held: list[Pending] = field(default_factory=list)
     runs: list[BatchRun] = field(default_factory=list)
     observed: list[Observed] = field(default_factory=list)
+    fetched: int = 0
+    """The model fetcher's count of finished fetches when the unit began."""
 
 
 class StoreUnavailable(Exception):
@@ -217,7 +219,7 @@ class Processor:
         """Results for every job of ``batches`` plus the ``ready`` ones, all stored when this returns;
         jobs whose model or stored result cannot be read now come back in ``held``. Drift is counted
         afterwards, by :meth:`observe`, once the results are on their way."""
-        done = Processed(outcomes=list(ready))
+        done = Processed(outcomes=list(ready), fetched=self.models.fetched)
         for batch in batches:
             self._process_batch(batch, done)
         self._store(done)
