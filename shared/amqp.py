@@ -17,6 +17,7 @@ import pika.exceptions
 from pika.channel import Channel
 
 from shared.errors import BrokerRefused
+from shared.frames import PublishFrames
 from shared.topology import ALL_RESULTS, QueueSpec
 
 PRECONDITION_FAILED = 406
@@ -79,6 +80,7 @@ class ConfirmTracker:
         self._next_tag = 1
         self._pending: OrderedDict[int, tuple[str | None, ConfirmCallback, float]] = OrderedDict()
         self._returned: set[str] = set()
+        self._frames: PublishFrames | None = None
         channel.confirm_delivery(ack_nack_callback=self._on_confirm)
         channel.add_on_return_callback(self._on_return)
 
@@ -109,6 +111,34 @@ class ConfirmTracker:
         tag = self._next_tag
         self._next_tag += 1
         self._pending[tag] = (properties.message_id if mandatory else None, on_confirm, time.monotonic())
+
+    def publish_json(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        message_id: str,
+        correlation_id: str | None,
+        on_confirm: ConfirmCallback,
+    ) -> None:
+        """What :meth:`publish` does for a persistent JSON message that is not mandatory (a result), in
+        a fraction of the time: the frames are packed by :class:`PublishFrames`, not by pika."""
+        channel = self._channel
+        connection = channel.connection
+        try:
+            if not channel.is_open or connection.is_closed:
+                raise pika.exceptions.ChannelWrongStateError("Channel is closed.")
+            if self._frames is None:
+                # NOTE: pika's own limit for a body frame on this connection, set once the broker tuned it.
+                self._frames = PublishFrames(channel.channel_number, CONTENT_TYPE, connection._body_max_length)
+            data = self._frames.encode(exchange, routing_key, body, message_id, correlation_id)
+        except pika.exceptions.AMQPError:
+            connection.ioloop.call_later(0, partial(on_confirm, False))  # as in publish: never a tag
+            return
+        connection._output_marshaled_frames((data,))
+        tag = self._next_tag
+        self._next_tag += 1
+        self._pending[tag] = (None, on_confirm, time.monotonic())
 
     def _on_return(self, _channel: Channel, _method: Any, properties: pika.BasicProperties, _body: bytes) -> None:
         # NOTE: basic.return always arrives before the basic.ack of the same message.

@@ -18,8 +18,6 @@ from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
 from shared.amqp import (
-    CONTENT_TYPE,
-    PERSISTENT,
     PUBLISHED_MS_HEADER,
     ConfirmCallback,
     ConfirmTracker,
@@ -276,16 +274,10 @@ class Consumer:
         if not self.is_current(delivery) or self._confirms is None:
             on_confirm(False)
             return
-        props = BasicProperties(
-            content_type=CONTENT_TYPE,
-            delivery_mode=PERSISTENT,
-            message_id=job_id,
-            correlation_id=delivery.correlation_id,
-        )
         # Not mandatory: a result notification nobody is bound to is not an error, the result is stored.
-        exchange = self.settings.results_exchange_name
+        exchange, correlation_id = self.settings.results_exchange_name, delivery.correlation_id
         if not delivery.reply_to:
-            self._confirms.publish(routing_key, body, props, on_confirm, mandatory=False, exchange=exchange)
+            self._confirms.publish_json(exchange, routing_key, body, job_id, correlation_id, on_confirm)
             return
         waiting = {"count": 2, "ok": True}
 
@@ -295,9 +287,9 @@ class Consumer:
             if waiting["count"] == 0:
                 on_confirm(bool(waiting["ok"]))
 
-        self._confirms.publish(routing_key, body, props, both, mandatory=False, exchange=exchange)
+        self._confirms.publish_json(exchange, routing_key, body, job_id, correlation_id, both)
         # The caller may have gone away: an unroutable reply is not an error, the result is stored.
-        self._confirms.publish(delivery.reply_to, body, props, both, mandatory=False)
+        self._confirms.publish_json("", delivery.reply_to, body, job_id, correlation_id, both)
 
     def dead_letter(self, delivery: Delivery, reason: str, on_confirm: ConfirmCallback) -> None:
         """Copy the message, body unchanged, to the dead-letter queue with ``reason`` in a header."""
