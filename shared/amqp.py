@@ -81,6 +81,7 @@ class ConfirmTracker:
         self._pending: OrderedDict[int, tuple[str | None, ConfirmCallback, float]] = OrderedDict()
         self._returned: set[str] = set()
         self._frames: PublishFrames | None = None
+        self._unsent: list[bytes] = []  # publish_json's frames, written together at the end of the loop pass
         channel.confirm_delivery(ack_nack_callback=self._on_confirm)
         channel.add_on_return_callback(self._on_return)
 
@@ -101,6 +102,7 @@ class ConfirmTracker:
         """Publish (on the default exchange unless told otherwise); ``on_confirm`` runs once the broker
         answers (with ``False``, from the I/O loop, when pika could not even send it, e.g. on a connection
         that is closing)."""
+        self._write_unsent()  # NOTE: the broker numbers publishes in the order it reads them
         try:
             self._channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
         except pika.exceptions.AMQPError:
@@ -122,7 +124,9 @@ class ConfirmTracker:
         on_confirm: ConfirmCallback,
     ) -> None:
         """What :meth:`publish` does for a persistent JSON message that is not mandatory (a result), in
-        a fraction of the time: the frames are packed by :class:`PublishFrames`, not by pika."""
+        a fraction of the time: the frames are packed by :class:`PublishFrames`, not by pika, and those of
+        every such publish of one pass of the I/O loop leave in one write (one system call, not one per
+        message)."""
         channel = self._channel
         connection = channel.connection
         try:
@@ -135,10 +139,23 @@ class ConfirmTracker:
         except pika.exceptions.AMQPError:
             connection.ioloop.call_later(0, partial(on_confirm, False))  # as in publish: never a tag
             return
-        connection._output_marshaled_frames((data,))
+        if not self._unsent:
+            connection.ioloop.call_later(0, self._write_unsent)
+        self._unsent.append(data)
         tag = self._next_tag
         self._next_tag += 1
         self._pending[tag] = (None, on_confirm, time.monotonic())
+
+    def _write_unsent(self) -> None:
+        if not self._unsent:
+            return
+        data = b"".join(self._unsent)
+        self._unsent.clear()
+        channel = self._channel
+        # NOTE: frames for a channel that is closing would make the broker close the whole connection.
+        # Not sent, they are answered as refused once the channel is closed (fail_all).
+        if channel.is_open and not channel.connection.is_closed:
+            channel.connection._output_marshaled_frames((data,))
 
     def _on_return(self, _channel: Channel, _method: Any, properties: pika.BasicProperties, _body: bytes) -> None:
         # NOTE: basic.return always arrives before the basic.ack of the same message.
@@ -176,6 +193,7 @@ class ConfirmTracker:
 
     def fail_all(self) -> None:
         """The channel is gone: every unconfirmed publish counts as refused."""
+        self._unsent.clear()
         pending, self._pending = self._pending, OrderedDict()
         _answer_all([(callback, False) for _message_id, callback, _sent_at in pending.values()])
 

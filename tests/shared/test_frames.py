@@ -8,6 +8,7 @@ import random
 import struct
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 import pika
@@ -253,3 +254,54 @@ def consume_and_republish(
     finally:
         connection.ioloop.close()
     return received, confirmed, connection.whole_deliveries
+
+
+def test_packed_and_pika_publishes_in_one_pass_are_confirmed_in_order(broker_is_up: None) -> None:
+    """publish_json's frames wait for the end of the loop pass; a publish through pika in between
+    writes them first, so the broker numbers every publish in the order it was made (else the answers
+    of a queue that refuses some would land on the wrong publishes)."""
+    bounded, unbounded = f"test-frames-bounded-{uuid.uuid4().hex}", f"test-frames-{uuid.uuid4().hex}"
+    answers: dict[int, bool] = {}
+
+    def on_channel(channel: Any) -> None:
+        tracker = ConfirmTracker(channel)
+
+        def publish_all() -> None:
+            for n in range(300):
+                answer = partial(answers.__setitem__, n)
+                if n % 3 == 1:
+                    tracker.publish(unbounded, b"{}", pika.BasicProperties(message_id=f"p{n}"), answer, mandatory=False)
+                else:
+                    tracker.publish_json("", bounded, b"{}", f"m{n}", None, answer)
+
+        arguments = {"x-max-length": 100, "x-overflow": "reject-publish"}
+        channel.queue_declare(
+            bounded,
+            arguments=arguments,
+            callback=lambda _f: channel.queue_declare(unbounded, callback=lambda _f: publish_all()),
+        )
+
+    def check() -> None:
+        if len(answers) == 300 or time.monotonic() > deadline:
+            connection.close()
+        else:
+            connection.ioloop.call_later(0.05, check)
+
+    deadline = time.monotonic() + 30
+    connection = _HearingConnection(
+        pika.URLParameters(AMQP_URL),
+        on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
+        on_close_callback=lambda *_: connection.ioloop.stop(),
+    )
+    connection.ioloop.call_later(0.05, check)
+    try:
+        connection.ioloop.start()
+    finally:
+        connection.ioloop.close()
+        blocking = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+        blocking.channel().queue_delete(bounded)
+        blocking.channel().queue_delete(unbounded)
+        blocking.close()
+    packed = [n for n in range(300) if n % 3 != 1]
+    expected = {n: True for n in range(300)} | {n: False for n in packed[100:]}  # the bounded queue took 100
+    assert answers == expected
