@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import orjson
 from pydantic import ValidationError
 
@@ -60,8 +61,8 @@ def decode_job(body: bytes, message_id: str | None, max_message_bytes: int) -> D
             return Rejected(message_id, None, None, error)
         return Undecodable(f"too_large: {error}")
     try:
-        fast = _fast_job(orjson.loads(body))
-    except (orjson.JSONDecodeError, RecursionError):
+        fast = _fast_job(_read_wire_job(body))
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         fast = None
     if fast is not None:
         return fast
@@ -74,65 +75,60 @@ def decode_job(body: bytes, message_id: str | None, max_message_bytes: int) -> D
         return _reject(b"", message_id, "JSON nested too deeply")
 
 
-_JOB_KEYS = frozenset({"id", "model", "version", "inputs", "parameters", "deadline"})
-_TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data"})
 _DATATYPES = {d.value: d for d in Datatype}
-_NUMBER_TYPES = frozenset({bool, int, float})
-_INT_LIMIT = float(2**63)
+_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+"""Integers pydantic and every reader agree on (beyond 64 bits, the precise path decides)."""
 
 
-def _fast_job(value: Any) -> Job | None:
-    """The job in ``value`` (parsed JSON) when it is plainly valid, built without pydantic's validation;
-    ``None`` when in any doubt, so the caller validates it the slow, precise way.
+class _WireTensor(msgspec.Struct, forbid_unknown_fields=True):
+    """A tensor as the fast path reads it: every field required, numbers only (strings, such as BYTES
+    data, take the precise path)."""
 
-    NOTE: every check here must be at least as strict as :class:`Job`'s own; ``None`` is always safe.
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
+    shape: Annotated[list[Annotated[int, msgspec.Meta(ge=0)]], msgspec.Meta(min_length=1, max_length=MAX_TENSOR_RANK)]
+    datatype: str
+    data: list[bool | _Int64 | float]
+
+
+class _WireJob(msgspec.Struct, forbid_unknown_fields=True):
+    """A job as the fast path reads it (a deadline, to be parsed, takes the precise path)."""
+
+    id: str
+    model: str
+    inputs: Annotated[list[_WireTensor], msgspec.Meta(min_length=1, max_length=MAX_INPUTS)]
+    version: int | str = LATEST
+    parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+    deadline: None = None
+
+
+_read_wire_job = msgspec.json.Decoder(_WireJob).decode
+
+
+def _fast_job(wire: _WireJob) -> Job | None:
+    """The :class:`Job` read by msgspec (types, lengths and bounds checked in C) when it is plainly
+    valid, built without pydantic's validation; ``None`` when in any doubt, so the caller validates it
+    the slow, precise way.
+
+    NOTE: every check here and in :class:`_WireJob` must be at least as strict as :class:`Job`'s own;
+    ``None`` is always safe.
     """
-    if type(value) is not dict or not value.keys() <= _JOB_KEYS:
+    version = wire.version
+    if not (is_valid_job_id(wire.id) and is_valid_name(wire.model)):
         return None
-    job_id, model, version = value.get("id"), value.get("model"), value.get("version", LATEST)
-    parameters = value.get("parameters", {})
-    if not (is_valid_job_id(job_id) and type(model) is str and is_valid_name(model)) or value.get("deadline"):
-        return None
-    if type(parameters) is not dict:
-        return None
-    if (type(version) is str and version != LATEST) or type(version) is int:
+    if version != LATEST:
         try:
             version = parse_version_ref(version)
         except ValueError:
             return None
-    elif version != LATEST:
-        return None
-    inputs = value.get("inputs")
-    if type(inputs) is not list or not 1 <= len(inputs) <= MAX_INPUTS:
-        return None
     tensors = []
-    for tensor in inputs:
-        built = _fast_tensor(tensor)
-        if built is None:
+    for tensor in wire.inputs:
+        datatype = _DATATYPES.get(tensor.datatype)
+        if datatype is None or len(tensor.data) != math.prod(tensor.shape):
             return None
-        tensors.append(built)
-    return trusted(Job, id=job_id, model=model, version=version, inputs=tensors, parameters=parameters, deadline=None)
-
-
-def _fast_tensor(value: Any) -> Tensor | None:
-    if type(value) is not dict or value.keys() != _TENSOR_KEYS:
-        return None
-    name, shape, datatype, data = value["name"], value["shape"], _DATATYPES.get(value["datatype"]), value["data"]
-    if type(name) is not str or not 1 <= len(name) <= MAX_NAME_LENGTH or datatype is None or type(data) is not list:
-        return None
-    if type(shape) is not list or not 1 <= len(shape) <= MAX_TENSOR_RANK:
-        return None
-    for dim in shape:
-        if type(dim) is not int or dim < 0:
-            return None
-    if len(data) != math.prod(shape):
-        return None
-    types = set(map(type, data))
-    if not types <= _NUMBER_TYPES:
-        return None  # strings (BYTES, or a mistake) and anything else: the precise path
-    if float in types and not (min(data) > -_INT_LIMIT and max(data) < _INT_LIMIT):
-        return None  # orjson reads integers beyond 64 bits as floats, pydantic as integers
-    return trusted(Tensor, name=name, shape=shape, datatype=datatype, data=data)
+        tensors.append(trusted(Tensor, name=tensor.name, shape=tensor.shape, datatype=datatype, data=tensor.data))
+    return trusted(
+        Job, id=wire.id, model=wire.model, version=version, inputs=tensors, parameters=wire.parameters, deadline=None
+    )
 
 
 def _reject(body: bytes, message_id: str | None, problem: str) -> Decoded:

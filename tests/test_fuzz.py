@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pika
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,9 +17,10 @@ from hypothesis import strategies as st
 from support import AMQP_URL, Env, Models
 
 from model_store.base import publish, set_alias
-from shared.codec import Rejected, Undecodable, decode_job
+from shared.codec import Rejected, Undecodable, _fast_job, _read_wire_job, decode_job
 from shared.messages import Job, Result
 from shared.topology import all_queues
+from worker.processor import job_digest
 
 LIMIT = 64 * 1024
 _ids = itertools.count()
@@ -110,6 +112,74 @@ def test_the_decoder_turns_every_message_into_a_value(message: tuple[bytes, str 
         assert str(decoded.error)
     if isinstance(decoded, Undecodable):
         assert message_id is None and decoded.reason
+
+
+number = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-(2**65), max_value=2**65),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+plain_job = st.fixed_dictionaries(
+    {
+        "id": st.sampled_from(["j-1", "a:b.c_d-9", "", "x" * 129, "x" * 128, "bad id", "j\n"]),
+        "model": st.sampled_from(["iris", "m.v2", "../etc", "", "a/b", "x" * 300]),
+        "inputs": st.lists(
+            st.fixed_dictionaries(
+                {
+                    "name": st.sampled_from(["X", "", "y" * 257]),
+                    "shape": st.lists(st.integers(min_value=-1, max_value=3), min_size=0, max_size=9),
+                    "datatype": datatype,
+                    "data": st.lists(number, max_size=9),
+                }
+            ),
+            min_size=0,
+            max_size=3,
+        ),
+    },
+    optional={
+        "version": st.sampled_from([1, 2, 0, -1, True, None, 1.0, "latest", "champion", "2", "v2", "../x", ""]),
+        "parameters": st.none() | st.dictionaries(st.text(max_size=4), json_value, max_size=3),
+        "deadline": st.none() | st.sampled_from(["", "2099-01-01T00:00:00Z"]),
+    },
+)
+
+
+def strict(job: Job) -> bytes:
+    """The job as JSON, 1 and 1.0 and True told apart (a result's job digest tells them apart too)."""
+    return json.dumps(job.model_dump(mode="json"), sort_keys=True).encode()
+
+
+@settings(max_examples=3000, deadline=None)
+@given(payload=plain_job | job_like.map(lambda p: {"id": "j-1", **p}))
+def test_the_fast_path_reads_a_job_exactly_as_the_contract_does(payload: dict[str, Any]) -> None:
+    """Whatever the fast path accepts, the contract (pydantic) accepts, and reads identically."""
+    body = json.dumps(payload).encode()
+    try:
+        fast = _fast_job(_read_wire_job(body))
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        fast = None
+    if fast is not None:
+        assert strict(fast) == strict(Job.model_validate_json(body))
+        assert job_digest(fast) == job_digest(Job.model_validate_json(body))
+    decoded = decode_job(body, None, LIMIT)
+    if isinstance(decoded, Job):
+        assert strict(decoded) == strict(Job.model_validate_json(body))
+
+
+def test_plain_jobs_take_the_fast_path() -> None:
+    """The common job (numbers, a name, maybe a version and parameters) never pays for pydantic."""
+    for data in ([0.5, -1.0, 2.25, 0.0], [1, 2, 3, 4], [True, False, True, True], [1, 2.5, True, -(2**63)]):
+        for version in (None, 3, "latest", "champion", "7"):
+            payload = {
+                "id": "j-1",
+                "model": "iris",
+                "inputs": [{"name": "X", "shape": [1, 4], "datatype": "FP32", "data": data}],
+            }
+            if version is not None:
+                payload |= {"version": version, "parameters": {"top_k": 2}}
+            job = _fast_job(_read_wire_job(json.dumps(payload).encode()))
+            assert job is not None, payload
+            assert strict(job) == strict(Job.model_validate(payload))
 
 
 @pytest.fixture(scope="module")
