@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 from enum import Enum
 
+from pika.data import decode_table
 from pika.exceptions import ShortStringTooLong
 from pika.spec import Basic, BasicProperties
 
@@ -165,8 +166,7 @@ def read_delivery(data: bytes) -> Delivered | Unread:
         chunks.append(data[position + 7 : end])
         remaining -= end - position - 7
         position, frames = end + 1, frames + 1
-    properties = BasicProperties()
-    properties.decode(data[start + 7 + _CONTENT_HEAD_SIZE : header])
+    properties = read_properties(data[start + 7 + _CONTENT_HEAD_SIZE : header])
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)  # b"" for an empty body
     return Delivered(position, frames, channel, deliver, properties, body)
 
@@ -204,3 +204,58 @@ def _frame(data: bytes, start: int, kind: int, channel: int, wait_for: int) -> i
     if end >= len(data):
         return Unread.PARTIAL if 0 <= size <= wait_for else Unread.OTHER
     return end if data[end] == _FRAME_END_BYTE else Unread.OTHER
+
+
+_SHORT, _OCTET, _TIMESTAMP, _TABLE = range(4)
+_PROPERTIES = (  # (flag, attribute, kind), in the order AMQP puts them on the wire
+    (1 << 15, "content_type", _SHORT),
+    (1 << 14, "content_encoding", _SHORT),
+    (1 << 13, "headers", _TABLE),
+    (1 << 12, "delivery_mode", _OCTET),
+    (1 << 11, "priority", _OCTET),
+    (1 << 10, "correlation_id", _SHORT),
+    (1 << 9, "reply_to", _SHORT),
+    (1 << 8, "expiration", _SHORT),
+    (1 << 7, "message_id", _SHORT),
+    (1 << 6, "timestamp", _TIMESTAMP),
+    (1 << 5, "type", _SHORT),
+    (1 << 4, "user_id", _SHORT),
+    (1 << 3, "app_id", _SHORT),
+    (1 << 2, "cluster_id", _SHORT),
+)
+_NONE = dict.fromkeys(name for _, name, _ in _PROPERTIES)
+_plans: dict[int, tuple[tuple[str, int], ...]] = {}
+_flags = struct.Struct(">H").unpack_from
+
+
+def read_properties(data: bytes) -> BasicProperties:
+    """What ``BasicProperties().decode(data)`` gives, decoding only the properties present: the
+    messages of a queue mostly share one set of them, so the list of what to decode is kept per set."""
+    flags = _flags(data, 0)[0]
+    plan = _plans.get(flags)
+    if plan is None:
+        if flags & 1:  # a second flag word: never sent by RabbitMQ, so pika's own decoder reads it
+            properties = BasicProperties()
+            properties.decode(data)
+            return properties
+        plan = tuple((name, kind) for flag, name, kind in _PROPERTIES if flags & flag)
+        _plans[flags] = plan  # at most 2**13 distinct sets: bounded
+    values = dict(_NONE)
+    offset = 2
+    for name, kind in plan:
+        if kind == _SHORT:
+            values[name], offset = _short_string(data, offset)
+        elif kind == _OCTET:
+            values[name] = data[offset]
+            offset += 1
+        elif kind == _TIMESTAMP:
+            values[name] = _tag(data, offset)[0]
+            offset += 8
+        else:
+            values[name], offset = decode_table(data, offset)
+    properties = _new(BasicProperties)
+    properties.__dict__ = values
+    return properties
+
+
+_new = object.__new__
