@@ -127,18 +127,25 @@ class SQLiteResultStore:
             self._connection = None
 
     def _put_locked(self, connection: sqlite3.Connection, results: Sequence[Result], created_at: str) -> list[Result]:
-        connection.execute("BEGIN IMMEDIATE")  # the write lock: nobody inserts between the lookup and ours
+        winners: dict[str, Result] = {}
+        for result in results:
+            winners.setdefault(result.id, result)  # the same id twice in one batch: the first is stored
+        connection.execute("BEGIN IMMEDIATE")  # the write lock: nobody inserts between ours and the lookup
         try:
-            earlier = self._lookup(connection, list({r.id for r in results}))
-            winners: dict[str, Result] = {}
-            for result in results:
-                if result.id not in earlier and result.id not in winners:
-                    winners[result.id] = result
+            before = connection.total_changes
             connection.executemany(
                 "INSERT INTO results (id, model, version, status, error_code, created_at, result) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
                 [row_of(r, created_at) for r in winners.values()],
             )
+            earlier: dict[str, Result] = {}
+            if connection.total_changes - before < len(winners):
+                # Some ids had a result already (rare: a job run twice): find which, in the same
+                # transaction. Ours are the rows whose text is the one just written.
+                ours = {r.id: r.to_json().decode() for r in winners.values()}
+                for job_id, text in self._lookup_text(connection, list(winners)):
+                    if text != ours[job_id]:
+                        earlier[job_id] = Result.model_validate_json(text)
             connection.execute("COMMIT")
         except BaseException:
             if connection.in_transaction:
@@ -147,16 +154,16 @@ class SQLiteResultStore:
         return [earlier[r.id] if r.id in earlier else winners[r.id] for r in results]
 
     @staticmethod
-    def _lookup(connection: sqlite3.Connection, job_ids: list[str]) -> dict[str, Result]:
-        found: dict[str, Result] = {}
+    def _lookup_text(connection: sqlite3.Connection, job_ids: list[str]) -> Iterator[tuple[str, str]]:
         for start in range(0, len(job_ids), _READ_CHUNK):
             chunk = orjson.dumps(job_ids[start : start + _READ_CHUNK]).decode()
-            rows = connection.execute(
+            yield from connection.execute(
                 "SELECT id, result FROM results WHERE id IN (SELECT value FROM json_each(?))", (chunk,)
             )
-            for job_id, text in rows:
-                found[job_id] = Result.model_validate_json(text)
-        return found
+
+    @classmethod
+    def _lookup(cls, connection: sqlite3.Connection, job_ids: list[str]) -> dict[str, Result]:
+        return {job_id: Result.model_validate_json(text) for job_id, text in cls._lookup_text(connection, job_ids)}
 
     def _read(self, sql: str, parameters: tuple[object, ...]) -> list[tuple[object, ...]]:
         try:
