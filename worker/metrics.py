@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,7 +27,7 @@ from model_store.manifest import Manifest
 from model_store.registry import Registry
 from shared.errors import ErrorCode
 from shared.logging import get_logger
-from shared.messages import Result
+from shared.messages import Status
 from worker.processor import BatchRun, Outcome
 from worker.runner import LoadedModel
 
@@ -38,6 +37,8 @@ log = get_logger(__name__)
 # (one time series per typo would grow without bound).
 UNTRUSTED_MODEL_CODES = frozenset({ErrorCode.UNKNOWN_MODEL, ErrorCode.INVALID_PAYLOAD})
 OTHER_MODEL = "_other"
+_Key = tuple[str | None, int | None, Status, ErrorCode | None]
+"""A result's model, version, status and error code: what its labels are made of."""
 
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
 INFERENCE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -182,18 +183,28 @@ class WorkerMetrics:
     def observe_processed(self, runs: Sequence[BatchRun], outcomes: Sequence[Outcome]) -> None:
         """One unit of work came back: count every job once (a result stored earlier and sent again
         is not a second success), and time every onnxruntime call."""
-        counts: Tally[tuple[str, str, str, str]] = Tally()
-        latencies: dict[str, list[float]] = {}
+        # Per job only a tally by (model, version, status, error code) and its latency; labels are made
+        # once per distinct key, not once per job.
+        counts: dict[_Key, int] = {}
+        latencies: dict[_Key, list[float]] = {}
         for outcome in outcomes:
             if outcome.counted:
-                labels = self._labels(outcome.result)
-                counts[labels] += 1
-                total_ms = outcome.result.timings.total_ms
+                result = outcome.result
+                error = result.error
+                key = (result.model, result.version, result.status, None if error is None else error.code)
+                counts[key] = counts.get(key, 0) + 1
+                total_ms = result.timings.total_ms
                 if total_ms is not None:
-                    latencies.setdefault(labels[0], []).append(total_ms / 1000)
-        for labels, count in counts.items():
-            self.jobs.labels(*labels).inc(count)
-        for model, seconds in latencies.items():
+                    seconds = latencies.get(key)
+                    if seconds is None:
+                        seconds = latencies[key] = []
+                    seconds.append(total_ms / 1000)
+        for key, count in counts.items():
+            self.jobs.labels(*self._labels(*key)).inc(count)
+        by_model: dict[str, list[float]] = {}
+        for key, seconds in latencies.items():
+            by_model.setdefault(self._labels(*key)[0], []).extend(seconds)
+        for model, seconds in by_model.items():
             self.job_latency_seconds.observe_many(model, seconds)
         for run in runs:
             self.batch_rows.labels(run.model).observe(run.rows)
@@ -204,11 +215,11 @@ class WorkerMetrics:
         self.jobs.labels(OTHER_MODEL, "", "dead_lettered", "").inc()
 
     @staticmethod
-    def _labels(result: Result) -> tuple[str, str, str, str]:
-        code = "" if result.error is None else result.error.code.value
-        model = OTHER_MODEL if result.model is None or code in UNTRUSTED_MODEL_CODES else result.model
-        version = "" if result.version is None else str(result.version)
-        return model, version, result.status.value, code
+    def _labels(
+        model: str | None, version: int | None, status: Status, code: ErrorCode | None
+    ) -> tuple[str, str, str, str]:
+        model = OTHER_MODEL if model is None or code in UNTRUSTED_MODEL_CODES else model
+        return model, "" if version is None else str(version), status.value, "" if code is None else code.value
 
     def render(self) -> bytes:
         """The metrics in the Prometheus text format."""
