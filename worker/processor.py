@@ -114,14 +114,17 @@ def job_digest(job: Job) -> str:
 def _timings(delivery: Delivery, inference_ms: float | None, now_ms: float | None = None) -> Timings:
     if now_ms is None:
         now_ms = time.time() * 1000
-    published = delivery.published_ms
-    start_ms = published if published is not None else delivery.received_ms
-    queue_ms = None if published is None else round(max(delivery.received_ms - published, 0.0), 3)
+    published, received = delivery.published_ms, delivery.received_ms
+    if published is None:
+        published, queue_ms = received, None
+    else:
+        queue_ms = round(received - published, 3) if received > published else 0.0
+    total_ms = round(now_ms - published, 3) if now_ms > published else 0.0
     return trusted(
         Timings,
         queue_ms=queue_ms,
         inference_ms=None if inference_ms is None else round(inference_ms, 3),
-        total_ms=round(max(now_ms - start_ms, 0.0), 3),
+        total_ms=total_ms,
     )
 
 
@@ -178,38 +181,24 @@ class Processor:
     def _succeeded(
         self, item: Pending, version: int, sha256: str, outputs: list[OutputTensor], inference_ms: float, now_ms: float
     ) -> Outcome:
-        # Built without validation and encoded once with orjson: this runs for every job, and pydantic
-        # would cost more than everything else the worker does per job together.
-        job, timings = item.job, _timings(item.delivery, inference_ms, now_ms)
-        digest = job_digest(job)
-        wire = orjson.dumps(
+        # Built without validation and encoded once with orjson, from one dict that also becomes the
+        # result's fields: this runs for every job, and pydantic would cost more than everything else
+        # the worker does per job together.
+        job = item.job
+        result = Result.encoded(
             {
                 "id": job.id,
                 "model": job.model,
                 "requested_version": job.version,
                 "version": version,
                 "model_sha256": sha256,
-                "job_sha256": digest,
-                "status": "succeeded",
-                "outputs": [t.__dict__ for t in outputs],
+                "job_sha256": job_digest(job),
+                "status": Status.SUCCEEDED,
+                "outputs": outputs,
                 "error": None,
                 "worker": self.worker_name,
-                "timings": timings.__dict__,
+                "timings": _timings(item.delivery, inference_ms, now_ms),
             }
-        )
-        result = Result.encoded(
-            wire,
-            id=job.id,
-            model=job.model,
-            requested_version=job.version,
-            version=version,
-            model_sha256=sha256,
-            job_sha256=digest,
-            status=Status.SUCCEEDED,
-            outputs=outputs,
-            error=None,
-            worker=self.worker_name,
-            timings=timings,
         )
         return Outcome(item.delivery, result)
 

@@ -78,6 +78,9 @@ def test_every_job_gets_a_stored_result_carrying_the_digest_of_its_job(
         assert stored == Result.model_validate_json(
             next(o.result for o in done.outcomes if o.result.id == job.id).to_json()
         )
+    for outcome in done.outcomes:  # built without validation: its fields and its wire form agree
+        assert Result.model_validate_json(outcome.result.to_json()) == outcome.result
+        assert outcome.result.model_dump_json().encode() == outcome.result.to_json()
 
 
 def test_a_redelivered_job_gets_its_stored_result_again_and_it_is_not_counted_twice(
