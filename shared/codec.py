@@ -102,6 +102,19 @@ class _WireJob(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _read_wire_job = msgspec.json.Decoder(_WireJob).decode
+_known_names: set[str] = set()
+_KNOWN_NAMES_MAX = 4096
+
+
+def _is_known_name(name: str) -> bool:
+    """:func:`is_valid_name`, remembered for the few model names a worker sees again and again."""
+    if name in _known_names:
+        return True
+    if not is_valid_name(name):
+        return False
+    if len(_known_names) < _KNOWN_NAMES_MAX:
+        _known_names.add(name)
+    return True
 
 
 def _fast_job(wire: _WireJob) -> Job | None:
@@ -113,7 +126,7 @@ def _fast_job(wire: _WireJob) -> Job | None:
     ``None`` is always safe.
     """
     version = wire.version
-    if not (is_valid_job_id(wire.id) and is_valid_name(wire.model)):
+    if not (is_valid_job_id(wire.id) and _is_known_name(wire.model)):
         return None
     if version != LATEST:
         try:

@@ -109,6 +109,7 @@ class Consumer:
 
     def __init__(self, settings: WorkerSettings, handler: DeliveryHandler, name: str) -> None:
         self.settings = settings
+        self._results_exchange = settings.results_exchange_name
         self._handler = handler
         self._ioloop = IOLoop()
         # A worker is a service: once connected, it reconnects until stopped (shared/connection.py).
@@ -275,7 +276,7 @@ class Consumer:
             on_confirm(False)
             return
         # Not mandatory: a result notification nobody is bound to is not an error, the result is stored.
-        exchange, correlation_id = self.settings.results_exchange_name, delivery.correlation_id
+        exchange, correlation_id = self._results_exchange, delivery.correlation_id
         if not delivery.reply_to:
             self._confirms.publish_json(exchange, routing_key, body, job_id, correlation_id, on_confirm)
             return
