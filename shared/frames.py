@@ -5,6 +5,14 @@ message and marshals each field through generic code: several times what the byt
 have the same shape (a JSON body, persistent, a message id, perhaps a correlation id), so their frames
 are packed here directly, byte for byte what pika would send (``tests/shared/test_frames.py`` holds
 the two to each other), and handed to the connection in one write.
+
+Each job, likewise, arrives as three frames that pika decodes one by one and routes through its
+callback registry and content assembler. :func:`read_delivery` reads a whole message at once; the
+connection (``shared/connection.py``) hands it to the channel where pika's assembler would.
+
+NOTE: this leans on pika internals (``Connection._read_frame``, ``_process_frame``, ``_frame_buffer``,
+``_output_marshaled_frames``, ``_body_max_length``, ``Channel._on_deliver``), stable across pika 1.x;
+the byte-for-byte and real-broker tests in ``tests/shared/test_frames.py`` fail if an upgrade moves them.
 """
 
 from __future__ import annotations

@@ -2,12 +2,14 @@
 
 A job's whole story is :class:`Worker`'s methods in the order they run, top to bottom:
 
-1. :meth:`Worker.on_delivery` (I/O thread): receive, decode (orjson; pydantic only for rejects), batch.
+1. :meth:`Worker.on_delivery` (I/O thread): receive (a whole message read at once, shared/frames.py), decode
+   (msgspec; pydantic only for rejects), batch.
 2. :meth:`Worker._flush` hands due batches to the processing thread, which resolves the version,
    runs one onnxruntime call per batch, encodes each result once and stores them
    (:class:`worker.processor.Processor`).
-3. :meth:`Worker._on_processed` (I/O thread again) publishes each result with a confirm; one the
-   broker refuses is published again, its job held meanwhile (:class:`worker.publishing.ResultPublisher`).
+3. :meth:`Worker._on_processed` (I/O thread again) publishes each result with a confirm (frames packed by
+   shared/frames.py, one write per loop pass); one the broker refuses is published again, its job held
+   meanwhile (:class:`worker.publishing.ResultPublisher`).
 4. :meth:`Worker._finished` records each confirmed delivery in the :class:`AckWindow`, and
    :meth:`Worker._send_acks` acks once per pass of the I/O loop with ``multiple``.
 
