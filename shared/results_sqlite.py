@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from shared.messages import Result, is_valid_job_id
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 10.0
+WAL_RETRY_S = 0.005
 _READ_CHUNK = 10_000  # ids per lookup query
 _SCAN_PAGE = 1_000  # results per page of a scan
 
@@ -46,6 +48,23 @@ def row_of(result: Result, created_at: str) -> tuple[str, str | None, int | None
         created_at,
         result.to_json().decode(),
     )
+
+
+def _use_wal(connection: sqlite3.Connection) -> None:
+    """Switch the database to WAL (a no-op once it is).
+
+    NOTE: the switch takes an exclusive lock, and SQLite reports a busy database at once instead of
+    waiting for it: workers starting together on a new file collide here, and the loser's first batch
+    would fail. It tries again, up to the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(WAL_RETRY_S)
 
 
 def utc_now_text() -> str:
@@ -76,7 +95,7 @@ class SQLiteResultStore:
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnreachable(f"cannot open {self.describe()}: {exc}") from None
         try:
-            connection.execute("PRAGMA journal_mode=WAL")
+            _use_wal(connection)
             # FULL: the WAL is synced at every commit, so a stored result survives a power loss.
             connection.execute("PRAGMA synchronous=FULL")
             self._ensure_schema(connection)

@@ -217,3 +217,56 @@ def test_an_unreachable_postgresql_is_one_line_without_its_password(tmp_path: Pa
     assert done.returncode == 1
     assert done.stderr.startswith("inferq: error: read from postgresql://inferq@127.0.0.1:9/results failed")
     assert "hunter2" not in done.stderr and "pg-secret-value" not in done.stderr
+
+
+OPENER = """
+import sys, time
+from pathlib import Path
+from shared.results import open_result_store
+from shared.messages import Result, Status, Tensor
+root, name, count, openers = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+for n in range(count):
+    (root / f"{n}.{name}.ready").touch()  # all start on database n together (unless one has died)
+    deadline = time.monotonic() + 0.5
+    while len(list(root.glob(f"{n}.*.ready"))) < openers and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    store = open_result_store(f"sqlite:{root}/{n}.db")
+    result = Result(id="job-1", model="iris", requested_version=1, version=1, status=Status.SUCCEEDED, worker=name,
+                    outputs=[Tensor(name="y", shape=[1], datatype="INT64", data=[1])])
+    try:
+        store.put_many([result])
+    except Exception as exc:
+        print(f"database {n}: {exc}", flush=True)
+    store.close()
+"""
+
+
+def test_workers_opening_a_new_sqlite_database_at_once_all_get_in(tmp_path: Path) -> None:
+    """A fleet starting on a new database file: each process switches it to WAL on first use, and the
+    one that loses that race waits for the other instead of failing its first batch."""
+    count = 300
+    openers = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, str(tmp_path), f"opener-{n}", str(count), "3"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        for n in range(3)
+    ]
+    try:
+        outputs = [opener.communicate(timeout=120) for opener in openers]
+    finally:
+        for opener in openers:
+            opener.kill()
+            opener.wait()
+    assert [opener.returncode for opener in openers] == [0, 0, 0], "\n".join(err for _, err in outputs)
+    failed = [line for out, _ in outputs for line in out.splitlines()]
+    assert not failed, f"{len(failed)} first batches failed, e.g. {failed[:3]}"
+    for n in range(count):
+        store = open_result_store(f"sqlite:{tmp_path}/{n}.db")
+        try:
+            assert store.count() == 1
+        finally:
+            store.close()
