@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -13,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import private_broker
 import psycopg
 import pytest
 
@@ -43,10 +43,7 @@ def postgres_url() -> Iterator[str]:
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return private_broker.free_port()  # below the ephemeral range: see its note
 
 
 def _bin(name: str) -> str:

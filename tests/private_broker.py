@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import select
 import shutil
 import signal
@@ -22,11 +23,33 @@ import pika
 START_TIMEOUT_S = 120.0
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+FREE_PORT_LOW = 20000
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port nobody listens on right now, below the kernel's ephemeral range.
+
+    NOTE: a port the kernel hands out (bind to 0) is ephemeral: any outgoing connection, and the suite
+    opens thousands, may take it before a server started afterwards binds it (a RabbitMQ node takes
+    seconds to reach its listener, and then fails to start). Ports below the range are only ever taken
+    by listeners."""
+    high = max(_ephemeral_low(), FREE_PORT_LOW + 1000)
+    for _ in range(1000):
+        port = random.randrange(FREE_PORT_LOW, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port between {FREE_PORT_LOW} and {high}")
 
 
 class PrivateBroker:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import onnx
+import private_broker
 from onnx import TensorProto, helper
 
 AMQP_URL = os.environ.get("INFERQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
@@ -30,7 +30,5 @@ def tiny_model() -> bytes:
 
 
 def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nobody listens on right now (see :func:`private_broker.free_port`)."""
+    return private_broker.free_port()
