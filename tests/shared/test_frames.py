@@ -8,6 +8,7 @@ import random
 import struct
 import time
 import uuid
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -236,13 +237,23 @@ def consume_and_republish(
 
         channel.basic_consume(queue, on_message)
 
+    connection = run_connection(on_channel, lambda: len(confirmed) == count, timeout_s=60)
+    return received, confirmed, connection.whole_deliveries
+
+
+def run_connection(
+    on_channel: Callable[[Any], None], finished: Callable[[], bool], timeout_s: float
+) -> _HearingConnection:
+    """Open the worker's connection class with one channel handed to ``on_channel``, and run its I/O
+    loop until ``finished()`` or ``timeout_s``; the connection, closed."""
+
     def check() -> None:
-        if len(confirmed) == count or time.monotonic() > deadline:
+        if finished() or time.monotonic() > deadline:
             connection.close()
         else:
             connection.ioloop.call_later(0.05, check)
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout_s
     connection = _HearingConnection(
         pika.URLParameters(AMQP_URL),
         on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
@@ -253,7 +264,7 @@ def consume_and_republish(
         connection.ioloop.start()
     finally:
         connection.ioloop.close()
-    return received, confirmed, connection.whole_deliveries
+    return connection
 
 
 def test_packed_and_pika_publishes_in_one_pass_are_confirmed_in_order(broker_is_up: None) -> None:
@@ -281,23 +292,9 @@ def test_packed_and_pika_publishes_in_one_pass_are_confirmed_in_order(broker_is_
             callback=lambda _f: channel.queue_declare(unbounded, callback=lambda _f: publish_all()),
         )
 
-    def check() -> None:
-        if len(answers) == 300 or time.monotonic() > deadline:
-            connection.close()
-        else:
-            connection.ioloop.call_later(0.05, check)
-
-    deadline = time.monotonic() + 30
-    connection = _HearingConnection(
-        pika.URLParameters(AMQP_URL),
-        on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
-        on_close_callback=lambda *_: connection.ioloop.stop(),
-    )
-    connection.ioloop.call_later(0.05, check)
     try:
-        connection.ioloop.start()
+        run_connection(on_channel, lambda: len(answers) == 300, timeout_s=30)
     finally:
-        connection.ioloop.close()
         blocking = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
         blocking.channel().queue_delete(bounded)
         blocking.channel().queue_delete(unbounded)
