@@ -35,7 +35,8 @@ _FLAG_CORRELATION_ID = 1 << 10
 _FLAG_MESSAGE_ID = 1 << 7
 _PERSISTENT = b"\x02"
 
-_frame_start = struct.Struct(">BHI").pack
+_FRAME_HEAD = struct.Struct(">BHI")  # type, channel, payload size
+_frame_start = _FRAME_HEAD.pack
 _method_start = struct.Struct(">HHH").pack
 _header_start = struct.Struct(">HHQH").pack
 
@@ -99,9 +100,9 @@ class PublishFrames:
 
 
 _DELIVER_ID = (_BASIC << 16) | 60
-_frame_head = struct.Struct(">BHI").unpack_from
+_frame_head = _FRAME_HEAD.unpack_from
 _method_id = struct.Struct(">I").unpack_from
-_tag = struct.Struct(">Q").unpack_from
+_u64 = struct.Struct(">Q").unpack_from  # a delivery tag, a timestamp
 _content_head = struct.Struct(">HHQ").unpack_from
 _CONTENT_HEAD_SIZE = 12
 _FRAME_END_BYTE = 0xCE
@@ -189,7 +190,7 @@ def _read_method(data: bytes) -> tuple[int, Basic.Deliver, int] | None:
         return None
     try:
         consumer_tag, offset = _short_string(data, 11)
-        delivery_tag = _tag(data, offset)[0]
+        delivery_tag = _u64(data, offset)[0]
         redelivered = bool(data[offset + 8] & 1)
         exchange, offset = _short_string(data, offset + 9)
         routing_key, offset = _short_string(data, offset)
@@ -257,7 +258,7 @@ def read_properties(data: bytes) -> BasicProperties:
             values[name] = data[offset]
             offset += 1
         elif kind == _TIMESTAMP:
-            values[name] = _tag(data, offset)[0]
+            values[name] = _u64(data, offset)[0]
             offset += 8
         else:
             values[name], offset = decode_table(data, offset)
