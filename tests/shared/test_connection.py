@@ -3,9 +3,8 @@ broker is named with its reason, the password never shows, and every client beha
 
 from __future__ import annotations
 
-import socket
-
 import pytest
+from private_broker import free_port
 from support import Env, dumps, job_dict
 
 from shared.connection import open_blocking
@@ -13,12 +12,6 @@ from shared.errors import BrokerRefused, BrokerUnavailable
 from shared.settings import OperatorSettings
 
 SECRET = "s3cret-pw"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 COMMANDS = {
