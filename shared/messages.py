@@ -128,6 +128,11 @@ def _trusted_from(cls: type[ModelT], values: dict[str, Any]) -> ModelT:
 
 
 _new = object.__new__
+_set = object.__setattr__
+# BaseModel's own slots, set through their descriptors: a third cheaper than object.__setattr__ by name.
+_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 
 
 def _fields_of(value: Any) -> Any:
@@ -135,13 +140,6 @@ def _fields_of(value: Any) -> Any:
     if isinstance(value, BaseModel):
         return value.__dict__
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-_set = object.__setattr__
-# BaseModel's own slots, set through their descriptors: a third cheaper than object.__setattr__ by name.
-_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
-_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
-_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
 
 
 class Tensor(BaseModel):
