@@ -9,14 +9,15 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/inferq
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md __init__.py __main__.py py.typed ./
 COPY shared ./shared
 COPY model_store ./model_store
 COPY producer ./producer
-COPY operations ./operations
+COPY admin ./admin
+COPY monitoring ./monitoring
 COPY gateway ./gateway
 COPY worker ./worker
-COPY inferq ./inferq
+COPY cli ./cli
 RUN /opt/inferq/bin/pip install --no-compile . \
     && /opt/inferq/bin/inferq --help >/dev/null
 

@@ -14,9 +14,9 @@ import pika
 from pika.adapters.select_connection import IOLoop
 
 from bench.confirms import Confirmed
-from shared.amqp import CONTENT_TYPE, PERSISTENT, PUBLISHED_MS_HEADER, declare_queues
-from shared.settings import InferqSettings
-from shared.topology import ALL_RESULTS, all_queues
+from inferq.shared.broker.amqp import CONTENT_TYPE, PERSISTENT, PUBLISHED_MS_HEADER, declare_queues
+from inferq.shared.broker.topology import ALL_RESULTS, all_queues
+from inferq.shared.config.settings import InferqSettings
 
 CONFIRM_WINDOW = 1000
 TICK_S = 0.001

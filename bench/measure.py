@@ -17,8 +17,8 @@ from bench.load import DepthProbe, Load, Offered, celery_message, declare, delet
 from bench.stats import latency_summary, percentile
 from bench.systems import Running, System, fresh_result_store, result_store_location, start
 from bench.workload import Jobs
-from shared.results import open_result_store
-from shared.settings import InferqSettings
+from inferq.shared.config.settings import InferqSettings
+from inferq.shared.results.stores import open_result_store
 
 POLL_S = 0.02
 RSS_EVERY = 10  # polls

@@ -25,9 +25,9 @@ from typing import Any
 from bench.load import Load, declare, delete
 from bench.measure import Bench
 from bench.workload import Jobs, TabularJobs, publish_models, publish_tabular
-from shared.settings import WorkerSettings
-from worker.main import build_worker
-from worker.monitor import Monitor
+from inferq.monitoring.counting import Monitor
+from inferq.shared.config.settings import WorkerSettings
+from inferq.worker.worker import build_worker
 
 
 class _TimedMonitor(Monitor):

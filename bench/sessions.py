@@ -12,8 +12,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from model_store.local import LocalModelStore
-from shared.messages import DATATYPE_OF_NUMPY
+from inferq.model_store.local import LocalModelStore
+from inferq.shared.contract.messages import DATATYPE_OF_NUMPY
 
 
 @dataclass(frozen=True, slots=True)

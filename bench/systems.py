@@ -16,7 +16,7 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from shared.settings import InferqSettings
+from inferq.shared.config.settings import InferqSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,10 +17,10 @@ from sklearn.datasets import make_classification
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 
-from model_store.base import publish
-from model_store.export import INPUT_NAME, estimator_to_onnx, framework_versions
-from model_store.local import LocalModelStore
-from shared.messages import Datatype, Job, Tensor
+from inferq.model_store.base import publish
+from inferq.model_store.convert import INPUT_NAME, estimator_to_onnx, framework_versions
+from inferq.model_store.local import LocalModelStore
+from inferq.shared.contract.messages import Datatype, Job, Tensor
 
 SEED = 7
 ROWS_PER_MODEL = 512
@@ -122,8 +122,8 @@ def publish_tabular(model_store: Path) -> None:
     from sklearn.pipeline import Pipeline  # noqa: PLC0415
     from sklearn.preprocessing import OneHotEncoder, StandardScaler  # noqa: PLC0415
 
-    from model_store.export import export_estimator  # noqa: PLC0415
-    from model_store.reference import ReferenceTable  # noqa: PLC0415
+    from inferq.model_store.convert import export_estimator  # noqa: PLC0415
+    from inferq.monitoring.reference import ReferenceTable  # noqa: PLC0415
 
     store = LocalModelStore(model_store)
     if store.list_versions(TABULAR_MODEL):

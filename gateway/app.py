@@ -24,13 +24,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import ApiCode, ApiError
-from gateway.jobs import version_ref
-from gateway.metrics import UNMATCHED_ROUTE
-from gateway.protocol import ErrorBody, InferenceRequest, Liveness, ModelMetadata, Operation, Readiness
-from gateway.service import Answer, Gateway
-from shared.logging import get_logger, redact_text
-from shared.messages import JOB_ID_PATTERN
+from inferq.gateway.errors import ApiCode, ApiError
+from inferq.gateway.jobs import version_ref
+from inferq.gateway.metrics import UNMATCHED_ROUTE
+from inferq.gateway.protocol import ErrorBody, InferenceRequest, Liveness, ModelMetadata, Operation, Readiness
+from inferq.gateway.service import Answer, Gateway
+from inferq.shared.config.logging import get_logger, redact_text
+from inferq.shared.contract.messages import JOB_ID_PATTERN
 
 log = get_logger(__name__)
 

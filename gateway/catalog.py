@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import threading
 
-from model_store.base import ModelStore
-from model_store.manifest import Manifest
-from model_store.registry import Registry
-from shared.errors import ModelLoadError, UnknownModel
-from shared.messages import VersionRef, is_valid_name
+from inferq.model_store.base import ModelStore
+from inferq.model_store.manifest import Manifest
+from inferq.model_store.registry import Registry
+from inferq.shared.contract.messages import VersionRef, is_valid_name
+from inferq.shared.errors import ModelLoadError, UnknownModel
 
 MAX_CACHED_MANIFESTS = 4096
 

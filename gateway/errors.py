@@ -1,6 +1,6 @@
 """HTTP errors: a status, a stable code and a message, answered as ``{"error": message, "code": code}``.
 
-The codes of a job that cannot run are the workers' own (:class:`shared.errors.ErrorCode`), so a request
+The codes of a job that cannot run are the workers' own (:class:`inferq.shared.errors.ErrorCode`), so a request
 refused at the door carries the code a worker would have given it; the rest belong to HTTP.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from shared.errors import (
+from inferq.shared.errors import (
     ErrorCode,
     InputMismatch,
     InvalidPayload,

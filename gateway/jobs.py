@@ -9,13 +9,13 @@ import uuid
 import orjson
 from pydantic import ValidationError
 
-from gateway.errors import ApiCode, ApiError, bad_request
-from gateway.operations import OperationRecord
-from gateway.protocol import ErrorDetail, InferenceRequest, InferenceResponse, Operation, OperationStatus
-from model_store.manifest import Manifest
-from model_store.signature import Limits, prepare_inputs
-from shared.codec import describe_validation_error
-from shared.messages import Job, Result, Status, VersionRef, is_valid_job_id, parse_version_ref
+from inferq.gateway.errors import ApiCode, ApiError, bad_request
+from inferq.gateway.protocol import ErrorDetail, InferenceRequest, InferenceResponse, Operation, OperationStatus
+from inferq.gateway.records import OperationRecord
+from inferq.model_store.manifest import Manifest
+from inferq.model_store.signature import Limits, prepare_inputs
+from inferq.shared.contract.codec import describe_validation_error
+from inferq.shared.contract.messages import Job, Result, Status, VersionRef, is_valid_job_id, parse_version_ref
 
 _PREFER_WAIT = re.compile(r"(?:^|[,;])\s*wait\s*=\s*\"?(\d{1,9}(?:\.\d{1,9})?)\"?\s*(?:$|[,;])", re.IGNORECASE)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pika
 
-from shared.settings import InferqSettings
+from inferq.shared.config.settings import InferqSettings
 
 PROBE_TIMEOUT_S = 2.0
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from shared.messages import JOB_ID_PATTERN, Datatype, OutputTensor, Tensor
+from inferq.shared.contract.messages import JOB_ID_PATTERN, Datatype, OutputTensor, Tensor
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 MAX_INPUTS = 64

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from producer import Producer
-from shared.errors import BrokerUnavailable, ConfigError, PublishError
-from shared.logging import get_logger
-from shared.messages import Job
-from shared.settings import ProducerSettings
+from inferq.producer import Producer
+from inferq.shared.config.logging import get_logger
+from inferq.shared.config.settings import ProducerSettings
+from inferq.shared.contract.messages import Job
+from inferq.shared.errors import BrokerUnavailable, ConfigError, PublishError
 
 log = get_logger(__name__)
 

@@ -16,17 +16,17 @@ from types import FrameType
 
 import uvicorn
 
-from gateway.app import create_app
-from gateway.catalog import Catalog
-from gateway.metrics import GatewayMetrics
-from gateway.operations import default_location, open_operation_store
-from gateway.probe import QueueProbe
-from gateway.publisher import Publisher
-from gateway.service import Gateway
-from gateway.settings import GatewaySettings
-from model_store.stores import open_model_store
-from shared.logging import get_logger, redact_text
-from shared.results import open_result_store
+from inferq.gateway.app import create_app
+from inferq.gateway.catalog import Catalog
+from inferq.gateway.metrics import GatewayMetrics
+from inferq.gateway.probe import QueueProbe
+from inferq.gateway.publisher import Publisher
+from inferq.gateway.records import default_location, open_operation_store
+from inferq.gateway.service import Gateway
+from inferq.gateway.settings import GatewaySettings
+from inferq.model_store.stores import open_model_store
+from inferq.shared.config.logging import get_logger, redact_text
+from inferq.shared.results.stores import open_result_store
 
 log = get_logger(__name__)
 

@@ -15,21 +15,21 @@ from dataclasses import dataclass
 
 from anyio import to_thread
 
-from gateway.catalog import Catalog
-from gateway.errors import RETRY_AFTER_S, ApiCode, ApiError, from_job_error, store_unavailable
-from gateway.jobs import build_job, check_job, finished, job_id_for, prefer_wait_s, queued, record_for
-from gateway.metrics import GatewayMetrics
-from gateway.operations import OperationRecord, OperationStore
-from gateway.probe import QueueProbe
-from gateway.protocol import InferenceRequest, ModelMetadata, Operation, TensorMetadata
-from gateway.publisher import Publisher
-from gateway.settings import GatewaySettings
-from model_store.manifest import TensorSpec
-from model_store.signature import Limits
-from shared.errors import BrokerUnavailable, JobError, PublishError, ResultNotFound, StoreError
-from shared.logging import get_logger
-from shared.messages import LATEST, Job, Result, VersionRef, is_valid_job_id
-from shared.results import ResultStore
+from inferq.gateway.catalog import Catalog
+from inferq.gateway.errors import RETRY_AFTER_S, ApiCode, ApiError, from_job_error, store_unavailable
+from inferq.gateway.jobs import build_job, check_job, finished, job_id_for, prefer_wait_s, queued, record_for
+from inferq.gateway.metrics import GatewayMetrics
+from inferq.gateway.probe import QueueProbe
+from inferq.gateway.protocol import InferenceRequest, ModelMetadata, Operation, TensorMetadata
+from inferq.gateway.publisher import Publisher
+from inferq.gateway.records import OperationRecord, OperationStore
+from inferq.gateway.settings import GatewaySettings
+from inferq.model_store.manifest import TensorSpec
+from inferq.model_store.signature import Limits
+from inferq.shared.config.logging import get_logger
+from inferq.shared.contract.messages import LATEST, Job, Result, VersionRef, is_valid_job_id
+from inferq.shared.errors import BrokerUnavailable, JobError, PublishError, ResultNotFound, StoreError
+from inferq.shared.results.base import ResultStore
 
 log = get_logger(__name__)
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
 
-from shared.settings import ProducerSettings
+from inferq.shared.config.settings import ProducerSettings
 
 MAX_PREFER_WAIT_S = 60.0
 

@@ -1,1 +1,2 @@
-"""Versioned ONNX models: the store interface, its implementations, manifests, export and the registry."""
+"""Versioned ONNX models: the store interface, file and S3 stores, manifests, the verified cache, the
+registry that resolves aliases, input signatures, and scikit-learn conversion (the sklearn extra)."""

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from model_store.manifest import Manifest, build_manifest
-from model_store.reference import Reference, ReferenceTable, build_reference, build_table_reference
-from shared.errors import InvalidName, InvalidPayload, UnknownModel, UnknownVersion, VersionExists
-from shared.messages import LATEST, VersionRef, is_valid_alias, is_valid_name
-from shared.table import Column, Table
+from inferq.model_store.manifest import Manifest, build_manifest
+from inferq.monitoring.reference import Reference, ReferenceTable, build_reference, build_table_reference
+from inferq.shared.contract.messages import LATEST, VersionRef, is_valid_alias, is_valid_name
+from inferq.shared.errors import InvalidName, InvalidPayload, UnknownModel, UnknownVersion, VersionExists
+from inferq.shared.tables.table import Column, Table
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -93,7 +93,7 @@ def resolve_version(store: ModelStore, name: str, ref: VersionRef) -> int:
 
 
 def read_table(store: ModelStore, name: str, ref: VersionRef) -> Table:
-    """How rows become the inputs of the version ``ref`` names now (see :class:`shared.table.Table`)."""
+    """How rows become the inputs of the version ``ref`` names now (see :class:`inferq.shared.tables.table.Table`)."""
     return store.read_manifest(name, resolve_version(store, name, ref)).table()
 
 

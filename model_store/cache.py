@@ -12,10 +12,10 @@ import os
 import tempfile
 from pathlib import Path
 
-from model_store.base import ModelStore, check_name
-from model_store.manifest import Manifest, verify_model
-from shared.errors import ModelLoadError
-from shared.logging import get_logger
+from inferq.model_store.base import ModelStore, check_name
+from inferq.model_store.manifest import Manifest, verify_model
+from inferq.shared.config.logging import get_logger
+from inferq.shared.errors import ModelLoadError
 
 log = get_logger(__name__)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import orjson
 from pydantic import ValidationError
 
-from model_store.base import ALIASES_FILE, MANIFEST_FILE, MODEL_FILE, SHADOW_FILE, check_name
-from model_store.manifest import Manifest
-from shared.errors import ModelLoadError, StoreError, UnknownModel, UnknownVersion, VersionExists
+from inferq.model_store.base import ALIASES_FILE, MANIFEST_FILE, MODEL_FILE, SHADOW_FILE, check_name
+from inferq.model_store.manifest import Manifest
+from inferq.shared.errors import ModelLoadError, StoreError, UnknownModel, UnknownVersion, VersionExists
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

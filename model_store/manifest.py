@@ -13,10 +13,10 @@ import onnx
 from onnx import helper
 from pydantic import BaseModel, ConfigDict, Field
 
-from model_store.reference import Reference
-from shared.errors import ModelLoadError
-from shared.messages import DATATYPE_OF_NUMPY, Datatype
-from shared.table import Column, Table
+from inferq.monitoring.reference import Reference
+from inferq.shared.contract.messages import DATATYPE_OF_NUMPY, Datatype
+from inferq.shared.errors import ModelLoadError
+from inferq.shared.tables.table import Column, Table
 
 
 class TensorSpec(BaseModel):

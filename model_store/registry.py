@@ -16,13 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from model_store.base import ModelStore
-from model_store.cache import ModelCache
-from model_store.manifest import Manifest
-from shared.amqp import Backoff
-from shared.errors import JobError, ModelLoadError, StoreError, StoreUnreachable, UnknownModel, UnknownVersion
-from shared.logging import get_logger
-from shared.messages import LATEST, VersionRef
+from inferq.model_store.base import ModelStore
+from inferq.model_store.cache import ModelCache
+from inferq.model_store.manifest import Manifest
+from inferq.shared.broker.amqp import Backoff
+from inferq.shared.config.logging import get_logger
+from inferq.shared.contract.messages import LATEST, VersionRef
+from inferq.shared.errors import JobError, ModelLoadError, StoreError, StoreUnreachable, UnknownModel, UnknownVersion
 
 log = get_logger(__name__)
 

@@ -18,11 +18,12 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from model_store.base import ALIASES_FILE, MANIFEST_FILE, MODEL_FILE, SHADOW_FILE, check_name
-from model_store.manifest import Manifest
-from shared.errors import ModelLoadError, StoreError, UnknownModel, UnknownVersion, VersionExists
-from shared.messages import is_valid_name
-from shared.s3 import S3Location, is_not_found, is_precondition_failed, make_client, translate
+from inferq.model_store.base import ALIASES_FILE, MANIFEST_FILE, MODEL_FILE, SHADOW_FILE, check_name
+from inferq.model_store.manifest import Manifest
+from inferq.shared.contract.messages import is_valid_name
+from inferq.shared.errors import ModelLoadError, StoreError, UnknownModel, UnknownVersion, VersionExists
+from inferq.shared.s3.client import is_not_found, is_precondition_failed, make_client, translate
+from inferq.shared.s3.location import S3Location
 
 CLAIM_FILE = ".claim"
 ALIAS_UPDATE_ATTEMPTS = 20

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy.typing as npt
 
-from model_store.manifest import Manifest, TensorSpec
-from shared.errors import InputMismatch, TooLarge
-from shared.messages import Job, Tensor
+from inferq.model_store.manifest import Manifest, TensorSpec
+from inferq.shared.contract.messages import Job, Tensor
+from inferq.shared.errors import InputMismatch, TooLarge
 
 Arrays = dict[str, npt.NDArray[Any]]
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from shared.errors import InferqError, InvalidPayload
-from shared.messages import Job, is_valid_job_id
-from shared.results import ResultStore
-from shared.rowfile import RowFileError, csv_header, kind_of, read_records
-from shared.table import Cell, RowError, Table
+from inferq.shared.contract.messages import Job, is_valid_job_id
+from inferq.shared.errors import InferqError, InvalidPayload
+from inferq.shared.results.base import ResultStore
+from inferq.shared.tables.rowfile import RowFileError, csv_header, kind_of, read_records
+from inferq.shared.tables.table import Cell, RowError, Table
 
 T = TypeVar("T")
 

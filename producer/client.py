@@ -2,7 +2,7 @@
 
 A job is "published" only when the broker confirmed it. A nack (the jobs queue is full and refuses
 publishes) is backpressure: the job is retried with backoff for up to ``publish_retry_s``, then the
-call fails with :class:`PublishError`. A lost connection is re-opened (:mod:`shared.connection`) and
+call fails with :class:`PublishError`. A lost connection is re-opened (:mod:`inferq.shared.broker.connection`) and
 every unconfirmed job is published again, so a confirmed id is never lost and an unconfirmed one is
 never reported as safe: a call returns only when every job it took was confirmed, and raises otherwise.
 
@@ -25,14 +25,15 @@ from pika.channel import Channel
 from pika.spec import BasicProperties
 from pydantic import ValidationError
 
-from shared.amqp import CONTENT_TYPE, PERSISTENT, PUBLISHED_MS_HEADER, Backoff
-from shared.connection import Link, Session
-from shared.errors import InferqError, PublishError, ResultNotFound
-from shared.logging import get_logger
-from shared.messages import Job, Result
-from shared.results import ResultStore, open_result_store
-from shared.settings import ProducerSettings
-from shared.topology import RESENT_HEADER, all_queues
+from inferq.shared.broker.amqp import CONTENT_TYPE, PERSISTENT, PUBLISHED_MS_HEADER, Backoff
+from inferq.shared.broker.connection import Link, Session
+from inferq.shared.broker.topology import RESENT_HEADER, all_queues
+from inferq.shared.config.logging import get_logger
+from inferq.shared.config.settings import ProducerSettings
+from inferq.shared.contract.messages import Job, Result
+from inferq.shared.errors import InferqError, PublishError, ResultNotFound
+from inferq.shared.results.base import ResultStore
+from inferq.shared.results.stores import open_result_store
 
 log = get_logger(__name__)
 

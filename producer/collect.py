@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from producer.backfill import Row, chunks, derive_job_id
-from producer.export import Cell, RowWriter, row_outputs
-from shared.messages import Result
-from shared.results import ResultStore
+from inferq.producer.backfill import Row, chunks, derive_job_id
+from inferq.producer.export import Cell, RowWriter, row_outputs
+from inferq.shared.contract.messages import Result
+from inferq.shared.results.base import ResultStore
 
 CHUNK_JOBS = 2048
 POLL_S = 0.5

@@ -16,9 +16,9 @@ from typing import IO, Any
 
 import orjson
 
-from shared.errors import InferqError
-from shared.messages import Result, Tensor
-from shared.results import ResultStore
+from inferq.shared.contract.messages import Result, Tensor
+from inferq.shared.errors import InferqError
+from inferq.shared.results.base import ResultStore
 
 COPY_BATCH = 1000
 READ_CHUNK = 1000

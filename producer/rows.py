@@ -2,8 +2,8 @@
 
 The wire contract stays Open Inference Protocol tensors (one per model input); these helpers build
 them from what callers hold: a list of objects (``[{"city": "rome", "age": 61}]``), rows in column
-order, or a mapping of column name → values. The :class:`~shared.table.Table` says how: read it from
-the model store with ``model_store.base.read_table(store, model, version)``.
+order, or a mapping of column name → values. The :class:`~inferq.shared.tables.table.Table` says how: read it from
+the model store with ``inferq.model_store.base.read_table(store, model, version)``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from producer.client import new_job_id
-from shared.messages import Job, VersionRef
-from shared.table import Record, RowError, Table
+from inferq.producer.client import new_job_id
+from inferq.shared.contract.messages import Job, VersionRef
+from inferq.shared.tables.table import Record, RowError, Table
 
 
 def job_from_rows(
@@ -29,7 +29,8 @@ def job_from_rows(
     """One job for ``rows`` (objects by column name, extra names ignored; or arrays in column order).
 
     The job runs the table's model at the table's version unless ``version`` says otherwise; raises
-    :class:`shared.table.RowError` naming the row and column of a value that is missing or does not fit."""
+    :class:`inferq.shared.tables.table.RowError` naming the row and column of a value that is missing or
+    does not fit."""
     return _job(table, table.rows_to_tensors(rows), job_id, version, parameters, deadline)
 
 

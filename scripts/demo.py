@@ -30,7 +30,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seaweedfs import SeaweedFS
 
-from shared.results import open_result_store
+from inferq.shared.results.stores import open_result_store
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "var" / "demo"

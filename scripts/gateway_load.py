@@ -34,13 +34,13 @@ import pika
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from model_store.base import publish
-from model_store.export import estimator_to_onnx
-from model_store.stores import open_model_store
-from producer import Producer
-from shared.messages import Job, Tensor
-from shared.settings import ProducerSettings
-from shared.topology import all_queues
+from inferq.model_store.base import publish
+from inferq.model_store.convert import estimator_to_onnx
+from inferq.model_store.stores import open_model_store
+from inferq.producer import Producer
+from inferq.shared.broker.topology import all_queues
+from inferq.shared.config.settings import ProducerSettings
+from inferq.shared.contract.messages import Job, Tensor
 
 AMQP_URL = os.environ.get("INFERQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 

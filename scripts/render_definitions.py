@@ -1,4 +1,4 @@
-"""Write deploy/rabbitmq/definitions.json from shared/topology.py, so the broker definitions that the
+"""Write deploy/rabbitmq/definitions.json from shared/broker/topology.py, so the broker definitions that the
 compose stack imports can never drift from what the worker and producer declare.
 
     python scripts/render_definitions.py          # rewrite the file
@@ -16,8 +16,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shared.settings import InferqSettings  # noqa: E402
-from shared.topology import ALL_RESULTS, all_queues  # noqa: E402
+from inferq.shared.broker.topology import ALL_RESULTS, all_queues  # noqa: E402
+from inferq.shared.config.settings import InferqSettings  # noqa: E402
 
 TARGET = ROOT / "deploy" / "rabbitmq" / "definitions.json"
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from seaweedfs import SeaweedFS
 
-from shared.messages import Result, Status, Tensor, Timings
-from shared.results import open_result_store
+from inferq.shared.contract.messages import Result, Status, Tensor, Timings
+from inferq.shared.results.stores import open_result_store
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 BUCKET = "inferq-bench"
@@ -90,10 +90,10 @@ def drain_rates(work: Path, locations: dict[str, Callable[[], str]], jobs: int, 
     from sklearn.datasets import make_classification  # noqa: PLC0415
     from sklearn.ensemble import RandomForestClassifier  # noqa: PLC0415
 
-    from model_store.base import publish  # noqa: PLC0415
-    from model_store.export import estimator_to_onnx  # noqa: PLC0415
-    from model_store.local import LocalModelStore  # noqa: PLC0415
-    from shared.logging import configure_logging  # noqa: PLC0415
+    from inferq.model_store.base import publish  # noqa: PLC0415
+    from inferq.model_store.convert import estimator_to_onnx  # noqa: PLC0415
+    from inferq.model_store.local import LocalModelStore  # noqa: PLC0415
+    from inferq.shared.config.logging import configure_logging  # noqa: PLC0415
 
     configure_logging("warning", "console")
     X, y = make_classification(n_samples=2000, n_features=FEATURES, random_state=7)

@@ -28,18 +28,18 @@ from sklearn.ensemble import RandomForestClassifier
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seaweedfs import SeaweedFS
 
-from model_store.base import publish
-from model_store.export import estimator_to_onnx
-from model_store.local import LocalModelStore
-from model_store.registry import Registry
-from producer.client import Producer
-from shared.logging import configure_logging
-from shared.messages import Job, Result, Status, Tensor, Timings
-from shared.results import S3ResultStore
-from shared.s3 import S3Location
-from shared.settings import ProducerSettings, WorkerSettings
-from worker.main import Worker, build_worker
-from worker.runner import LoadedModel, load_model
+from inferq.model_store.base import publish
+from inferq.model_store.convert import estimator_to_onnx
+from inferq.model_store.local import LocalModelStore
+from inferq.model_store.registry import Registry
+from inferq.producer.client import Producer
+from inferq.shared.config.logging import configure_logging
+from inferq.shared.config.settings import ProducerSettings, WorkerSettings
+from inferq.shared.contract.messages import Job, Result, Status, Tensor, Timings
+from inferq.shared.results.s3 import S3ResultStore
+from inferq.shared.s3.location import S3Location
+from inferq.worker.runner import LoadedModel, load_model
+from inferq.worker.worker import Worker, build_worker
 
 AMQP_URL = os.environ.get("INFERQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 BUCKET = "inferq-bench"

@@ -1,1 +1,2 @@
-"""The wire contract and plumbing both sides of inferq share: messages, errors, settings, topology, logging."""
+"""Code both sides of inferq use, one subpackage per concern: the wire contract, the broker, settings
+and logging, result stores, S3 plumbing and tables; ``errors`` holds every failure type and wire code."""

@@ -28,10 +28,10 @@ sys.path[:0] = [str(TESTS), str(TESTS.parent)]
 from private_broker import PrivateBroker, PrivateCluster  # noqa: E402
 from support import Env, make_job  # noqa: E402
 
-from model_store.base import publish  # noqa: E402
-from model_store.export import estimator_to_onnx  # noqa: E402
-from producer.client import Producer  # noqa: E402
-from shared.messages import Job, Result  # noqa: E402
+from inferq.model_store.base import publish  # noqa: E402
+from inferq.model_store.convert import estimator_to_onnx  # noqa: E402
+from inferq.producer.client import Producer  # noqa: E402
+from inferq.shared.contract.messages import Job, Result  # noqa: E402
 
 WORKERS = 3
 

@@ -13,14 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from model_store.manifest import Manifest
-from model_store.registry import Registry
-from model_store.stores import open_model_store
-from shared.logging import configure_logging
-from shared.results import open_result_store
-from shared.settings import WorkerSettings
-from worker.main import Worker
-from worker.runner import LoadedModel, load_model
+from inferq.model_store.manifest import Manifest
+from inferq.model_store.registry import Registry
+from inferq.model_store.stores import open_model_store
+from inferq.shared.config.logging import configure_logging
+from inferq.shared.config.settings import WorkerSettings
+from inferq.shared.results.stores import open_result_store
+from inferq.worker.runner import LoadedModel, load_model
+from inferq.worker.worker import Worker
 
 POISON = 666.0
 CRASH_EXIT = 70

@@ -21,19 +21,20 @@ from sklearn.datasets import load_iris
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 
-from model_store.base import ModelStore, publish
-from model_store.export import estimator_to_onnx
-from model_store.stores import open_model_store
-from producer.client import Producer
-from shared.messages import Job, Result, Tensor
-from shared.results import S3ResultStore, open_result_store
-from shared.s3 import S3Location
-from shared.settings import ProducerSettings, WorkerSettings
-from shared.topology import all_queues
-from worker.batcher import Batch
-from worker.consumer import Delivery
-from worker.main import Counters, Worker, build_worker
-from worker.processor import Pending
+from inferq.model_store.base import ModelStore, publish
+from inferq.model_store.convert import estimator_to_onnx
+from inferq.model_store.stores import open_model_store
+from inferq.producer.client import Producer
+from inferq.shared.broker.topology import all_queues
+from inferq.shared.config.settings import ProducerSettings, WorkerSettings
+from inferq.shared.contract.messages import Job, Result, Tensor
+from inferq.shared.results.s3 import S3ResultStore
+from inferq.shared.results.stores import open_result_store
+from inferq.shared.s3.location import S3Location
+from inferq.worker.batcher import Batch
+from inferq.worker.consumer import Delivery
+from inferq.worker.processor import Pending
+from inferq.worker.worker import Counters, Worker, build_worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from seaweedfs import SeaweedFS

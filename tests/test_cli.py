@@ -8,7 +8,7 @@ import uuid
 import orjson
 from support import BackgroundWorker, Env, Models, dumps, job_dict
 
-from shared.messages import Status
+from inferq.shared.contract.messages import Status
 
 
 def test_results_get_prints_a_stored_result(iris_store: Env) -> None:

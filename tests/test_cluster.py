@@ -21,10 +21,10 @@ from private_broker import BlackHole, PrivateBroker, PrivateCluster, free_port
 from support import Env, Models, make_job, wait_for
 from test_faults import WorkerProcess, _started, audit, start_worker
 
-from model_store.base import publish
-from producer.client import Producer
-from shared.amqp import redacted_url
-from shared.messages import Job
+from inferq.model_store.base import publish
+from inferq.producer.client import Producer
+from inferq.shared.broker.amqp import redacted_url
+from inferq.shared.contract.messages import Job
 
 JOBS = 4000
 

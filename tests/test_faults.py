@@ -23,14 +23,14 @@ import pytest
 from private_broker import PrivateBroker
 from support import BackgroundWorker, Env, Models, make_job, wait_for
 
-from model_store.base import publish
-from model_store.registry import Registry
-from producer.client import Producer
-from shared.errors import PublishError
-from shared.messages import Job, Result, Status
-from shared.results import open_result_store
-from worker.main import Worker
-from worker.runner import load_model
+from inferq.model_store.base import publish
+from inferq.model_store.registry import Registry
+from inferq.producer.client import Producer
+from inferq.shared.contract.messages import Job, Result, Status
+from inferq.shared.errors import PublishError
+from inferq.shared.results.stores import open_result_store
+from inferq.worker.runner import load_model
+from inferq.worker.worker import Worker
 
 TESTS = Path(__file__).parent
 

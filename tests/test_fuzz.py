@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import AMQP_URL, Env, Models
 
-from model_store.base import publish, set_alias
-from shared.codec import Rejected, Undecodable, _fast_job, _read_wire_job, decode_job
-from shared.messages import Job, Result
-from shared.topology import all_queues
-from worker.processor import job_digest
+from inferq.model_store.base import publish, set_alias
+from inferq.shared.broker.topology import all_queues
+from inferq.shared.contract.codec import Rejected, Undecodable, _fast_job, _read_wire_job, decode_job
+from inferq.shared.contract.messages import Job, Result
+from inferq.worker.processor import job_digest
 
 LIMIT = 64 * 1024
 _ids = itertools.count()

@@ -7,9 +7,9 @@ import pytest
 from pydantic import ValidationError
 from support import dumps, job_dict
 
-from shared.codec import Rejected, Undecodable, decode_job
-from shared.errors import ErrorCode, InvalidPayload
-from shared.messages import ErrorInfo, Job, Result, Status, Tensor
+from inferq.shared.contract.codec import Rejected, Undecodable, decode_job
+from inferq.shared.contract.messages import ErrorInfo, Job, Result, Status, Tensor
+from inferq.shared.errors import ErrorCode, InvalidPayload
 
 LIMIT = 1024 * 1024
 

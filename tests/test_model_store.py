@@ -11,11 +11,11 @@ import onnxruntime as ort
 import pytest
 from support import Env, Models
 
-from model_store.base import publish, resolve_version, set_alias
-from model_store.local import LocalModelStore
-from model_store.registry import Registry
-from shared.errors import InvalidName, ModelLoadError, UnknownModel, UnknownVersion, VersionExists
-from worker.runner import load_model
+from inferq.model_store.base import publish, resolve_version, set_alias
+from inferq.model_store.local import LocalModelStore
+from inferq.model_store.registry import Registry
+from inferq.shared.errors import InvalidName, ModelLoadError, UnknownModel, UnknownVersion, VersionExists
+from inferq.worker.runner import load_model
 
 
 def test_versions_are_numbered_in_order_and_latest_is_the_highest(tmp_path: Path, models: Models) -> None:

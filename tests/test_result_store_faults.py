@@ -14,9 +14,9 @@ from postgres_support import PrivatePostgres
 from support import BackgroundWorker, Env, Models, make_job, wait_for
 from test_faults import audit
 
-from shared.messages import Job
-from shared.results import open_result_store
-from shared.results_postgres import POOL_TIMEOUT_S
+from inferq.shared.contract.messages import Job
+from inferq.shared.results.postgres import POOL_TIMEOUT_S
+from inferq.shared.results.stores import open_result_store
 
 
 def _jobs(models: Models, count: int) -> list[Job]:

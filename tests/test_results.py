@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import ErrorCode, ResultNotFound
-from shared.messages import ErrorInfo, Result, Status
-from shared.results import FileResultStore
+from inferq.shared.contract.messages import ErrorInfo, Result, Status
+from inferq.shared.errors import ErrorCode, ResultNotFound
+from inferq.shared.results.files import FileResultStore
 
 
 def failed(job_id: str, worker: str) -> Result:

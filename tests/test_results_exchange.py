@@ -7,8 +7,8 @@ import numpy as np
 import pika
 from support import Env, Models, make_job
 
-from producer.client import Producer
-from shared.messages import Result, Status
+from inferq.producer.client import Producer
+from inferq.shared.contract.messages import Result, Status
 
 
 def test_a_consumer_bound_to_failed_results_gets_only_those(iris_store: Env, models: Models) -> None:

@@ -16,16 +16,17 @@ from onnx import TensorProto, helper
 from seaweedfs import SeaweedFS
 from support import S3_BUCKET, BackgroundWorker, Env, Models, make_job, wait_for
 
-from model_store.base import MODEL_FILE, publish, set_alias
-from model_store.cache import ModelCache
-from model_store.manifest import build_manifest
-from model_store.registry import Registry
-from model_store.s3 import S3ModelStore
-from shared.errors import ErrorCode, ModelLoadError, StoreUnreachable, VersionExists
-from shared.messages import Result, Status
-from shared.results import S3ResultStore, open_result_store
-from shared.s3 import S3Location
-from worker.runner import LoadedModel, load_model
+from inferq.model_store.base import MODEL_FILE, publish, set_alias
+from inferq.model_store.cache import ModelCache
+from inferq.model_store.manifest import build_manifest
+from inferq.model_store.registry import Registry
+from inferq.model_store.s3 import S3ModelStore
+from inferq.shared.contract.messages import Result, Status
+from inferq.shared.errors import ErrorCode, ModelLoadError, StoreUnreachable, VersionExists
+from inferq.shared.results.s3 import S3ResultStore
+from inferq.shared.results.stores import open_result_store
+from inferq.shared.s3.location import S3Location
+from inferq.worker.runner import LoadedModel, load_model
 
 
 def s3_store(env: Env) -> S3ModelStore:

@@ -21,11 +21,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from support import Env
 
-from model_store.base import publish, read_table
-from model_store.export import load_model_file
-from producer import job_from_columns, job_from_rows
-from shared.errors import ErrorCode
-from shared.messages import Job, Result, Status, Tensor
+from inferq.model_store.base import publish, read_table
+from inferq.model_store.convert import load_model_file
+from inferq.producer import job_from_columns, job_from_rows
+from inferq.shared.contract.messages import Job, Result, Status, Tensor
+from inferq.shared.errors import ErrorCode
 
 CITIES = ["rome", "oslo", "lima", "kyiv"]
 

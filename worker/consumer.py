@@ -2,7 +2,7 @@
 
 Everything here runs on the I/O loop's thread (STYLE §8): other threads reach it through
 :meth:`Consumer.call_threadsafe`. Connecting, reconnecting and declaring the queues are the connection
-layer's (:mod:`shared.connection`); delivery tags belong to one connection *epoch*, and a tag from an
+layer's (:mod:`inferq.shared.broker.connection`); delivery tags belong to one connection *epoch*, and a tag from an
 older epoch is never acked.
 """
 
@@ -17,17 +17,12 @@ from pika.adapters.select_connection import IOLoop
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
-from shared.amqp import (
-    PUBLISHED_MS_HEADER,
-    ConfirmCallback,
-    ConfirmTracker,
-    forwarded_properties,
-)
-from shared.connection import Link, Session
-from shared.errors import InferqError
-from shared.logging import get_logger
-from shared.settings import WorkerSettings
-from shared.topology import REASON_HEADER, RESENT_HEADER, all_queues, jobs_queue, retry_queue
+from inferq.shared.broker.amqp import PUBLISHED_MS_HEADER, ConfirmCallback, ConfirmTracker, forwarded_properties
+from inferq.shared.broker.connection import Link, Session
+from inferq.shared.broker.topology import REASON_HEADER, RESENT_HEADER, all_queues, jobs_queue, retry_queue
+from inferq.shared.config.logging import get_logger
+from inferq.shared.config.settings import WorkerSettings
+from inferq.shared.errors import InferqError
 
 log = get_logger(__name__)
 DELIVERY_COUNT_HEADER = "x-delivery-count"
@@ -112,7 +107,7 @@ class Consumer:
         self._results_exchange = settings.results_exchange_name
         self._handler = handler
         self._ioloop = IOLoop()
-        # A worker is a service: once connected, it reconnects until stopped (shared/connection.py).
+        # A worker is a service: once connected, it reconnects until stopped (shared/broker/connection.py).
         self._link = Link(settings, name, self._ioloop, self, queues=all_queues(settings), reconnect_forever=True)
         self._channel: Channel | None = None
         self._confirms: ConfirmTracker | None = None

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from enum import Enum, auto
 from typing import Protocol
 
-from shared.logging import get_logger
+from inferq.shared.config.logging import get_logger
 
 log = get_logger(__name__)
 

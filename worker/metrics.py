@@ -21,15 +21,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
-from model_store.base import ModelStore
-from model_store.cache import ModelCache
-from model_store.manifest import Manifest
-from model_store.registry import Registry
-from shared.errors import ErrorCode
-from shared.logging import get_logger
-from shared.messages import Status
-from worker.processor import BatchRun, Outcome
-from worker.runner import LoadedModel
+from inferq.model_store.base import ModelStore
+from inferq.model_store.cache import ModelCache
+from inferq.model_store.manifest import Manifest
+from inferq.model_store.registry import Registry
+from inferq.shared.config.logging import get_logger
+from inferq.shared.contract.messages import Status
+from inferq.shared.errors import ErrorCode
+from inferq.worker.processor import BatchRun, Outcome
+from inferq.worker.runner import LoadedModel
 
 log = get_logger(__name__)
 

@@ -13,19 +13,19 @@ from dataclasses import dataclass, field
 import orjson
 from pydantic import ValidationError
 
-from model_store.manifest import Manifest
-from shared.amqp import Backoff
-from shared.codec import Rejected, describe_validation_error
-from shared.errors import ErrorCode, JobError, StoreError
-from shared.logging import get_logger
-from shared.messages import ErrorInfo, Job, OutputTensor, Result, Status, Tensor, Timings, trusted
-from shared.results import ResultStore
-from worker.batcher import Batch
-from worker.consumer import Delivery
-from worker.models import ModelFetcher
-from worker.monitor import Monitor
-from worker.runner import Arrays, Feed, Limits, LoadedModel, Watchdog, check_inputs, run_isolating, stack_inputs
-from worker.shadow import Shadow
+from inferq.model_store.manifest import Manifest
+from inferq.monitoring.counting import Monitor
+from inferq.monitoring.shadow_traffic import Shadow
+from inferq.shared.broker.amqp import Backoff
+from inferq.shared.config.logging import get_logger
+from inferq.shared.contract.codec import Rejected, describe_validation_error
+from inferq.shared.contract.messages import ErrorInfo, Job, OutputTensor, Result, Status, Tensor, Timings, trusted
+from inferq.shared.errors import ErrorCode, JobError, StoreError
+from inferq.shared.results.base import ResultStore
+from inferq.worker.batcher import Batch
+from inferq.worker.consumer import Delivery
+from inferq.worker.fetcher import ModelFetcher
+from inferq.worker.runner import Arrays, Feed, Limits, LoadedModel, Watchdog, check_inputs, run_isolating, stack_inputs
 
 log = get_logger(__name__)
 
@@ -306,8 +306,8 @@ class Processor:
                 done.outcomes.append(self.failed(item.delivery, item.job, result))
             else:
                 done.outcomes.append(self._succeeded(item, version, sha256, result, seconds * 1000, now_ms))
-        # Monitoring seam: drift counts (worker/monitor.py, once the results are stored) and shadow
-        # sampling (worker/shadow.py) per batch.
+        # Monitoring seam: drift counts (monitoring/counting.py, once the results are stored) and shadow
+        # sampling (monitoring/shadow_traffic.py) per batch.
         if self.monitor is not None and model.manifest.reference is not None:
             deliveries = [item.delivery for item in items]
             done.observed.append(Observed(model.manifest, deliveries, feed, list(results)))

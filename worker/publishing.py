@@ -15,11 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from shared.amqp import Backoff
-from shared.logging import get_logger
-from worker.acks import AckWindow
-from worker.consumer import Consumer, Delivery
-from worker.waiting import Waiting
+from inferq.shared.broker.amqp import Backoff
+from inferq.shared.config.logging import get_logger
+from inferq.worker.acks import AckWindow
+from inferq.worker.consumer import Consumer, Delivery
+from inferq.worker.waiting import Waiting
 
 log = get_logger(__name__)
 

@@ -15,10 +15,9 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from model_store.manifest import Manifest, TensorSpec
-from model_store.signature import Arrays, Limits, check_inputs, prepare_inputs
-from shared.errors import ConfigError, InferenceError, JobError
-from shared.messages import (
+from inferq.model_store.manifest import Manifest, TensorSpec
+from inferq.model_store.signature import Arrays, Limits, check_inputs, prepare_inputs
+from inferq.shared.contract.messages import (
     DATATYPE_OF_NUMPY,
     FLOAT_DATATYPES,
     NUMPY_DTYPES,
@@ -28,6 +27,7 @@ from shared.messages import (
     non_finite_string,
     trusted,
 )
+from inferq.shared.errors import ConfigError, InferenceError, JobError
 
 # The input checks live beside the manifest, where the HTTP gateway applies them too.
 __all__ = [

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
-from worker.acks import AckWindow
-from worker.consumer import Delivery
+from inferq.worker.acks import AckWindow
+from inferq.worker.consumer import Delivery
 
 T = TypeVar("T")
 

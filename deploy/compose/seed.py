@@ -19,10 +19,10 @@ import numpy as np
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
-from model_store.base import publish
-from model_store.export import estimator_to_onnx, framework_versions
-from model_store.stores import open_model_store
-from shared.settings import InferqSettings, load_settings
+from inferq.model_store.base import publish
+from inferq.model_store.convert import estimator_to_onnx, framework_versions
+from inferq.model_store.stores import open_model_store
+from inferq.shared.config.settings import InferqSettings, load_settings
 
 MODEL = "iris"
 

@@ -14,14 +14,14 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from model_store.manifest import Manifest
-from model_store.reference import Reference, describe_inputs, describe_outputs
-from shared.messages import Datatype, OutputTensor
-from shared.monitor_store import FileMonitorStore
-from shared.settings import InferqSettings, WorkerSettings
-from shared.topology import all_queues
-from worker.metrics import WorkerMetrics
-from worker.monitor import Monitor
+from inferq.model_store.manifest import Manifest
+from inferq.monitoring.counting import Monitor
+from inferq.monitoring.reference import Reference, describe_inputs, describe_outputs
+from inferq.monitoring.store import FileMonitorStore
+from inferq.shared.broker.topology import all_queues
+from inferq.shared.config.settings import InferqSettings, WorkerSettings
+from inferq.shared.contract.messages import Datatype, OutputTensor
+from inferq.worker.metrics import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -151,7 +151,7 @@ def test_definitions_declare_the_queues_exactly_as_the_topology_does(services: d
     assert [(b["source"], b["destination"], b["routing_key"]) for b in bindings] == [
         ("inferq.results", "inferq.results", "#")
     ]
-    # and the file is exactly what the renderer writes, so it cannot drift from shared/topology.py
+    # and the file is exactly what the renderer writes, so it cannot drift from shared/broker/topology.py
     check = subprocess.run(
         [sys.executable, "scripts/render_definitions.py", "--check"],
         cwd=ROOT,
@@ -235,7 +235,7 @@ def test_grafana_dashboard_is_provisioned_and_queries_only_metrics_that_exist(
 def test_the_api_serves_on_localhost_waits_for_the_stack_and_stops_gracefully(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    from gateway.settings import GatewaySettings  # noqa: PLC0415
+    from inferq.gateway.settings import GatewaySettings  # noqa: PLC0415
 
     api = services["api"]
     assert api["command"] == ["serve"] and api["image"] == services["worker"]["image"]

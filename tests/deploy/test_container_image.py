@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shared.settings import WorkerSettings
-from worker.metrics import MetricsServer, WorkerMetrics
+from inferq.shared.config.settings import WorkerSettings
+from inferq.worker.metrics import MetricsServer, WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 

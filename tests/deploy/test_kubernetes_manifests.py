@@ -13,10 +13,10 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from gateway.settings import GatewaySettings
-from shared.settings import WorkerSettings, split_urls
-from shared.topology import QUORUM_GROUP_SIZE, jobs_queue, retry_queue
-from worker.metrics import MetricsServer, WorkerMetrics
+from inferq.gateway.settings import GatewaySettings
+from inferq.shared.broker.topology import QUORUM_GROUP_SIZE, jobs_queue, retry_queue
+from inferq.shared.config.settings import WorkerSettings, split_urls
+from inferq.worker.metrics import MetricsServer, WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"

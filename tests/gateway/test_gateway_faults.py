@@ -16,7 +16,7 @@ import pytest
 from gateway_support import GatewayProcess, oip_request
 from support import Env, wait_for
 
-from model_store.base import publish
+from inferq.model_store.base import publish
 
 pytestmark = pytest.mark.broker
 

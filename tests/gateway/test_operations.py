@@ -11,8 +11,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from gateway.jobs import digest, prefer_wait_s
-from gateway.operations import (
+from inferq.gateway.jobs import digest, prefer_wait_s
+from inferq.gateway.protocol import InferenceRequest
+from inferq.gateway.records import (
     OperationRecord,
     OperationStore,
     PostgresOperationStore,
@@ -20,9 +21,8 @@ from gateway.operations import (
     default_location,
     open_operation_store,
 )
-from gateway.protocol import InferenceRequest
-from shared.errors import ConfigError, StoreUnreachable
-from shared.messages import Job
+from inferq.shared.contract.messages import Job
+from inferq.shared.errors import ConfigError, StoreUnreachable
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 

@@ -15,7 +15,7 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from support import Env, Models
 
-from model_store.base import publish
+from inferq.model_store.base import publish
 
 pytestmark = pytest.mark.broker
 TOKEN = "fuzz-token-" + uuid.uuid4().hex

@@ -16,12 +16,12 @@ from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import OneHotEncoder, SplineTransformer, StandardScaler
 
-from model_store.base import publish
-from model_store.export import ExportError, load_model_file
-from model_store.local import LocalModelStore
-from shared.errors import ModelLoadError
-from shared.messages import Datatype
-from shared.table import Column
+from inferq.model_store.base import publish
+from inferq.model_store.convert import ExportError, load_model_file
+from inferq.model_store.local import LocalModelStore
+from inferq.shared.contract.messages import Datatype
+from inferq.shared.errors import ModelLoadError
+from inferq.shared.tables.table import Column
 
 
 def _frame(rows: int = 120) -> pd.DataFrame:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from support import Env, Models, dumps, job_dict
 
-from model_store.base import publish
-from shared.messages import Status
+from inferq.model_store.base import publish
+from inferq.shared.contract.messages import Status
 
 
 def _rows_csv(path: Path, models: Models, *, ids: bool = True) -> Path:

@@ -8,8 +8,8 @@ import threading
 import pytest
 from support import BackgroundWorker, Env, Models, make_job, wait_for
 
-from producer.client import Producer
-from shared import connection
+from inferq.producer.client import Producer
+from inferq.shared.broker import connection
 
 
 def test_a_long_run_of_nacks_opens_a_new_session_and_every_job_is_confirmed_once(

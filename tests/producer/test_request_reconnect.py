@@ -12,9 +12,9 @@ import pytest
 from private_broker import PrivateBroker
 from support import Env, Models, make_job, wait_for
 
-from model_store.base import publish
-from producer.client import Producer
-from shared.messages import Result, Status
+from inferq.model_store.base import publish
+from inferq.producer.client import Producer
+from inferq.shared.contract.messages import Result, Status
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from producer import job_from_columns, job_from_rows, jobs_from_rows
-from shared.messages import Datatype
-from shared.table import Column, RowError, Table
+from inferq.producer import job_from_columns, job_from_rows, jobs_from_rows
+from inferq.shared.contract.messages import Datatype
+from inferq.shared.tables.table import Column, RowError, Table
 
 TABLE = Table(
     "mixed",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.amqp import Backoff
+from inferq.shared.broker.amqp import Backoff
 
 
 def test_a_backoff_after_ten_thousand_attempts_still_gives_a_capped_delay() -> None:

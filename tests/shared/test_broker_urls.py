@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from shared.connection import Endpoints, broker_urls
-from shared.errors import ConfigError
-from shared.settings import InferqSettings, load_settings
+from inferq.shared.broker.connection import Endpoints, broker_urls
+from inferq.shared.config.settings import InferqSettings, load_settings
+from inferq.shared.errors import ConfigError
 
 NODES = [f"amqp://inferq:pw@rabbit-{i}:5672/%2F" for i in range(3)]
 

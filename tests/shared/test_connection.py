@@ -7,9 +7,9 @@ import pytest
 from private_broker import free_port
 from support import Env, dumps, job_dict
 
-from shared.connection import open_blocking
-from shared.errors import BrokerRefused, BrokerUnavailable
-from shared.settings import OperatorSettings
+from inferq.shared.broker.connection import open_blocking
+from inferq.shared.config.settings import OperatorSettings
+from inferq.shared.errors import BrokerRefused, BrokerUnavailable
 
 SECRET = "s3cret-pw"
 

@@ -1,4 +1,4 @@
-"""The hot path's frames (shared/frames.py) are byte for byte what pika writes and reads: publishes
+"""The hot path's frames (shared/broker/frames.py) are byte for byte what pika writes and reads: publishes
 encoded without pika equal pika's own marshalling, and a delivery read in one go equals what pika's
 frame-by-frame decoder gives, for any names, properties and body, split into any frame size."""
 
@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from pika import frame, spec
 from pika.exceptions import ShortStringTooLong
 
-from shared.amqp import ConfirmTracker
-from shared.connection import _HearingConnection
-from shared.frames import WAIT_MAX_BYTES, Delivered, PublishFrames, Unread, read_delivery
+from inferq.shared.broker.amqp import ConfirmTracker
+from inferq.shared.broker.connection import _HearingConnection
+from inferq.shared.broker.frames import WAIT_MAX_BYTES, Delivered, PublishFrames, Unread, read_delivery
 
 CONTENT_TYPE = "application/json"
 

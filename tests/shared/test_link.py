@@ -15,10 +15,10 @@ from pika.adapters.select_connection import IOLoop
 from private_broker import BlackHole
 from support import AMQP_URL
 
-from shared.connection import Link, Session
-from shared.errors import BrokerUnavailable, InferqError
-from shared.settings import InferqSettings
-from shared.topology import QueueSpec
+from inferq.shared.broker.connection import Link, Session
+from inferq.shared.broker.topology import QueueSpec
+from inferq.shared.config.settings import InferqSettings
+from inferq.shared.errors import BrokerUnavailable, InferqError
 
 MESSAGES = 2000
 

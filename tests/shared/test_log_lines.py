@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from shared.logging import configure_logging, get_logger
+from inferq.shared.config.logging import configure_logging, get_logger
 
 
 def test_events_logged_from_several_threads_never_share_a_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

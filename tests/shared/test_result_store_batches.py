@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from shared import results
-from shared.errors import ErrorCode
-from shared.messages import ErrorInfo, Result, Status
-from shared.results import FileResultStore
+from inferq.shared.contract.messages import ErrorInfo, Result, Status
+from inferq.shared.errors import ErrorCode
+from inferq.shared.results import files
+from inferq.shared.results.files import FileResultStore
 
 
 def _failed(job_id: str) -> Result:
@@ -28,7 +28,7 @@ def test_a_stored_batch_reads_back_and_leaves_no_temporary_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncfs: bool
 ) -> None:
     if not syncfs:
-        monkeypatch.setattr(results, "_syncfs", None)
+        monkeypatch.setattr(files, "_syncfs", None)
     store = FileResultStore(tmp_path)
     batch = [_failed(f"job-{i}") for i in range(5)]
     store.put_many(batch)
@@ -40,7 +40,7 @@ def test_a_failing_flush_stores_nothing_and_cleans_up(tmp_path: Path, monkeypatc
     def broken(_paths: object, _directory: object) -> None:
         raise OSError(5, "I/O error")
 
-    monkeypatch.setattr(results, "_flush_files", broken)
+    monkeypatch.setattr(files, "_flush_files", broken)
     store = FileResultStore(tmp_path)
     with pytest.raises(OSError, match="I/O error"):
         store.put_many([_failed("job-1"), _failed("job-2")])

@@ -16,9 +16,10 @@ import pytest
 from seaweedfs import SeaweedFS
 from support import S3_BUCKET
 
-from shared.errors import ConfigError, ErrorCode, ResultNotFound
-from shared.messages import ErrorInfo, Result, Status, Tensor
-from shared.results import ResultStore, open_result_store, parse_location
+from inferq.shared.contract.messages import ErrorInfo, Result, Status, Tensor
+from inferq.shared.errors import ConfigError, ErrorCode, ResultNotFound
+from inferq.shared.results.base import ResultStore
+from inferq.shared.results.stores import open_result_store, parse_location
 
 STORES = ["file", "sqlite", "postgresql", "s3"]
 
@@ -97,8 +98,8 @@ def test_an_empty_batch_stores_nothing(store: ResultStore) -> None:
 
 RACER = """
 import json, random, sys
-from shared.results import open_result_store
-from shared.messages import Result, Status, Tensor
+from inferq.shared.results.stores import open_result_store
+from inferq.shared.contract.messages import Result, Status, Tensor
 location, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 ids = [f"race-{i}" for i in range(count)]
 random.Random(name).shuffle(ids)
@@ -194,7 +195,7 @@ def test_the_cli_reports_a_bad_store_in_one_line(tmp_path: Path) -> None:
 
 def test_a_default_store_is_sqlite_under_var(tmp_path: Path, seaweedfs: SeaweedFS) -> None:
     del seaweedfs  # (only to share the session's server with the other tests of this file)
-    from shared.settings import InferqSettings  # noqa: PLC0415
+    from inferq.shared.config.settings import InferqSettings  # noqa: PLC0415
 
     assert parse_location(InferqSettings().result_store) == ("sqlite", "var/results.db")
 
@@ -222,8 +223,8 @@ def test_an_unreachable_postgresql_is_one_line_without_its_password(tmp_path: Pa
 OPENER = """
 import sys, time
 from pathlib import Path
-from shared.results import open_result_store
-from shared.messages import Result, Status, Tensor
+from inferq.shared.results.stores import open_result_store
+from inferq.shared.contract.messages import Result, Status, Tensor
 root, name, count, openers = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 for n in range(count):
     (root / f"{n}.{name}.ready").touch()  # all start on database n together (unless one has died)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.rowfile import RowFileError, csv_header, read_records
+from inferq.shared.tables.rowfile import RowFileError, csv_header, read_records
 
 
 def test_csv_rows_come_as_objects_by_header_with_their_line(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from support import Env
 
-from shared.settings import known_variables, misspelled_variables
+from inferq.shared.config.settings import known_variables, misspelled_variables
 
 
 def test_a_misspelled_variable_is_matched_to_the_nearest_setting_of_any_process() -> None:

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from model_store.manifest import TensorSpec
-from shared.errors import InvalidPayload
-from shared.messages import Datatype
-from shared.table import Column, RowError, Table, convert
+from inferq.model_store.manifest import TensorSpec
+from inferq.shared.contract.messages import Datatype
+from inferq.shared.errors import InvalidPayload
+from inferq.shared.tables.table import Column, RowError, Table, convert
 
 MIXED = Table(
     "mixed",

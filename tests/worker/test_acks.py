@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.acks import Acks, AckWindow
+from inferq.worker.acks import Acks, AckWindow
 
 
 def window_with(*tags: int, epoch: int = 1) -> AckWindow:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.batcher import Batcher
+from inferq.worker.batcher import Batcher
 
 
 class Clock:

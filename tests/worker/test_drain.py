@@ -9,8 +9,8 @@ from collections.abc import Callable
 import pika
 from support import Env, wait_for
 
-from worker.consumer import _count_returns
-from worker.drain import DrainDetector, DrainLoop, Step
+from inferq.worker.consumer import _count_returns
+from inferq.worker.drain import DrainDetector, DrainLoop, Step
 
 
 def test_an_idle_worker_on_an_empty_queue_cancels_then_checks_once_more_then_is_done() -> None:

@@ -13,7 +13,7 @@ from support import AMQP_URL, Env, Models, make_job, wait_for
 from tcp_proxy import TcpProxy
 from test_faults import audit
 
-from worker.main import Worker, build_worker
+from inferq.worker.worker import Worker, build_worker
 
 
 @pytest.fixture

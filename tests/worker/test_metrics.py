@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from worker.metrics import LATENCY_BUCKETS, WorkerMetrics
+from inferq.worker.metrics import LATENCY_BUCKETS, WorkerMetrics
 
 
 def samples(text: bytes) -> list[str]:

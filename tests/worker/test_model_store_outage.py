@@ -21,8 +21,8 @@ from seaweedfs import SeaweedFS
 from support import S3_BUCKET, BackgroundWorker, Env, Models, make_job, wait_for
 from tcp_proxy import TcpProxy
 
-from model_store.base import publish
-from model_store.stores import open_model_store
+from inferq.model_store.base import publish
+from inferq.model_store.stores import open_model_store
 
 BLACK_HOLE_S = float(os.environ.get("INFERQ_TEST_BLACK_HOLE_S", "12"))
 """How long the store stays silent, in seconds (60 for the long proof, see above; heartbeats are 1 s here)."""

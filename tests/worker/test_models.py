@@ -8,11 +8,11 @@ from pathlib import Path
 
 from support import Models
 
-from model_store.base import publish, set_alias
-from model_store.local import LocalModelStore
-from model_store.registry import Registry
-from worker.models import ModelFetcher
-from worker.runner import LoadedModel, load_model
+from inferq.model_store.base import publish, set_alias
+from inferq.model_store.local import LocalModelStore
+from inferq.model_store.registry import Registry
+from inferq.worker.fetcher import ModelFetcher
+from inferq.worker.runner import LoadedModel, load_model
 
 REFRESH_S = 5.0
 

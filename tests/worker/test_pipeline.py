@@ -13,11 +13,11 @@ import pika
 import pytest
 from support import AMQP_URL, BackgroundWorker, Env, Models, dumps, job_dict, make_job, wait_for
 
-from model_store.base import publish
-from producer.client import Producer
-from shared.errors import ErrorCode
-from shared.messages import Status
-from shared.topology import REASON_HEADER
+from inferq.model_store.base import publish
+from inferq.producer.client import Producer
+from inferq.shared.broker.topology import REASON_HEADER
+from inferq.shared.contract.messages import Status
+from inferq.shared.errors import ErrorCode
 
 
 def test_outputs_equal_scikit_learns_on_the_same_rows(iris_store: Env, models: Models) -> None:

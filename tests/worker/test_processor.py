@@ -13,16 +13,17 @@ from pathlib import Path
 import pytest
 from support import Models, make_job, pending_batch
 
-from model_store.base import publish
-from model_store.local import LocalModelStore
-from model_store.registry import Registry
-from model_store.stores import open_model_store
-from shared.messages import Datatype, Job, Result, Status, Tensor
-from shared.results import ResultStore, open_result_store
-from worker.batcher import Batch
-from worker.models import ModelFetcher
-from worker.processor import ID_CONFLICT, STORED_RESULT_UNREADABLE, Pending, Processed, Processor, job_digest
-from worker.runner import Limits, LoadedModel, load_model
+from inferq.model_store.base import publish
+from inferq.model_store.local import LocalModelStore
+from inferq.model_store.registry import Registry
+from inferq.model_store.stores import open_model_store
+from inferq.shared.contract.messages import Datatype, Job, Result, Status, Tensor
+from inferq.shared.results.base import ResultStore
+from inferq.shared.results.stores import open_result_store
+from inferq.worker.batcher import Batch
+from inferq.worker.fetcher import ModelFetcher
+from inferq.worker.processor import ID_CONFLICT, STORED_RESULT_UNREADABLE, Pending, Processed, Processor, job_digest
+from inferq.worker.runner import Limits, LoadedModel, load_model
 
 
 def batch(*jobs: Job, redelivered: bool = False) -> Batch[tuple[str, int | str], Pending]:

@@ -8,10 +8,10 @@ import pika
 from prometheus_client.parser import text_string_to_metric_families
 from support import Env
 
-from shared.messages import Result, Status, Timings
-from worker.consumer import Delivery
-from worker.metrics import WorkerMetrics
-from worker.processor import Outcome
+from inferq.shared.contract.messages import Result, Status, Timings
+from inferq.worker.consumer import Delivery
+from inferq.worker.metrics import WorkerMetrics
+from inferq.worker.processor import Outcome
 
 
 def test_an_execution_provider_onnxruntime_lacks_stops_the_worker_at_start_in_one_line(env: Env) -> None:

@@ -15,8 +15,8 @@ import pytest
 from support import Env, Models, make_job, wait_for
 from test_faults import audit
 
-from shared.settings import WorkerSettings
-from worker.main import Worker, build_worker
+from inferq.shared.config.settings import WorkerSettings
+from inferq.worker.worker import Worker, build_worker
 
 pytestmark = pytest.mark.broker
 

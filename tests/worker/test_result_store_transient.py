@@ -18,16 +18,16 @@ import pytest
 from support import Env, Models, make_job, wait_for
 from test_faults import audit
 
-from model_store.local import LocalModelStore
-from model_store.manifest import Manifest
-from model_store.registry import Registry
-from model_store.stores import open_model_store
-from shared.errors import StoreUnreachable
-from shared.messages import Result
-from shared.results import FileResultStore
-from shared.topology import RESENT_HEADER
-from worker.main import Worker, build_worker
-from worker.runner import LoadedModel, load_model
+from inferq.model_store.local import LocalModelStore
+from inferq.model_store.manifest import Manifest
+from inferq.model_store.registry import Registry
+from inferq.model_store.stores import open_model_store
+from inferq.shared.broker.topology import RESENT_HEADER
+from inferq.shared.contract.messages import Result
+from inferq.shared.errors import StoreUnreachable
+from inferq.shared.results.files import FileResultStore
+from inferq.worker.runner import LoadedModel, load_model
+from inferq.worker.worker import Worker, build_worker
 
 
 class FlakyReads(FileResultStore):
@@ -119,7 +119,7 @@ def test_a_model_version_that_cannot_be_read_holds_only_its_jobs(
     waiting = [make_job(models.X[i : i + 1], version=2) for i in range(5)]
     iris_store.submit(waiting[:2] + ready[:15] + waiting[2:] + ready[15:])
     model_store = UnreachableVersion(str(iris_store.model_dir), version=2)
-    monkeypatch.setattr("worker.main.open_model_store", lambda _location: model_store)
+    monkeypatch.setattr("inferq.worker.worker.open_model_store", lambda _location: model_store)
     worker = build_worker(iris_store.worker_settings(), drain=True)  # wired as `inferq worker --drain`
     drained = threading.Thread(target=worker.run, daemon=True)
     # When one worker drains the queue

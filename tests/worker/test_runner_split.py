@@ -8,8 +8,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from shared.messages import OutputTensor, Result
-from worker.runner import _split
+from inferq.shared.contract.messages import OutputTensor, Result
+from inferq.worker.runner import _split
 
 
 def _reference(name: str, array: npt.NDArray[Any], counts: list[int]) -> list[OutputTensor]:

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from model_store.manifest import TensorSpec
-from shared.errors import InvalidPayload, JobError
-from shared.messages import Datatype, Tensor
-from worker.runner import Feed, stack_inputs
+from inferq.model_store.manifest import TensorSpec
+from inferq.shared.contract.messages import Datatype, Tensor
+from inferq.shared.errors import InvalidPayload, JobError
+from inferq.worker.runner import Feed, stack_inputs
 
 X = TensorSpec(name="x", datatype=Datatype.FP32, shape=[None, 3])
 

@@ -17,12 +17,12 @@ from crashing_worker import SLOW, SLOW_S, STUCK, crashing_loader
 from private_broker import PrivateBroker
 from support import Env, Models, make_job, wait_for
 
-from model_store.base import publish
-from model_store.registry import Registry
-from model_store.stores import open_model_store
-from shared.results import open_result_store
-from worker.main import Worker
-from worker.runner import LoadedModel
+from inferq.model_store.base import publish
+from inferq.model_store.registry import Registry
+from inferq.model_store.stores import open_model_store
+from inferq.shared.results.stores import open_result_store
+from inferq.worker.runner import LoadedModel
+from inferq.worker.worker import Worker
 
 TESTS = Path(__file__).resolve().parent.parent
 

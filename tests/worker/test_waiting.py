@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 from support import delivery
 
-from worker.acks import Acks, AckWindow
-from worker.consumer import Delivery
-from worker.waiting import Waiting
+from inferq.worker.acks import Acks, AckWindow
+from inferq.worker.consumer import Delivery
+from inferq.worker.waiting import Waiting
 
 DELAY_S = 1.0
 

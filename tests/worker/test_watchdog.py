@@ -9,9 +9,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from model_store.manifest import Manifest
-from shared.errors import ErrorCode
-from worker.runner import Feed, LoadedModel, TimedOut, Watchdog, run_isolating
+from inferq.model_store.manifest import Manifest
+from inferq.shared.errors import ErrorCode
+from inferq.worker.runner import Feed, LoadedModel, TimedOut, Watchdog, run_isolating
 
 
 def endless_model() -> bytes:

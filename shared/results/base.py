@@ -1,0 +1,54 @@
+"""The result store: every result, one JSON document per job id. Both sides read it.
+
+``INFERQ_RESULT_STORE`` picks the store (see :func:`open_result_store`): a SQLite database (the default,
+``./var/results.db``), PostgreSQL, ``s3://bucket/prefix/<job id>.json`` objects or ``<dir>/<job id>.json``
+files. Every store keeps one contract: a result is stored atomically, so a reader sees either no result
+or the whole of it; the first result stored for an id wins: a second one (the same job run twice, by two
+workers racing on a duplicate) is not written, and the caller gets the stored one back to publish
+instead; a batch is one transaction (or one round of writes), durable once ``put_many`` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+from inferq.shared.contract.messages import Result, is_valid_job_id
+from inferq.shared.errors import ResultNotFound
+
+
+class ResultStore(Protocol):
+    """Where results are kept; the source of truth for "did this job finish"."""
+
+    def put_many(self, results: Sequence[Result]) -> list[Result]:
+        """Store each result unless its id already has one; return what is stored for each id, in order
+        (the earlier result where there was one; a result this call stored is returned as the very object
+        passed in). Atomic per result, durable on return. Raises ``OSError`` (transient) on failure."""
+
+    def get(self, job_id: str) -> Result:
+        """The stored result of ``job_id``; raises :class:`ResultNotFound`."""
+
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, Result]:
+        """The stored results of those of ``job_ids`` that have one (in as few round trips as the store
+        allows); ids without a result are absent from the answer."""
+
+    def exists(self, job_id: str) -> bool:
+        """True when a result of ``job_id`` is stored."""
+
+    def scan(self, model: str | None = None) -> Iterator[Result]:
+        """Every stored result (of ``model``, when given), streamed."""
+
+    def count(self, model: str | None = None) -> int:
+        """How many results :meth:`scan` would give."""
+
+    def describe(self) -> str:
+        """Where the store lives, for logs and messages (never with a password)."""
+
+    def close(self) -> None:
+        """Release connections and threads; the store may not be used afterwards."""
+
+
+def _checked_id(job_id: str) -> str:
+    if not is_valid_job_id(job_id):
+        raise ResultNotFound(f"{job_id!r} is not a valid job id")
+    return job_id

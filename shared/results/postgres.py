@@ -1,0 +1,217 @@
+"""The PostgreSQL result store: for a fleet of workers on many hosts, and results a user can query.
+
+One table, ``inferq_results`` (in the schema the URL's ``search_path`` names, ``public`` by default):
+``id`` (primary key), ``model``, ``version``, ``status``, ``error_code``, ``created_at`` and the full
+result as ``jsonb`` in ``result``, indexed by id and by ``(model, created_at)``. A batch is one
+transaction: one ``INSERT … ON CONFLICT (id) DO NOTHING RETURNING id`` of the whole batch as arrays (sent
+in binary: no quoting of the JSON) and, only when some ids already had a result, one ``SELECT`` reading
+those earlier results back; it is committed when ``put_many`` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from inferq.shared.config.logging import redact_text
+from inferq.shared.contract.messages import Result, is_valid_job_id
+from inferq.shared.errors import ResultNotFound, StoreError, StoreUnreachable
+
+SCHEMA_VERSION = 1
+POOL_MAX_SIZE = 4
+POOL_TIMEOUT_S = 3.0
+CONNECT_TIMEOUT_S = 5
+_READ_CHUNK = 10_000
+_SCHEMA_LOCK = 0x1F3E_9A7C  # pg_advisory_xact_lock key: concurrent first uses create the schema once
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS inferq_results ("
+    " id text PRIMARY KEY, model text, version integer, status text NOT NULL, error_code text,"
+    " created_at timestamptz NOT NULL DEFAULT now(), result jsonb NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS inferq_results_by_model_time ON inferq_results (model, created_at)",
+)
+_INSERT = (
+    "INSERT INTO inferq_results (id, model, version, status, error_code, result) "
+    "SELECT * FROM unnest(%b::text[], %b::text[], %b::integer[], %b::text[], %b::text[], %b::text[]::jsonb[]) "
+    "ON CONFLICT (id) DO NOTHING RETURNING id"
+)
+_SELECT_MANY = "SELECT id, result::text FROM inferq_results WHERE id = ANY(%s::text[])"
+
+
+def without_password(url: str) -> str:
+    """``url`` with any password removed, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class PostgresResultStore:
+    """Results as rows of a PostgreSQL table, written through a small connection pool."""
+
+    def __init__(self, url: str, *, pool_size: int = POOL_MAX_SIZE) -> None:
+        self.url = url
+        self.pool_size = pool_size
+        self._pool: ConnectionPool[psycopg.Connection[Any]] | None = None
+        self._lock = threading.Lock()
+        self._schema_ready = False
+
+    def describe(self) -> str:
+        return without_password(self.url).split("?", 1)[0]
+
+    def _connections(self) -> ConnectionPool[psycopg.Connection[Any]]:
+        with self._lock:
+            if self._pool is None:
+                # Connections are opened in the background: a database that is down at start makes the
+                # first operation fail (the worker retries it) instead of the process.
+                self._pool = ConnectionPool(
+                    self.url,
+                    min_size=1,
+                    max_size=self.pool_size,
+                    timeout=POOL_TIMEOUT_S,
+                    kwargs={"connect_timeout": CONNECT_TIMEOUT_S},
+                    # No check on checkout (a round trip per batch): a connection that fails is in a bad
+                    # state when it comes back, the pool replaces it, and the worker retries the batch.
+                    name="inferq-results",
+                    open=False,
+                )
+                # The pool logs every failed connection attempt (several a second while the server is
+                # down); the store reports a failure once, as the error of the operation that met it.
+                logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+                self._pool.open(wait=False)
+            return self._pool
+
+    def _ensure_schema(self, connection: psycopg.Connection[Any]) -> None:
+        if self._schema_ready:
+            return
+        with connection.transaction(), connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            cursor.execute(
+                "CREATE TABLE IF NOT EXISTS inferq_schema (component text PRIMARY KEY, version integer NOT NULL)"
+            )
+            cursor.execute("SELECT version FROM inferq_schema WHERE component = 'results'")
+            row = cursor.fetchone()
+            if row is not None and row[0] > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.describe()} has results schema version {row[0]}; this inferq knows up to "
+                    f"{SCHEMA_VERSION}: upgrade it"
+                )
+            if row is None:
+                for statement in _SCHEMA:
+                    cursor.execute(statement)
+                cursor.execute("INSERT INTO inferq_schema VALUES ('results', %s)", (SCHEMA_VERSION,))
+        self._schema_ready = True
+
+    def put_many(self, results: Sequence[Result]) -> list[Result]:
+        if not results:
+            return []
+        firsts: dict[str, Result] = {}
+        for result in results:
+            firsts.setdefault(result.id, result)
+        # Rows in id order: two writers whose batches share ids then wait on each other's keys in the
+        # same order, instead of each holding one the other needs (a deadlock PostgreSQL would break by
+        # failing one of the batches).
+        columns = _columns(sorted(firsts.values(), key=lambda r: r.id))
+        try:
+            with self._connections().connection() as connection:
+                self._ensure_schema(connection)
+                with connection.transaction(), connection.cursor() as cursor:
+                    cursor.execute(_INSERT, columns, prepare=True)
+                    inserted = {row[0] for row in cursor.fetchall()}
+                    lost = [job_id for job_id in firsts if job_id not in inserted]
+                    earlier = self._select(cursor, lost) if lost else {}
+        except psycopg.Error as exc:
+            # Down, restarting, failing over, refusing us: the worker retries and acks nothing meanwhile.
+            raise StoreUnreachable(redact_text(f"write to {self.describe()} failed: {_reason(exc)}")) from None
+        return [earlier.get(r.id) or firsts[r.id] for r in results]
+
+    @staticmethod
+    def _select(cursor: psycopg.Cursor[Any], job_ids: list[str]) -> dict[str, Result]:
+        found: dict[str, Result] = {}
+        for start in range(0, len(job_ids), _READ_CHUNK):
+            cursor.execute(_SELECT_MANY, (job_ids[start : start + _READ_CHUNK],))
+            for job_id, text in cursor.fetchall():
+                found[job_id] = Result.model_validate_json(text)
+        return found
+
+    def _query(self, sql: str, parameters: Sequence[object]) -> list[tuple[Any, ...]]:
+        try:
+            with self._connections().connection() as connection:
+                self._ensure_schema(connection)
+                with connection.cursor() as cursor:
+                    cursor.execute(sql, parameters)
+                    return cursor.fetchall()
+        except psycopg.OperationalError as exc:
+            raise StoreUnreachable(redact_text(f"read from {self.describe()} failed: {_reason(exc)}")) from None
+        except psycopg.Error as exc:
+            raise StoreError(redact_text(f"read from {self.describe()} failed: {_reason(exc)}")) from None
+
+    def get(self, job_id: str) -> Result:
+        rows = self._query("SELECT result::text FROM inferq_results WHERE id = %s", (job_id,))
+        if not rows:
+            raise ResultNotFound(f"no result for job {job_id!r} in {self.describe()}")
+        return Result.model_validate_json(rows[0][0])
+
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, Result]:
+        valid = [i for i in job_ids if is_valid_job_id(i)]
+        found: dict[str, Result] = {}
+        for start in range(0, len(valid), _READ_CHUNK):
+            for job_id, text in self._query(_SELECT_MANY, (valid[start : start + _READ_CHUNK],)):
+                found[job_id] = Result.model_validate_json(text)
+        return found
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self._query("SELECT 1 FROM inferq_results WHERE id = %s", (job_id,)))
+
+    def scan(self, model: str | None = None) -> Iterator[Result]:
+        # Keyset pages by id: no transaction or cursor stays open while the caller writes its file.
+        after = ""
+        where = "id > %s" + (" AND model = %s" if model is not None else "")
+        while True:
+            parameters = (after, model) if model is not None else (after,)
+            sql = f"SELECT id, result::text FROM inferq_results WHERE {where} ORDER BY id LIMIT 1000"
+            rows = self._query(sql, parameters)
+            for job_id, text in rows:
+                after = job_id
+                yield Result.model_validate_json(text)
+            if len(rows) < 1000:
+                return
+
+    def count(self, model: str | None = None) -> int:
+        if model is None:
+            return int(self._query("SELECT count(*) FROM inferq_results", ())[0][0])
+        return int(self._query("SELECT count(*) FROM inferq_results WHERE model = %s", (model,))[0][0])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+
+
+def _columns(results: list[Result]) -> tuple[list[Any], ...]:
+    """The batch as one array per column, for ``unnest``: one statement however large the batch."""
+    return (
+        [r.id for r in results],
+        [r.model for r in results],
+        [r.version for r in results],
+        [r.status.value for r in results],
+        [r.error.code.value if r.error is not None else None for r in results],
+        [r.to_json().decode() for r in results],
+    )
+
+
+def _reason(exc: psycopg.Error) -> str:
+    # The first line of the server's or libpq's message: enough to act on, no multi-line detail.
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

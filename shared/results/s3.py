@@ -1,0 +1,180 @@
+"""Results as ``s3://bucket/prefix/<job id>.json`` objects: conditional PUTs (the first result of an id
+wins), a batch written by a bounded pool of threads."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from functools import partial
+from typing import Any
+
+from inferq.shared.contract.messages import Result, is_valid_job_id
+from inferq.shared.errors import ResultNotFound
+from inferq.shared.results.base import _checked_id
+from inferq.shared.s3.client import is_not_found, is_precondition_failed, make_client, translate
+from inferq.shared.s3.location import S3Location
+from inferq.shared.s3.put import SignedPutter
+
+S3_WRITE_CONCURRENCY = 16
+S3_SCAN_PAGE = 256
+
+
+class S3ResultStore:
+    """Results as objects under ``s3://bucket/prefix``; a batch is written by a bounded pool of threads.
+
+    Writes go through :class:`SignedPutter` (hand-signed PUTs on kept-alive connections) unless ``lean``
+    is off or the client has no credentials it can use; reads go through boto3."""
+
+    def __init__(
+        self,
+        location: S3Location,
+        client: Any | None = None,
+        *,
+        concurrency: int = S3_WRITE_CONCURRENCY,
+        lean: bool = True,
+    ) -> None:
+        self.location = location
+        self.concurrency = concurrency
+        self._client = client if client is not None else make_client(max_pool_connections=concurrency)
+        self._putter = (
+            SignedPutter(self._client, location.bucket, concurrency)
+            if lean and SignedPutter.usable(self._client)
+            else None
+        )
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    def describe(self) -> str:
+        return str(self.location)
+
+    def _key(self, job_id: str) -> str:
+        return self.location.key(f"{_checked_id(job_id)}.json")
+
+    def put_many(self, results: Sequence[Result]) -> list[Result]:
+        """Returns only once every result is stored; raises ``StoreUnreachable`` (an ``OSError``) if any
+        write failed, after all writes of the batch have finished (a retry finds its own earlier writes)."""
+        put = self._put if self._putter is None else partial(self._put_lean, self._putter, self._putter.credentials())
+        if len(results) <= 1:
+            return [put(result) for result in results]
+        # NOTE: concurrent conditional PUTs of one key race each other: only the first result of an id in
+        # the batch is written, and a later one gets whatever that write left stored.
+        firsts: dict[str, Result] = {}
+        for result in results:
+            firsts.setdefault(result.id, result)
+        pool = self._executor()
+        futures: dict[str, Future[Result]] = {job_id: pool.submit(put, first) for job_id, first in firsts.items()}
+        wait(futures.values())
+        for future in futures.values():
+            error = future.exception()
+            if error is not None:
+                raise error
+        return [futures[result.id].result() for result in results]
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="inferq-s3-put")
+            return self._pool
+
+    def _put_lean(self, putter: SignedPutter, credentials: Any, result: Result) -> Result:
+        if putter.put(self._key(result.id), result.to_json(), credentials).stored:
+            return result
+        return self.get(result.id)  # the first result of an id wins
+
+    def _put(self, result: Result) -> Result:
+        key = self._key(result.id)
+        try:
+            self._client.put_object(
+                Bucket=self.location.bucket,
+                Key=key,
+                Body=result.to_json(),
+                ContentType="application/json",
+                IfNoneMatch="*",  # the first result of an id wins
+            )
+            return result
+        except Exception as exc:  # boto3 raises ClientError, BotoCoreError and urllib3 errors
+            if is_precondition_failed(exc):
+                return self.get(result.id)
+            # Any failed write is retried by the worker (nothing is acked meanwhile): a missing bucket
+            # or a revoked key shows as a repeated warning until an operator fixes it, not as a lost job.
+            raise translate(exc, f"put s3://{self.location.bucket}/{key}", always_transient=True) from None
+
+    def get(self, job_id: str) -> Result:
+        key = self._key(job_id)
+        try:
+            response = self._client.get_object(Bucket=self.location.bucket, Key=key)
+            data = response["Body"].read()
+        except Exception as exc:  # see _put
+            if is_not_found(exc):
+                raise ResultNotFound(f"no result for job {job_id!r} in {self.location}") from None
+            raise translate(exc, f"get s3://{self.location.bucket}/{key}") from None
+        return Result.model_validate_json(data)
+
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, Result]:
+        valid = [i for i in job_ids if is_valid_job_id(i)]
+        if not valid:
+            return {}
+        futures = [self._executor().submit(self._get_or_none, job_id) for job_id in valid]
+        found = (future.result() for future in futures)
+        return {result.id: result for result in found if result is not None}
+
+    def _get_or_none(self, job_id: str) -> Result | None:
+        try:
+            return self.get(job_id)
+        except ResultNotFound:
+            return None
+
+    def _ids(self) -> Iterator[str]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.location.bucket, Prefix=self.location.prefix):
+                for item in page.get("Contents", []):
+                    name = item["Key"][len(self.location.prefix) :]
+                    if name.endswith(".json") and "/" not in name:
+                        yield name[: -len(".json")]
+        except Exception as exc:  # see _put
+            raise translate(exc, f"list {self.location}") from None
+
+    def scan(self, model: str | None = None) -> Iterator[Result]:
+        page: list[str] = []
+        for job_id in self._ids():
+            page.append(job_id)
+            if len(page) == S3_SCAN_PAGE:
+                yield from self._of_model(page, model)
+                page = []
+        yield from self._of_model(page, model)
+
+    def _of_model(self, job_ids: list[str], model: str | None) -> Iterator[Result]:
+        # Read concurrently, a page at a time; keep the listing's order.
+        found = self.get_many(job_ids)
+        for job_id in job_ids:
+            result = found.get(job_id)
+            if result is not None and (model is None or result.model == model):
+                yield result
+
+    def count(self, model: str | None = None) -> int:
+        if model is None:
+            return sum(1 for _ in self._ids())
+        return sum(1 for _ in self.scan(model))
+
+    def exists(self, job_id: str) -> bool:
+        if not is_valid_job_id(job_id):
+            return False
+        key = self._key(job_id)
+        try:
+            self._client.head_object(Bucket=self.location.bucket, Key=key)
+        except Exception as exc:  # see _put
+            if is_not_found(exc):
+                return False
+            raise translate(exc, f"head s3://{self.location.bucket}/{key}") from None
+        return True
+
+    def close(self) -> None:
+        """Stop the write threads (idle ones; a running put_many finishes first)."""
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            if self._putter is not None:
+                self._putter.close()

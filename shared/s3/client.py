@@ -1,0 +1,92 @@
+"""S3 plumbing shared by the model store and the result store: locations, the client, error translation.
+
+The client takes the standard AWS configuration (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_PROFILE``, ``~/.aws/config``); inferq adds no variables
+of its own. Every failure leaves here as one of two types: :class:`StoreUnreachable` (an ``OSError``;
+worth retrying) or :class:`StoreError` (the request itself is wrong: missing bucket, access denied).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    NoRegionError,
+    ParamValidationError,
+    PartialCredentialsError,
+)
+
+from inferq.shared.config.logging import redact_text
+from inferq.shared.errors import StoreError, StoreUnreachable
+
+NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+PRECONDITION_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+# Codes S3 and compatible servers answer when the request was fine but the server was not.
+TRANSIENT_CODES = frozenset(
+    {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "503", "500"}
+)
+
+# Retrying cannot fix these: the configuration is wrong.
+_CONFIGURATION_ERRORS = (NoCredentialsError, PartialCredentialsError, NoRegionError, ParamValidationError)
+
+
+def make_client(*, max_pool_connections: int = 10) -> Any:
+    """A thread-safe boto3 S3 client from the standard AWS configuration.
+
+    NOTE: boto3 ≥ 1.36 adds CRC checksums to every upload and validates them on download by default;
+    several S3-compatible servers (SeaweedFS, older MinIO) store or return such bodies wrongly.
+    ``when_required`` restores the classic behaviour, so bytes round-trip exactly everywhere.
+    """
+    config = Config(
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        # Fail fast and let the caller's own backoff decide: a worker retries result writes with
+        # backoff, and model-store lookups on the I/O thread must not block it for long.
+        connect_timeout=3,
+        read_timeout=30,
+        retries={"max_attempts": 3, "mode": "standard"},
+        max_pool_connections=max_pool_connections,
+    )
+    return boto3.session.Session().client("s3", config=config)
+
+
+def error_code(exc: ClientError) -> str:
+    """The S3 error code of ``exc`` (``NoSuchKey``, ``PreconditionFailed``, ``404``, ...)."""
+    error = exc.response.get("Error", {})
+    return str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+
+
+def is_not_found(exc: BaseException) -> bool:
+    """True when ``exc`` says the object (or key) does not exist."""
+    return isinstance(exc, ClientError) and error_code(exc) in NOT_FOUND_CODES
+
+
+def is_precondition_failed(exc: BaseException) -> bool:
+    """True when a conditional write lost: the object already exists (or changed)."""
+    return isinstance(exc, ClientError) and error_code(exc) in PRECONDITION_CODES
+
+
+def translate(exc: BaseException, what: str, *, always_transient: bool = False) -> Exception:
+    """``exc`` from boto3 as :class:`StoreUnreachable` (retry) or :class:`StoreError` (give up).
+
+    ``what`` says what was attempted, e.g. ``"put s3://b/r/x.json"``. The message carries the S3 error
+    code and message, never credentials, and passes through the log redaction once more besides."""
+    if isinstance(exc, ClientError):
+        code = error_code(exc)
+        message = exc.response.get("Error", {}).get("Message") or ""
+        text = redact_text(f"{what}: {code} {message}".strip())
+        if always_transient or code in TRANSIENT_CODES:
+            return StoreUnreachable(text)
+        return StoreError(text)
+    if isinstance(exc, _CONFIGURATION_ERRORS):
+        return StoreError(redact_text(f"{what}: {exc} (check the AWS_* configuration)"))
+    if isinstance(exc, BotoCoreError):
+        return StoreUnreachable(redact_text(f"{what}: {type(exc).__name__}: {exc}"))
+    if isinstance(exc, OSError):
+        return StoreUnreachable(redact_text(f"{what}: {exc}"))
+    return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
