@@ -1,3 +1,5 @@
+"""``python -m inferq``: the ``inferq`` command."""
+
 from inferq.cli import main
 
 main()

@@ -26,6 +26,7 @@ import orjson
 
 from inferq.shared.config.logging import redact_text
 from inferq.shared.errors import ConfigError, StoreUnreachable
+from inferq.shared.extras import POSTGRES, needs_extra
 
 TABLE = "inferq_operations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -313,7 +314,8 @@ def default_location(result_store: str) -> str:
 def open_operation_store(location: str) -> OperationStore:
     """The operation store at ``location`` (``postgresql://…`` or ``sqlite:PATH``)."""
     if _is_postgres(location):
-        return PostgresOperationStore(location)
+        with needs_extra(POSTGRES, "a postgresql:// operations store"):
+            return PostgresOperationStore(location)
     if location.startswith("s3://"):
         raise ConfigError("INFERQ_OPERATIONS_STORE: operation records need a database, not S3")
     return SqliteOperationStore(_sqlite_path(location))

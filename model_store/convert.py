@@ -1,6 +1,5 @@
-"""Turning scikit-learn estimators into ONNX with skl2onnx, as the store expects them.
+"""Turning scikit-learn estimators into ONNX with skl2onnx, as the store expects them (the sklearn extra).
 
-Only ``.onnx``, ``.joblib``, ``.pkl`` and ``.pickle`` files are opened, chosen by extension.
 NOTE: unpickling runs code from the file: publish only pickles you trust, as with any pickle.
 """
 
@@ -8,13 +7,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import joblib
-import onnx
 import sklearn
 from skl2onnx import __version__ as skl2onnx_version
 from skl2onnx import convert_sklearn
@@ -28,13 +25,12 @@ from skl2onnx.common.data_types import (
 )
 from sklearn.base import is_classifier
 
-from inferq.model_store.input_plan import MATRIX_INPUT, ExportError, InputPlan, plan_inputs, read_sample
-from inferq.model_store.manifest import datatype_of_elem
+from inferq.model_store.input_plan import MATRIX_INPUT, InputPlan, plan_inputs, read_sample
+from inferq.model_store.model_file import Exported, ExportError
 from inferq.shared.contract.messages import Datatype
 from inferq.shared.tables.table import Column
 
 INPUT_NAME = MATRIX_INPUT
-PICKLE_SUFFIXES = frozenset({".joblib", ".pkl", ".pickle"})
 MAX_REASON_CHARS = 300
 _TENSOR_TYPES = {
     Datatype.FP32: FloatTensorType,
@@ -44,16 +40,7 @@ _TENSOR_TYPES = {
     Datatype.BYTES: StringTensorType,
 }
 
-__all__ = ["INPUT_NAME", "ExportError", "Exported", "estimator_to_onnx", "framework_versions", "load_model_file"]
-
-
-@dataclass(frozen=True, slots=True)
-class Exported:
-    """A model file ready to publish: ONNX bytes, where they came from, and the columns it reads (if named)."""
-
-    onnx: bytes
-    source: str
-    columns: list[Column] | None
+__all__ = ["INPUT_NAME", "ExportError", "estimator_to_onnx", "framework_versions", "load_pickle"]
 
 
 def framework_versions() -> dict[str, str]:
@@ -137,20 +124,10 @@ def _one_line(exc: Exception) -> str:
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
 
 
-def load_model_file(path: Path, n_features: int | None = None, sample: Path | None = None) -> Exported:
-    """What to publish for a ``.onnx`` file or a pickled/joblib scikit-learn estimator or pipeline.
+def load_pickle(path: Path, n_features: int | None = None, sample: Path | None = None) -> Exported:
+    """The ONNX model of a pickled or joblib scikit-learn estimator or pipeline, with the columns it reads.
 
     NOTE: unpickling runs code from the file: publish pickles you trust, as with any pickle."""
-    if not path.is_file():
-        raise ExportError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        if sample is not None:
-            raise ExportError("--sample applies to scikit-learn pickles; an .onnx file keeps its own inputs")
-        data = path.read_bytes()
-        return Exported(data, "onnx", onnx_columns(data))
-    if suffix not in PICKLE_SUFFIXES:
-        raise ExportError(f"{path}: publish an .onnx file or a scikit-learn model saved as .joblib, .pkl or .pickle")
     try:
         estimator = joblib.load(path)
     except Exception as exc:  # a pickle can fail in many ways
@@ -160,24 +137,3 @@ def load_model_file(path: Path, n_features: int | None = None, sample: Path | No
     rows = read_sample(sample) if sample is not None else None
     data, columns = export_estimator(estimator, n_features, rows)
     return Exported(data, f"sklearn:{type(estimator).__name__}", columns)
-
-
-def onnx_columns(data: bytes) -> list[Column] | None:
-    """Named columns of an ONNX model built with one ``[N, 1]`` input per column (as skl2onnx does for a
-    table); ``None`` for anything else, which keeps taking its inputs as tensors or rows by position."""
-    try:
-        graph = onnx.load_model_from_string(data).graph
-    except Exception:  # not ONNX: build_manifest reports it
-        return None
-    initializers = {i.name for i in graph.initializer}
-    inputs = [v for v in graph.input if v.name not in initializers]
-    if len(inputs) < 2:
-        return None
-    columns = []
-    for value in inputs:
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) != 2 or not dims[1].HasField("dim_value") or dims[1].dim_value != 1:
-            return None
-        datatype = datatype_of_elem(value.type.tensor_type.elem_type)
-        columns.append(Column(name=value.name, datatype=datatype, input=value.name))
-    return columns

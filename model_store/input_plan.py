@@ -18,17 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from inferq.model_store.model_file import ExportError
 from inferq.shared.contract.messages import Datatype
-from inferq.shared.errors import InferqError
 from inferq.shared.tables.rowfile import read_records
 from inferq.shared.tables.table import Column
 
 MATRIX_INPUT = "X"
 SAMPLE_ROWS = 1000
-
-
-class ExportError(InferqError):
-    """The file could not be turned into an ONNX model."""
 
 
 @dataclass(frozen=True, slots=True)

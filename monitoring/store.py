@@ -23,8 +23,8 @@ import orjson
 
 from inferq.shared.config.logging import redact_text
 from inferq.shared.errors import StoreError, StoreUnreachable
+from inferq.shared.extras import POSTGRES, S3, needs_extra
 from inferq.shared.results.stores import parse_location
-from inferq.shared.s3.client import make_client, translate
 from inferq.shared.s3.location import S3Location
 
 MONITOR_PREFIX = "_monitor"
@@ -202,7 +202,12 @@ class S3MonitorStore:
     """Window counts as objects under ``s3://bucket/prefix/_monitor/<model>/<version>/``."""
 
     def __init__(self, location: S3Location, client: Any | None = None) -> None:
+        # boto3 only for an S3 store (the s3 extra): imported here, when the store is opened.
+        with needs_extra(S3, "an s3:// monitoring store"):
+            from inferq.shared.s3.client import make_client, translate  # noqa: PLC0415
+
         self.location = location
+        self._translate = translate
         self._client = client if client is not None else make_client()
 
     def put_window(self, window: WindowCounts) -> None:
@@ -210,7 +215,7 @@ class S3MonitorStore:
         try:
             self._client.put_object(Bucket=self.location.bucket, Key=key, Body=_window_document(window))
         except Exception as exc:  # boto3 raises ClientError, BotoCoreError and urllib3 errors
-            raise translate(exc, f"put s3://{self.location.bucket}/{key}", always_transient=True) from None
+            raise self._translate(exc, f"put s3://{self.location.bucket}/{key}", always_transient=True) from None
 
     def totals(self, model: str, version: int, since_s: float | None = None) -> Totals:
         totals = Totals()
@@ -224,7 +229,7 @@ class S3MonitorStore:
                         body = self._client.get_object(Bucket=self.location.bucket, Key=item["Key"])["Body"].read()
                         _add_document(totals, body)
         except Exception as exc:  # see put_window
-            raise translate(exc, f"read s3://{self.location.bucket}/{prefix}") from None
+            raise self._translate(exc, f"read s3://{self.location.bucket}/{prefix}") from None
         return totals
 
     def put_pairs(self, pairs: list[ShadowPair]) -> None:
@@ -233,7 +238,7 @@ class S3MonitorStore:
             try:
                 self._client.put_object(Bucket=self.location.bucket, Key=key, Body=pair.to_json())
             except Exception as exc:  # see put_window
-                raise translate(exc, f"put s3://{self.location.bucket}/{key}", always_transient=True) from None
+                raise self._translate(exc, f"put s3://{self.location.bucket}/{key}", always_transient=True) from None
 
     def pairs(self, model: str) -> list[ShadowPair]:
         prefix = self.location.key(SHADOW_PREFIX, model, "")
@@ -246,7 +251,7 @@ class S3MonitorStore:
                     body = self._client.get_object(Bucket=self.location.bucket, Key=item["Key"])["Body"].read()
                     found.append(ShadowPair.from_json(body))
         except Exception as exc:  # see put_window
-            raise translate(exc, f"read s3://{self.location.bucket}/{prefix}") from None
+            raise self._translate(exc, f"read s3://{self.location.bucket}/{prefix}") from None
         return found
 
     def close(self) -> None:
@@ -466,6 +471,9 @@ def open_monitor_store(location: str) -> MonitorStore:
     if kind == "sqlite":
         return SQLiteMonitorStore(target)
     if kind == "postgresql":
+        # The store connects on first use, on the worker's counting thread: find the driver here instead.
+        with needs_extra(POSTGRES, "a postgresql:// monitoring store"):
+            import psycopg  # noqa: F401, PLC0415
         return PostgresMonitorStore(target)
     if kind == "s3":
         return S3MonitorStore(S3Location.parse(target))

@@ -22,7 +22,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from support import Env
 
 from inferq.model_store.base import publish, read_table
-from inferq.model_store.convert import load_model_file
+from inferq.model_store.model_file import load_model_file
 from inferq.producer import job_from_columns, job_from_rows
 from inferq.shared.contract.messages import Job, Result, Status, Tensor
 from inferq.shared.errors import ErrorCode

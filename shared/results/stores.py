@@ -9,6 +9,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from inferq.shared.errors import ConfigError, StoreError
+from inferq.shared.extras import POSTGRES, S3, needs_extra
 from inferq.shared.results.base import ResultStore
 from inferq.shared.results.files import FileResultStore
 from inferq.shared.s3.location import S3Location, is_s3
@@ -30,11 +31,13 @@ def open_result_store(location: str, *, fsync: bool = True, setting: str = SETTI
 
         return SQLiteResultStore(target)
     if kind == "postgresql":
-        from inferq.shared.results.postgres import PostgresResultStore  # noqa: PLC0415  (psycopg only when used)
+        with needs_extra(POSTGRES, "a postgresql:// result store"):
+            from inferq.shared.results.postgres import PostgresResultStore  # noqa: PLC0415  (psycopg only when used)
 
         return PostgresResultStore(target)
     if kind == "s3":
-        from inferq.shared.results.s3 import S3ResultStore  # noqa: PLC0415  (boto3 only when used)
+        with needs_extra(S3, "an s3:// result store"):
+            from inferq.shared.results.s3 import S3ResultStore  # noqa: PLC0415  (boto3 only when used)
 
         return S3ResultStore(S3Location.parse(target))
     return FileResultStore(target, fsync=fsync)

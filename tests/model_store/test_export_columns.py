@@ -17,8 +17,8 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import OneHotEncoder, SplineTransformer, StandardScaler
 
 from inferq.model_store.base import publish
-from inferq.model_store.convert import ExportError, load_model_file
 from inferq.model_store.local import LocalModelStore
+from inferq.model_store.model_file import ExportError, load_model_file
 from inferq.shared.contract.messages import Datatype
 from inferq.shared.errors import ModelLoadError
 from inferq.shared.tables.table import Column

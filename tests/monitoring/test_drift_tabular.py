@@ -20,7 +20,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from support import Env
 
 from inferq.model_store.base import publish, read_table
-from inferq.model_store.convert import load_model_file
+from inferq.model_store.model_file import load_model_file
 from inferq.monitoring.reference import MISSING, OTHER, ReferenceTable, read_reference, read_reference_table
 from inferq.monitoring.store import open_monitor_store
 from inferq.producer import job_from_rows
