@@ -1,2 +1,3 @@
-"""Code both sides of inferq use, one subpackage per concern: the wire contract, the broker, settings
-and logging, result stores, S3 plumbing and tables; ``errors`` holds every failure type and wire code."""
+"""Code both sides of inferq use, one subpackage per concern: the wire contract, the broker, settings and
+logging, result stores, S3 plumbing and tables; ``errors`` (failure types, wire codes) and ``extras``
+(which optional dependency installs what) sit beside them."""
