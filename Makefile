@@ -10,13 +10,14 @@ DURATION ?= 10m
 SEED ?= 7
 
 # The tests need PostgreSQL too (the PostgreSQL result store); `make test` starts or installs it.
-.PHONY: help env broker postgres demo test test-fast lint format bench chaos clean
+.PHONY: help env lock broker postgres demo test test-fast lint format bench chaos clean
 
 help:
 	@echo "make demo   run the end-to-end demo (RabbitMQ, a model directory, SQLite results)"
 	@echo "make demo STORE=s3   the same demo on S3 stores (a local SeaweedFS it starts and stops)"
 	@echo "make test   run the whole test suite against the real broker"
 	@echo "make lint   ruff + mypy --strict"
+	@echo "make lock   re-resolve every dependency and rewrite constraints.txt (the versions env and images install)"
 	@echo "make bench  inferq vs the ideal pipeline, a naive worker and Celery (BENCH_ARGS='--jobs 20000' for a shorter run)"
 	@echo "make chaos DURATION=10m [SEED=7]  soak on a private 3-node RabbitMQ cluster under random faults, then the audit"
 
@@ -24,11 +25,14 @@ help:
 PACKAGE_DIRS := . $(shell find shared model_store producer admin monitoring worker gateway cli -type d -not -name __pycache__)
 LINKS := $(VENV)/.links-stamp
 
-$(STAMP): pyproject.toml
+# Every extra (the dev extra pulls inferq[all]) at the versions constraints.txt pins, as the images do.
+CONSTRAINTS := constraints.txt
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	scripts/ensure-python.sh $(PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --quiet -e '.[dev,monitor]' --config-settings editable_mode=strict
+	$(BIN)/pip install --quiet --quiet -c $(CONSTRAINTS) -e '.[dev]' --config-settings editable_mode=strict
 	touch $(STAMP)
 
 # A strict editable install: build/__editable__*/inferq/ links every module to the repository's file, so mypy
@@ -38,6 +42,12 @@ $(LINKS): $(STAMP) $(PACKAGE_DIRS)
 	touch $(LINKS)
 
 env: $(STAMP) $(LINKS)
+
+# The newest versions pyproject.toml allows, resolved in a throwaway venv and written to constraints.txt;
+# commit the file, and the next `make env` and image build install exactly those.
+lock:
+	scripts/ensure-python.sh $(PYTHON)
+	scripts/lock.sh $(PYTHON)
 
 broker:
 	scripts/ensure-rabbitmq.sh
@@ -64,9 +74,10 @@ format: env
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# The bench extra (matplotlib, psutil) is installed only for the benchmark.
-$(BENCH_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/pip install --quiet --quiet -e '.[dev,monitor,bench]'
+# The bench extra (psutil, Celery) is installed only for the benchmark; strict, like env, so mypy still
+# sees the link tree.
+$(BENCH_STAMP): $(STAMP) pyproject.toml $(CONSTRAINTS)
+	$(BIN)/pip install --quiet --quiet -c $(CONSTRAINTS) -e '.[dev,bench]' --config-settings editable_mode=strict
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP) broker

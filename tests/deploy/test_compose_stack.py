@@ -77,7 +77,7 @@ def test_workers_can_be_scaled_and_wait_for_broker_definitions_and_bucket(
     # --scale worker=4 needs neither a fixed container name nor a host port
     assert "container_name" not in worker
     assert "ports" not in worker
-    assert worker["build"] == "."
+    assert worker["build"] == {"context": ".", "target": "worker"}
     assert worker["command"] == ["worker"]
     assert worker["depends_on"] == {
         "rabbitmq": {"condition": "service_healthy"},
@@ -89,6 +89,22 @@ def test_workers_can_be_scaled_and_wait_for_broker_definitions_and_bucket(
     # stopped with more time than the worker's drain takes; runs with a read-only root file system
     assert int(worker["stop_grace_period"].rstrip("s")) > 25
     assert worker["read_only"] is True and "/tmp" in worker["tmpfs"]
+
+
+def dockerfile_stages() -> set[str]:
+    return set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE))
+
+
+def test_each_inferq_service_builds_the_image_with_only_the_extras_it_imports(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    # worker: the core and s3, postgres; api: + http; producer (seed.py fits a model): + sklearn
+    targets = {name: s["build"]["target"] for name, s in services.items() if isinstance(s.get("build"), dict)}
+    assert targets == {"worker": "worker", "api": "api", "producer": "producer"}
+    assert set(targets.values()) <= dockerfile_stages()
+    images = {services[name]["image"] for name in targets}
+    assert len(images) == len(targets), "one image name per target, or compose builds one over another"
+    assert all(services[name]["build"]["context"] == "." for name in targets)
 
 
 def test_servers_have_healthchecks_and_one_shots_do_not_restart(services: dict[str, dict[str, Any]]) -> None:
@@ -238,11 +254,12 @@ def test_the_api_serves_on_localhost_waits_for_the_stack_and_stops_gracefully(
     from inferq.gateway.settings import GatewaySettings  # noqa: PLC0415
 
     api = services["api"]
-    assert api["command"] == ["serve"] and api["image"] == services["worker"]["image"]
+    assert api["command"] == ["serve"] and api["build"]["target"] == "api"
     assert api["ports"] == [f"127.0.0.1:{api['environment']['INFERQ_HTTP_PORT']}:8080"]
     assert int(api["environment"]["INFERQ_HTTP_PORT"]) == GatewaySettings.model_fields["http_port"].default
     assert api["depends_on"] == services["worker"]["depends_on"]
-    assert "/v2/health/live" in " ".join(api["healthcheck"]["test"])
+    # The api image's own HEALTHCHECK probes /v2/health/live on INFERQ_HTTP_PORT (tests/deploy/test_container_image.py)
+    assert "healthcheck" not in api
     # Results in PostgreSQL: the operation records go to the same database, so replicas share them.
     assert api["environment"]["INFERQ_RESULT_STORE"].startswith("postgresql://")
     assert "INFERQ_OPERATIONS_STORE" not in api["environment"]

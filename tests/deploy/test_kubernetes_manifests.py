@@ -194,9 +194,12 @@ def test_disruption_budget_and_metrics_service_select_the_worker_pods(rendered: 
     assert service["ports"][0]["targetPort"] == "metrics"
 
 
-def test_the_image_is_set_by_kustomize(pod: dict[str, Any]) -> None:
-    image = pod["containers"][0]["image"]
-    assert re.fullmatch(r"[\w./-]+/inferq:\d+\.\d+\.\d+", image), image
+def test_the_images_are_set_by_kustomize_the_api_its_own(rendered: dict[str, dict[str, Any]]) -> None:
+    # The worker runs the Dockerfile's default target (core, s3, postgres); the API its api target (+ http).
+    for deployment, image_name in (("inferq-worker", "inferq"), ("inferq-api", "inferq-api")):
+        (container,) = rendered[f"Deployment/{deployment}"]["spec"]["template"]["spec"]["containers"]
+        image = container["image"]
+        assert re.fullmatch(rf"[\w./-]+/{image_name}:\d+\.\d+\.\d+", image), image
 
 
 @pytest.fixture(scope="module")
