@@ -1,8 +1,8 @@
 """Measure result writes to S3 and worker throughput with the S3 result store next to the file one.
 
 Starts a local SeaweedFS (free ports, stopped at the end) and uses the local RabbitMQ. In one run, the
-two ways of writing a result object side by side: boto3's ``put_object`` and the lean signed PUT
-(``shared/s3_put.py``), interleaved over ``--repeat`` rounds:
+two ways of writing a result object side by side: boto3's ``put_object`` and the lean PUT signed by
+botocore (``shared/s3/put.py``), interleaved over ``--repeat`` rounds:
 1. results/s: ``S3ResultStore.put_many`` of batches of results, at several write concurrencies;
 2. jobs/s: the same jobs drained by one in-process worker, with a file result store and with the S3
    one each way (the model store is a directory in all, so only the result store differs).

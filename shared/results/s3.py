@@ -9,12 +9,15 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import partial
 from typing import Any
 
+import botocore.session
+from botocore.auth import S3SigV4Auth
+
 from inferq.shared.contract.messages import Result, is_valid_job_id
-from inferq.shared.errors import ResultNotFound
+from inferq.shared.errors import ResultNotFound, StoreError, StoreUnreachable
 from inferq.shared.results.base import _checked_id
 from inferq.shared.s3.client import is_not_found, is_precondition_failed, make_client, translate
 from inferq.shared.s3.location import S3Location
-from inferq.shared.s3.put import SignedPutter
+from inferq.shared.s3.put import PutOutcome, SignedPutter, lean_putter
 
 S3_WRITE_CONCURRENCY = 16
 S3_SCAN_PAGE = 256
@@ -23,8 +26,10 @@ S3_SCAN_PAGE = 256
 class S3ResultStore:
     """Results as objects under ``s3://bucket/prefix``; a batch is written by a bounded pool of threads.
 
-    Writes go through :class:`SignedPutter` (hand-signed PUTs on kept-alive connections) unless ``lean``
-    is off or the client has no credentials it can use; reads go through boto3."""
+    Writes go through :class:`SignedPutter` (PUTs signed by botocore on kept-alive connections) unless
+    ``lean`` is off, a ``client`` is given (its credentials and CA settings are its own), or the lean path
+    cannot write exactly as boto3 would (a proxy, a redirect: see ``shared/s3/put.py``); reads go through
+    boto3."""
 
     def __init__(
         self,
@@ -36,12 +41,13 @@ class S3ResultStore:
     ) -> None:
         self.location = location
         self.concurrency = concurrency
-        self._client = client if client is not None else make_client(max_pool_connections=concurrency)
-        self._putter = (
-            SignedPutter(self._client, location.bucket, concurrency)
-            if lean and SignedPutter.usable(self._client)
-            else None
-        )
+        self._putter: SignedPutter | None = None
+        if client is None:
+            session = botocore.session.get_session()  # one session: the client's credentials are the putter's
+            self._client = make_client(max_pool_connections=concurrency, session=session)
+            self._putter = lean_putter(session, self._client, location.bucket) if lean else None
+        else:
+            self._client = client
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -54,7 +60,9 @@ class S3ResultStore:
     def put_many(self, results: Sequence[Result]) -> list[Result]:
         """Returns only once every result is stored; raises ``StoreUnreachable`` (an ``OSError``) if any
         write failed, after all writes of the batch have finished (a retry finds its own earlier writes)."""
-        put = self._put if self._putter is None else partial(self._put_lean, self._putter, self._putter.credentials())
+        # Credentials are frozen once per batch: a refreshed role's are used from the next batch on.
+        putter = self._putter
+        put = self._put if putter is None or putter.redirected else partial(self._put_lean, putter, putter.signer())
         if len(results) <= 1:
             return [put(result) for result in results]
         # NOTE: concurrent conditional PUTs of one key race each other: only the first result of an id in
@@ -77,10 +85,18 @@ class S3ResultStore:
                 self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="inferq-s3-put")
             return self._pool
 
-    def _put_lean(self, putter: SignedPutter, credentials: Any, result: Result) -> Result:
-        if putter.put(self._key(result.id), result.to_json(), credentials).stored:
+    def _put_lean(self, putter: SignedPutter, signer: S3SigV4Auth, result: Result) -> Result:
+        if putter.redirected:  # an earlier write of this batch was redirected
+            return self._put(result)
+        try:
+            outcome = putter.put(self._key(result.id), result.to_json(), signer)
+        except StoreError as exc:  # refused (a wrong key, no bucket): retried by the worker, as in _put
+            raise StoreUnreachable(str(exc)) from None
+        if outcome is PutOutcome.STORED:
             return result
-        return self.get(result.id)  # the first result of an id wins
+        if outcome is PutOutcome.EXISTS:
+            return self.get(result.id)  # the first result of an id wins
+        return self._put(result)  # S3 redirected: boto3 follows it (and writes every later result)
 
     def _put(self, result: Result) -> Result:
         key = self._key(result.id)

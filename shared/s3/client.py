@@ -20,6 +20,7 @@ from botocore.exceptions import (
     ParamValidationError,
     PartialCredentialsError,
 )
+from botocore.session import Session as BotocoreSession
 
 from inferq.shared.config.logging import redact_text
 from inferq.shared.errors import StoreError, StoreUnreachable
@@ -35,8 +36,9 @@ TRANSIENT_CODES = frozenset(
 _CONFIGURATION_ERRORS = (NoCredentialsError, PartialCredentialsError, NoRegionError, ParamValidationError)
 
 
-def make_client(*, max_pool_connections: int = 10) -> Any:
-    """A thread-safe boto3 S3 client from the standard AWS configuration.
+def make_client(*, max_pool_connections: int = 10, session: BotocoreSession | None = None) -> Any:
+    """A thread-safe boto3 S3 client from the standard AWS configuration, made by ``session`` (a new one
+    by default; the lean PUT path reads its credentials and CA bundle from the same session).
 
     NOTE: boto3 ≥ 1.36 adds CRC checksums to every upload and validates them on download by default;
     several S3-compatible servers (SeaweedFS, older MinIO) store or return such bodies wrongly.
@@ -52,7 +54,7 @@ def make_client(*, max_pool_connections: int = 10) -> Any:
         retries={"max_attempts": 3, "mode": "standard"},
         max_pool_connections=max_pool_connections,
     )
-    return boto3.session.Session().client("s3", config=config)
+    return boto3.session.Session(botocore_session=session).client("s3", config=config)
 
 
 def error_code(exc: ClientError) -> str:
