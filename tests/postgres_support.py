@@ -15,8 +15,10 @@ from pathlib import Path
 import private_broker
 import psycopg
 import pytest
+from support import require_marker
 
 SHARED_URL = os.environ.get("INFERQ_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+"""The shared PostgreSQL: the one place the suite reads it (``INFERQ_TEST_POSTGRES_URL``)."""
 # Debian keeps the server programs out of PATH, one directory per major version: take the newest.
 PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
 
@@ -26,15 +28,27 @@ def schema_url(base: str, schema: str) -> str:
     return f"{base}?options=-csearch_path%3D{schema}"
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A libpq URL whose tables live in a fresh schema of the shared test database (dropped afterwards)."""
-    schema = f"t_{uuid.uuid4().hex[:12]}"
+@pytest.fixture(scope="session")
+def postgres_answers() -> None:
+    """The shared PostgreSQL answers, checked once per session: fail loudly (never skip) when it does not."""
     try:
-        admin = psycopg.connect(SHARED_URL, autocommit=True, connect_timeout=5)
+        psycopg.connect(SHARED_URL, connect_timeout=5).close()
+        return
     except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is not reachable at {SHARED_URL} ({exc}); run scripts/ensure-postgres.sh")
-    with admin:
+        reason = str(exc)
+    pytest.fail(
+        f"PostgreSQL is not reachable at {SHARED_URL} ({reason}); run scripts/ensure-postgres.sh", pytrace=False
+    )
+
+
+@pytest.fixture
+def postgres_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A libpq URL whose tables live in a fresh schema of the shared test database (dropped afterwards),
+    for a test marked ``postgres``."""
+    require_marker(request, "postgres", f"PostgreSQL at {SHARED_URL}")
+    request.getfixturevalue("postgres_answers")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(SHARED_URL, autocommit=True, connect_timeout=5) as admin:
         admin.execute(f"CREATE SCHEMA {schema}")
         try:
             yield schema_url(SHARED_URL, schema)

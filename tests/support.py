@@ -40,17 +40,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from seaweedfs import SeaweedFS
 
 AMQP_URL = os.environ.get("INFERQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+"""The shared broker: the one place the suite reads it (``INFERQ_TEST_AMQP_URL``)."""
 READ_WINDOW = 1000
 """Deliveries in flight while a test reads a queue out."""
 
 
-@pytest.fixture(scope="session", autouse=True)
-def broker_is_up() -> None:
-    """Every test run needs the real broker: fail loudly (never skip) when it is not there."""
+def require_marker(request: pytest.FixtureRequest, marker: str, server: str) -> None:
+    """Fail the requesting test unless it is marked ``marker``: a test that reaches ``server`` without
+    saying so would be selected by ``-m "not {marker}"`` and fail there, where the server is missing."""
+    if request.node.get_closest_marker(marker) is None:
+        pytest.fail(
+            f"{request.node.nodeid} needs {server} (fixture {request.fixturename!r}) "
+            f"but is not marked: add @pytest.mark.{marker} (or {marker} in the module's pytestmark)",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
+def broker_answers() -> None:
+    """The shared broker answers, checked once per session: fail loudly (never skip) when it does not."""
     try:
         pika.BlockingConnection(pika.URLParameters(AMQP_URL)).close()
+        return
     except pika.exceptions.AMQPError as exc:
-        pytest.fail(f"RabbitMQ is not reachable at {AMQP_URL} ({exc!r}); run scripts/ensure-rabbitmq.sh")
+        reason = repr(exc)
+    pytest.fail(f"RabbitMQ is not reachable at {AMQP_URL} ({reason}); run scripts/ensure-rabbitmq.sh", pytrace=False)
+
+
+@pytest.fixture
+def broker_is_up(request: pytest.FixtureRequest) -> None:
+    """The shared broker at ``AMQP_URL``, for a test marked ``broker``; every fixture that reaches it
+    asks for this one."""
+    require_marker(request, "broker", f"RabbitMQ at {AMQP_URL}")
+    request.getfixturevalue("broker_answers")
 
 
 @dataclass(frozen=True)
@@ -260,7 +282,8 @@ class Env:
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
+def env(tmp_path: Path, broker_is_up: None) -> Iterator[Env]:
+    """A world of unique queues on the shared broker (deleted afterwards): tests using it are marked ``broker``."""
     world = Env(tmp_path, f"test.{uuid.uuid4().hex[:12]}")
     yield world
     world.delete_queues()
@@ -270,9 +293,10 @@ S3_BUCKET = "inferq-test"
 
 
 @pytest.fixture(scope="session")
-def seaweedfs() -> Iterator[SeaweedFS]:
-    """One real SeaweedFS S3 server for the session, on free loopback ports; the standard AWS_*
-    variables point this process (and every ``inferq`` it starts) at it."""
+def seaweedfs_server() -> Iterator[SeaweedFS]:
+    """One real SeaweedFS S3 server for the session, on free loopback ports, started when the first
+    test marked ``s3`` asks for it; the standard AWS_* variables point this process (and every
+    ``inferq`` it starts) at it."""
     with SeaweedFS() as server:
         server.create_bucket(S3_BUCKET)
         saved = {key: os.environ.get(key) for key in server.environ}
@@ -285,6 +309,14 @@ def seaweedfs() -> Iterator[SeaweedFS]:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+@pytest.fixture
+def seaweedfs(request: pytest.FixtureRequest) -> SeaweedFS:
+    """The session's SeaweedFS, for a test marked ``s3``."""
+    require_marker(request, "s3", "a SeaweedFS S3 server")
+    server: SeaweedFS = request.getfixturevalue("seaweedfs_server")
+    return server
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ import orjson
 import pytest
 from support import Env, Models, wait_for
 
+pytestmark = pytest.mark.broker
+
 
 @pytest.fixture
 def sqlite_env(iris_store: Env) -> Env:

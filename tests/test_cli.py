@@ -6,9 +6,12 @@ import csv
 import uuid
 
 import orjson
+import pytest
 from support import BackgroundWorker, Env, Models, dumps, job_dict
 
 from inferq.shared.contract.messages import Status
+
+pytestmark = pytest.mark.broker
 
 
 def test_results_get_prints_a_stored_result(iris_store: Env) -> None:

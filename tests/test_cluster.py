@@ -26,6 +26,8 @@ from inferq.producer.client import Producer
 from inferq.shared.broker.amqp import redacted_url
 from inferq.shared.contract.messages import Job
 
+pytestmark = pytest.mark.broker
+
 JOBS = 4000
 
 

@@ -32,6 +32,8 @@ from inferq.shared.results.stores import open_result_store
 from inferq.worker.runner import load_model
 from inferq.worker.worker import Worker
 
+pytestmark = pytest.mark.broker
+
 TESTS = Path(__file__).parent
 
 

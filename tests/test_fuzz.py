@@ -187,6 +187,7 @@ def fuzz_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fuzz")
 
 
+@pytest.mark.broker
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(batch=st.lists(messages(), min_size=100, max_size=100))
 def test_the_worker_gives_every_fuzzed_message_a_result_or_a_dead_letter(

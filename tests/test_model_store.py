@@ -146,6 +146,7 @@ def test_the_registry_keeps_a_bounded_number_of_models_loaded(tmp_path: Path, mo
     assert registry.loaded() == [("iris", 3), ("iris", 2)]
 
 
+@pytest.mark.broker
 def test_cli_publishes_a_pickled_estimator_and_lists_it(env: Env, models: Models) -> None:
     path = env.tmp / "forest.joblib"
     joblib.dump(models.forest, path)
@@ -158,6 +159,7 @@ def test_cli_publishes_a_pickled_estimator_and_lists_it(env: Env, models: Models
     assert moved.returncode == 0 and env.store.read_aliases("iris") == {"champion": 1, "stable": 1}
 
 
+@pytest.mark.broker
 def test_cli_refuses_a_traversal_name_with_one_line(env: Env, models: Models) -> None:
     path = env.tmp / "m.onnx"
     path.write_bytes(models.forest_onnx)
@@ -167,6 +169,7 @@ def test_cli_refuses_a_traversal_name_with_one_line(env: Env, models: Models) ->
     assert not (env.tmp / "evil").exists()
 
 
+@pytest.mark.broker
 def test_cli_refuses_a_file_that_is_not_a_model(env: Env) -> None:
     path = env.tmp / "junk.onnx"
     path.write_bytes(b"not a model")

@@ -18,6 +18,8 @@ from inferq.shared.contract.messages import Job
 from inferq.shared.results.postgres import POOL_TIMEOUT_S
 from inferq.shared.results.stores import open_result_store
 
+pytestmark = pytest.mark.broker
+
 
 def _jobs(models: Models, count: int) -> list[Job]:
     return [make_job(models.X[i % 150 : i % 150 + 1], version=1 + i % 2) for i in range(count)]
@@ -73,6 +75,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
     cluster.remove()
 
 
+@pytest.mark.postgres
 def test_a_stopped_postgresql_holds_jobs_until_it_is_back(
     iris_store: Env, models: Models, private_postgres: PrivatePostgres
 ) -> None:

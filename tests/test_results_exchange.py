@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pika
+import pytest
 from support import Env, Models, make_job
 
 from inferq.producer.client import Producer
 from inferq.shared.contract.messages import Result, Status
+
+pytestmark = pytest.mark.broker
 
 
 def test_a_consumer_bound_to_failed_results_gets_only_those(iris_store: Env, models: Models) -> None:

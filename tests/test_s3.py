@@ -69,6 +69,8 @@ def onnx_with_external_data(location: str) -> bytes:
 # -- model store ------------------------------------------------------------------------------------
 
 
+@pytest.mark.broker
+@pytest.mark.s3
 def test_publish_list_alias_and_load_round_trip_on_s3(s3_env: Env, models: Models) -> None:
     model_file = s3_env.tmp / "forest.onnx"
     model_file.write_bytes(models.forest_onnx)
@@ -91,6 +93,8 @@ def test_publish_list_alias_and_load_round_trip_on_s3(s3_env: Env, models: Model
     assert manifest.sha256 == build_manifest("iris", 1, models.forest_onnx, "onnx", {}).sha256
 
 
+@pytest.mark.broker
+@pytest.mark.s3
 def test_a_version_without_a_manifest_is_absent(s3_env: Env, models: Models) -> None:
     store = s3_store(s3_env)
     publish(store, "iris", models.forest_onnx)
@@ -99,6 +103,8 @@ def test_a_version_without_a_manifest_is_absent(s3_env: Env, models: Models) -> 
     assert publish(store, "iris", models.logistic_onnx).version == 2
 
 
+@pytest.mark.broker
+@pytest.mark.s3
 def test_two_concurrent_publishers_of_one_version_exactly_one_wins(s3_env: Env, models: Models) -> None:
     # Given four publishers, each with its own client, racing for version 1 with different bytes
     publishers = [s3_store(s3_env) for _ in range(4)]
@@ -129,6 +135,8 @@ def test_two_concurrent_publishers_of_one_version_exactly_one_wins(s3_env: Env, 
     Registry(store, load_model).get("race", 1)  # and it verifies against its manifest
 
 
+@pytest.mark.broker
+@pytest.mark.s3
 def test_cli_publishers_racing_for_one_version_one_gets_a_clear_error(s3_env: Env, models: Models) -> None:
     (s3_env.tmp / "m.onnx").write_bytes(models.forest_onnx)
     results: list[Any] = []
@@ -149,6 +157,8 @@ def test_cli_publishers_racing_for_one_version_one_gets_a_clear_error(s3_env: En
     assert "version 3 already exists" in loser.stderr and "Traceback" not in loser.stderr
 
 
+@pytest.mark.broker
+@pytest.mark.s3
 def test_external_data_outside_the_version_directory_is_refused(s3_env: Env, models: Models) -> None:
     hostile = onnx_with_external_data("../../../../etc/passwd")
     store = s3_store(s3_env)
@@ -171,6 +181,8 @@ def test_external_data_outside_the_version_directory_is_refused(s3_env: Env, mod
     )
 
 
+@pytest.mark.broker
+@pytest.mark.s3
 def test_a_model_above_the_size_limit_is_refused_without_download(s3_env: Env, models: Models) -> None:
     store = s3_store(s3_env)
     publish(store, "big", models.forest_onnx)
@@ -184,6 +196,8 @@ def test_a_model_above_the_size_limit_is_refused_without_download(s3_env: Env, m
 # -- the verified cache -----------------------------------------------------------------------------
 
 
+@pytest.mark.broker
+@pytest.mark.s3
 def test_a_restarted_worker_loads_from_the_cache_without_downloading(s3_env: Env, models: Models) -> None:
     store = s3_store(s3_env)
     publish(store, "iris", models.forest_onnx)
@@ -205,6 +219,8 @@ def test_a_restarted_worker_loads_from_the_cache_without_downloading(s3_env: Env
     assert not list(cache_dir.rglob("*.tmp"))
 
 
+@pytest.mark.broker
+@pytest.mark.s3
 def test_a_damaged_cache_file_is_fetched_again(s3_env: Env, models: Models) -> None:
     store = s3_store(s3_env)
     publish(store, "iris", models.forest_onnx)
@@ -216,6 +232,8 @@ def test_a_damaged_cache_file_is_fetched_again(s3_env: Env, models: Models) -> N
     assert path.read_bytes() == models.forest_onnx
 
 
+@pytest.mark.broker
+@pytest.mark.s3
 def test_a_corrupted_model_object_fails_its_jobs_and_other_models_keep_working(s3_env: Env, models: Models) -> None:
     # Given iris v1 whose object was corrupted after publishing, and a healthy model beside it
     store = s3_store(s3_env)
@@ -249,6 +267,8 @@ def test_a_corrupted_model_object_fails_its_jobs_and_other_models_keep_working(s
 # -- results ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.broker
+@pytest.mark.s3
 def test_results_round_trip_byte_for_byte_and_concurrently(s3_env: Env, models: Models) -> None:
     assert s3_env.result_location is not None
     store = open_result_store(s3_env.result_location)
@@ -273,6 +293,8 @@ def test_results_round_trip_byte_for_byte_and_concurrently(s3_env: Env, models: 
     assert len(s3_env.stored()) == 200
 
 
+@pytest.mark.broker
+@pytest.mark.s3
 def test_worker_results_on_s3_are_readable_by_the_cli(s3_env: Env, models: Models) -> None:
     store = s3_store(s3_env)
     publish(store, "iris", models.forest_onnx)
@@ -320,6 +342,8 @@ def test_an_unreachable_s3_store_is_a_retryable_error() -> None:
 # -- aliases and new versions while running ---------------------------------------------------------
 
 
+@pytest.mark.broker
+@pytest.mark.s3
 def test_registry_serves_its_last_view_while_the_store_is_unreachable(s3_env: Env, models: Models) -> None:
     store = s3_store(s3_env)
     publish(store, "iris", models.forest_onnx, alias="champion")
@@ -335,6 +359,8 @@ def test_registry_serves_its_last_view_while_the_store_is_unreachable(s3_env: En
         registry.resolve("never-seen", "latest")
 
 
+@pytest.mark.broker
+@pytest.mark.s3
 def test_a_running_worker_follows_an_alias_move_and_pinned_jobs_stay(s3_env: Env, models: Models) -> None:
     store = s3_store(s3_env)
     publish(store, "iris", models.forest_onnx, alias="champion")
@@ -361,6 +387,8 @@ def test_a_running_worker_follows_an_alias_move_and_pinned_jobs_stay(s3_env: Env
     assert sorted(loaded) == [("iris", 1), ("iris", 2)]  # the new version loaded beside the old one
 
 
+@pytest.mark.broker
+@pytest.mark.s3
 def test_unused_versions_are_evicted_by_the_bound(s3_env: Env, models: Models) -> None:
     store = s3_store(s3_env)
     for _ in range(3):
@@ -374,6 +402,8 @@ def test_unused_versions_are_evicted_by_the_bound(s3_env: Env, models: Models) -
 # -- a real outage ----------------------------------------------------------------------------------
 
 
+@pytest.mark.broker
+@pytest.mark.s3
 def test_an_s3_outage_delays_results_but_loses_none_and_the_worker_survives(
     s3_env: Env, seaweedfs: SeaweedFS, models: Models
 ) -> None:
@@ -406,6 +436,8 @@ def test_an_s3_outage_delays_results_but_loses_none_and_the_worker_survives(
     assert s3_env.depth(s3_env.jobs_queue) == 0 and s3_env.depth(f"{s3_env.jobs_queue}.dlq") == 0
 
 
+@pytest.mark.broker
+@pytest.mark.s3
 def test_a_job_for_a_model_never_resolved_waits_out_a_model_store_outage(s3_env: Env, models: Models) -> None:
     # Given a worker whose model store fails its first listings (as when unreachable at start-up)
     publish(s3_store(s3_env), "iris", models.forest_onnx)
@@ -429,6 +461,8 @@ def test_a_job_for_a_model_never_resolved_waits_out_a_model_store_outage(s3_env:
     assert s3_env.depth(f"{s3_env.jobs_queue}.dlq") == 0
 
 
+@pytest.mark.broker
+@pytest.mark.s3
 def test_concurrent_alias_moves_on_s3_lose_none(s3_env: Env, models: Models) -> None:
     publish(s3_store(s3_env), "iris", models.forest_onnx)
     clients = [s3_store(s3_env) for _ in range(6)]
@@ -446,6 +480,8 @@ def test_concurrent_alias_moves_on_s3_lose_none(s3_env: Env, models: Models) -> 
     assert s3_store(s3_env).read_aliases("iris") == {f"team{i}": 1 for i in range(len(clients))}
 
 
+@pytest.mark.broker
+@pytest.mark.s3
 def test_the_first_result_of_an_id_wins_on_s3(s3_env: Env) -> None:
     assert s3_env.result_location is not None
     store = S3ResultStore(S3Location.parse(s3_env.result_location))

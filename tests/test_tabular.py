@@ -27,6 +27,8 @@ from inferq.producer import job_from_columns, job_from_rows
 from inferq.shared.contract.messages import Job, Result, Status, Tensor
 from inferq.shared.errors import ErrorCode
 
+pytestmark = pytest.mark.broker
+
 CITIES = ["rome", "oslo", "lima", "kyiv"]
 
 

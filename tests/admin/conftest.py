@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pika
 import pytest
-from ops_support import AMQP_URL, free_port, tiny_model
+from ops_support import free_port, tiny_model
+from support import AMQP_URL
 
 from inferq.model_store.base import publish
 from inferq.model_store.local import LocalModelStore
@@ -17,8 +18,9 @@ from inferq.shared.config.settings import InferqSettings
 
 
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    """``INFERQ_*`` for one test: its own queues (deleted afterwards) and stores, set in this process too."""
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broker_is_up: None) -> Iterator[dict[str, str]]:
+    """``INFERQ_*`` for one test: its own queues on the shared broker (deleted afterwards) and stores, set
+    in this process too; tests using it are marked ``broker``."""
     prefix = f"test.ops.{uuid.uuid4().hex[:12]}"
     values = {
         "INFERQ_AMQP_URL": AMQP_URL,

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx
 import private_broker
 from onnx import TensorProto, helper
 
-AMQP_URL = os.environ.get("INFERQ_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
 FEATURES = 3
 WEIGHTS = np.array([[1.0], [2.0], [3.0]], dtype=np.float32)
 

@@ -11,7 +11,7 @@ import pytest
 from gateway_support import GatewayProcess, oip_request
 from support import Env
 
-pytestmark = pytest.mark.broker
+pytestmark = [pytest.mark.broker, pytest.mark.postgres]
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
 

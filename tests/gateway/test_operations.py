@@ -39,7 +39,7 @@ def postgres_schema() -> Iterator[str]:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OperationStore]:
     location = f"sqlite:{tmp_path}/ops.db" if request.param == "sqlite" else request.getfixturevalue("postgres_schema")
     opened = open_operation_store(location)
@@ -80,6 +80,7 @@ def test_racing_claims_of_one_id_all_see_the_same_winner(store: OperationStore) 
     assert len(winners) == 50 and all(len(bodies) == 1 for bodies in winners.values())
 
 
+@pytest.mark.postgres
 def test_two_stores_on_one_database_share_claims(tmp_path: Path, postgres_schema: str) -> None:
     for location in (f"sqlite:{tmp_path}/shared.db", postgres_schema):
         first, second = open_operation_store(location), open_operation_store(location)

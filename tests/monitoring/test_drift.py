@@ -20,6 +20,8 @@ from inferq.model_store.convert import estimator_to_onnx
 from inferq.monitoring.reference import read_reference_data
 from inferq.monitoring.store import open_monitor_store
 
+pytestmark = pytest.mark.broker
+
 FEATURES = 6
 SHIFTED = 3
 NAMES = [f"x{i}" for i in range(FEATURES)]

@@ -127,6 +127,7 @@ def test_jobs_whose_ids_already_have_results_are_not_counted_again(
     assert counted_rows(monitor, tmp_path) == 12
 
 
+@pytest.mark.broker
 def test_a_failure_in_drift_counting_is_logged_and_the_worker_goes_on(
     env: Env, models: Models, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:

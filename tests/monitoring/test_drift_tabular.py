@@ -25,6 +25,8 @@ from inferq.monitoring.reference import MISSING, OTHER, ReferenceTable, read_ref
 from inferq.monitoring.store import open_monitor_store
 from inferq.producer import job_from_rows
 
+pytestmark = pytest.mark.broker
+
 CITIES = ["rome", "oslo", "lima", "kyiv"]
 TRAINING_SHARES = [0.4, 0.3, 0.2, 0.1]
 COLUMNS = ["city", "age", "income", "tenure"]

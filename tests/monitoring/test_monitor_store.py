@@ -12,7 +12,14 @@ from support import S3_BUCKET
 from inferq.monitoring.store import MonitorStore, ShadowPair, WindowCounts, open_monitor_store
 
 
-@pytest.fixture(params=["sqlite", "postgresql", "file", "s3"])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        "file",
+        pytest.param("s3", marks=pytest.mark.s3),
+    ]
+)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MonitorStore]:
     kind = request.param
     if kind == "sqlite":

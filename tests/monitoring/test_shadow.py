@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pytest
 from onnx import TensorProto, helper
 from sklearn.linear_model import LogisticRegression
 from support import Env, Models, make_job
@@ -15,6 +16,8 @@ from support import Env, Models, make_job
 from inferq.model_store.base import publish
 from inferq.model_store.convert import estimator_to_onnx
 from inferq.monitoring.shadow_setting import sampled, set_shadow
+
+pytestmark = pytest.mark.broker
 
 
 def test_every_job_is_paired_at_fraction_one_and_agreement_matches_scikit_learn(

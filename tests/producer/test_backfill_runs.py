@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
 from support import Env, Models, dumps, job_dict
 
 from inferq.model_store.base import publish
 from inferq.shared.contract.messages import Status
+
+pytestmark = pytest.mark.broker
 
 
 def _rows_csv(path: Path, models: Models, *, ids: bool = True) -> Path:

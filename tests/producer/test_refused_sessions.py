@@ -11,6 +11,8 @@ from support import BackgroundWorker, Env, Models, make_job, wait_for
 from inferq.producer.client import Producer
 from inferq.shared.broker import connection
 
+pytestmark = pytest.mark.broker
+
 
 def test_a_long_run_of_nacks_opens_a_new_session_and_every_job_is_confirmed_once(
     iris_store: Env, models: Models, capfd: pytest.CaptureFixture[str]

@@ -16,6 +16,8 @@ from inferq.model_store.base import publish
 from inferq.producer.client import Producer
 from inferq.shared.contract.messages import Result, Status
 
+pytestmark = pytest.mark.broker
+
 
 @pytest.fixture(scope="module")
 def private_broker() -> Iterator[PrivateBroker]:

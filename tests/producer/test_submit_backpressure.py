@@ -7,7 +7,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 from support import BackgroundWorker, Env, dumps, job_dict, wait_for
+
+pytestmark = pytest.mark.broker
 
 JOBS = 3000
 BOUND = 200

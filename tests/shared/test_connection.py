@@ -11,6 +11,8 @@ from inferq.shared.broker.connection import open_blocking
 from inferq.shared.config.settings import OperatorSettings
 from inferq.shared.errors import BrokerRefused, BrokerUnavailable
 
+pytestmark = pytest.mark.broker
+
 SECRET = "s3cret-pw"
 
 

@@ -187,6 +187,7 @@ def test_anything_but_a_delivery_on_one_channel_is_left_to_pika() -> None:
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
+@pytest.mark.broker
 def test_deliveries_and_publishes_of_every_size_cross_a_real_broker_intact(broker_is_up: None) -> None:
     """Deliveries read by the worker's connection, in one go or left to pika (partial, large, split into
     frames), and results it publishes through PublishFrames, against the real broker."""
@@ -267,6 +268,7 @@ def run_connection(
     return connection
 
 
+@pytest.mark.broker
 def test_packed_and_pika_publishes_in_one_pass_are_confirmed_in_order(broker_is_up: None) -> None:
     """publish_json's frames wait for the end of the loop pass; a publish through pika in between
     writes them first, so the broker numbers every publish in the order it was made (else the answers

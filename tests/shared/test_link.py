@@ -20,6 +20,8 @@ from inferq.shared.broker.topology import QueueSpec
 from inferq.shared.config.settings import InferqSettings
 from inferq.shared.errors import BrokerUnavailable, InferqError
 
+pytestmark = pytest.mark.broker
+
 MESSAGES = 2000
 
 

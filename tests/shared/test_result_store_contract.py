@@ -21,7 +21,12 @@ from inferq.shared.errors import ConfigError, ErrorCode, ResultNotFound
 from inferq.shared.results.base import ResultStore
 from inferq.shared.results.stores import open_result_store, parse_location
 
-STORES = ["file", "sqlite", "postgresql", "s3"]
+STORES = [
+    "file",
+    "sqlite",
+    pytest.param("postgresql", marks=pytest.mark.postgres),
+    pytest.param("s3", marks=pytest.mark.s3),
+]
 
 
 @pytest.fixture(params=STORES)
@@ -193,6 +198,7 @@ def test_the_cli_reports_a_bad_store_in_one_line(tmp_path: Path) -> None:
     assert done.stderr.count("\n") == 1 and "secret" not in done.stderr
 
 
+@pytest.mark.s3
 def test_a_default_store_is_sqlite_under_var(tmp_path: Path, seaweedfs: SeaweedFS) -> None:
     del seaweedfs  # (only to share the session's server with the other tests of this file)
     from inferq.shared.config.settings import InferqSettings  # noqa: PLC0415

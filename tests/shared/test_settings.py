@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from support import Env
 
 from inferq.shared.config.settings import known_variables, misspelled_variables
@@ -29,6 +30,7 @@ def test_known_variables_cover_every_settings_class() -> None:
     assert {"INFERQ_AMQP_URL", "INFERQ_PREFETCH", "INFERQ_CONFIRM_WINDOW", "INFERQ_MANAGEMENT_URL"} <= known
 
 
+@pytest.mark.broker
 def test_the_command_warns_on_stderr_naming_the_setting_and_keeps_stdout_clean(env: Env) -> None:
     done = env.inferq("results", "get", "nothing-here", INFERQ_RESULT_STOR="/elsewhere")
     assert done.stdout == ""

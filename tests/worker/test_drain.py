@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Callable
 
 import pika
+import pytest
 from support import Env, wait_for
 
 from inferq.worker.consumer import _count_returns
@@ -143,6 +144,7 @@ def test_a_drain_does_not_stop_while_a_delivery_that_crossed_its_cancel_is_on_it
     assert not loop.detector.done
 
 
+@pytest.mark.broker
 def test_a_delivery_that_crosses_the_cancel_on_the_wire_is_counted_as_handed_back(env: Env) -> None:
     # Given a consumer whose channel counts what pika hands back by itself
     queue = f"{env.prefix}.crossing"

@@ -15,6 +15,8 @@ from test_faults import audit
 
 from inferq.worker.worker import Worker, build_worker
 
+pytestmark = pytest.mark.broker
+
 
 @pytest.fixture
 def proxy() -> Iterator[TcpProxy]:

@@ -24,6 +24,8 @@ from tcp_proxy import TcpProxy
 from inferq.model_store.base import publish
 from inferq.model_store.stores import open_model_store
 
+pytestmark = [pytest.mark.broker, pytest.mark.s3]
+
 BLACK_HOLE_S = float(os.environ.get("INFERQ_TEST_BLACK_HOLE_S", "12"))
 """How long the store stays silent, in seconds (60 for the long proof, see above; heartbeats are 1 s here)."""
 

@@ -19,6 +19,8 @@ from inferq.shared.broker.topology import REASON_HEADER
 from inferq.shared.contract.messages import Status
 from inferq.shared.errors import ErrorCode
 
+pytestmark = pytest.mark.broker
+
 
 def test_outputs_equal_scikit_learns_on_the_same_rows(iris_store: Env, models: Models) -> None:
     rows = models.X[::5]  # 30 rows, split over jobs of 1 to 4 rows

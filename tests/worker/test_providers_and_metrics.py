@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pika
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import Env
 
@@ -14,6 +15,7 @@ from inferq.worker.metrics import WorkerMetrics
 from inferq.worker.processor import Outcome
 
 
+@pytest.mark.broker
 def test_an_execution_provider_onnxruntime_lacks_stops_the_worker_at_start_in_one_line(env: Env) -> None:
     done = env.inferq("worker", "--drain", INFERQ_ORT_PROVIDERS="NoSuchExecutionProvider,CPUExecutionProvider")
     assert done.returncode == 2

@@ -29,6 +29,8 @@ from inferq.shared.results.files import FileResultStore
 from inferq.worker.runner import LoadedModel, load_model
 from inferq.worker.worker import Worker, build_worker
 
+pytestmark = pytest.mark.broker
+
 
 class FlakyReads(FileResultStore):
     """A file result store whose reads fail once (a dropped connection) for any batch naming ``flaky``."""

@@ -24,6 +24,8 @@ from inferq.shared.results.stores import open_result_store
 from inferq.worker.runner import LoadedModel
 from inferq.worker.worker import Worker
 
+pytestmark = pytest.mark.broker
+
 TESTS = Path(__file__).resolve().parent.parent
 
 
