@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pika import frame, spec
 from pika.exceptions import ShortStringTooLong
+from support import AMQP_URL
 
 from inferq.shared.broker.amqp import ConfirmTracker
 from inferq.shared.broker.connection import _HearingConnection
@@ -183,8 +184,6 @@ def test_anything_but_a_delivery_on_one_channel_is_left_to_pika() -> None:
 
 
 # -- against the broker -----------------------------------------------------------------------------
-
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
 @pytest.mark.broker
