@@ -1,11 +1,12 @@
-"""The result store: every result, one JSON document per job id. Both sides read it.
+"""The result store contract: every result, one JSON document per job id. Both sides read it.
 
-``INFERQ_RESULT_STORE`` picks the store (see :func:`open_result_store`): a SQLite database (the default,
-``./var/results.db``), PostgreSQL, ``s3://bucket/prefix/<job id>.json`` objects or ``<dir>/<job id>.json``
-files. Every store keeps one contract: a result is stored atomically, so a reader sees either no result
-or the whole of it; the first result stored for an id wins: a second one (the same job run twice, by two
-workers racing on a duplicate) is not written, and the caller gets the stored one back to publish
-instead; a batch is one transaction (or one round of writes), durable once ``put_many`` returns.
+``INFERQ_RESULT_STORE`` picks the store (see :func:`inferq.shared.results.stores.open_result_store`): a
+SQLite database (the default, ``./var/results.db``), PostgreSQL, ``s3://bucket/prefix/<job id>.json``
+objects or ``<dir>/<job id>.json`` files. Every store keeps one contract: a result is stored atomically,
+so a reader sees either no result or the whole of it; the first result stored for an id wins: a second
+one (the same job run twice, by two workers racing on a duplicate) is not written, and the caller gets
+the stored one back to publish instead; a batch is one transaction (or one round of writes), durable
+once ``put_many`` returns.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ class ResultStore(Protocol):
         """Release connections and threads; the store may not be used afterwards."""
 
 
-def _checked_id(job_id: str) -> str:
+def checked_id(job_id: str) -> str:
+    """``job_id``, if it may name a stored result (a file or an object key): a store never builds a path from
+    anything else; raises :class:`ResultNotFound` otherwise."""
     if not is_valid_job_id(job_id):
         raise ResultNotFound(f"{job_id!r} is not a valid job id")
     return job_id

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from inferq.shared.contract.messages import Result, is_valid_job_id
 from inferq.shared.errors import ResultNotFound, StoreError
-from inferq.shared.results.base import _checked_id
+from inferq.shared.results.base import checked_id
 
 _temporary_numbers = itertools.count()
 
@@ -29,7 +29,7 @@ class FileResultStore:
         return str(self.root)
 
     def _path(self, job_id: str) -> Path:
-        return self.root / f"{_checked_id(job_id)}.json"
+        return self.root / f"{checked_id(job_id)}.json"
 
     def put_many(self, results: Sequence[Result]) -> list[Result]:
         if not results:
@@ -40,7 +40,7 @@ class FileResultStore:
         stored: list[Result] = []
         try:
             for result in results:
-                staged.append((self._write_temporary(result), f"{root}/{_checked_id(result.id)}.json"))
+                staged.append((self._write_temporary(result), f"{root}/{checked_id(result.id)}.json"))
             if self.fsync:
                 # Data first, then the names: a result is never visible, even after a crash, before
                 # its whole content is on disk. One flush for the batch instead of one per file.

@@ -14,7 +14,7 @@ from botocore.auth import S3SigV4Auth
 
 from inferq.shared.contract.messages import Result, is_valid_job_id
 from inferq.shared.errors import ResultNotFound, StoreError, StoreUnreachable
-from inferq.shared.results.base import _checked_id
+from inferq.shared.results.base import checked_id
 from inferq.shared.s3.client import is_not_found, is_precondition_failed, make_client, translate
 from inferq.shared.s3.location import S3Location
 from inferq.shared.s3.put import PutOutcome, SignedPutter, lean_putter
@@ -55,7 +55,7 @@ class S3ResultStore:
         return str(self.location)
 
     def _key(self, job_id: str) -> str:
-        return self.location.key(f"{_checked_id(job_id)}.json")
+        return self.location.key(f"{checked_id(job_id)}.json")
 
     def put_many(self, results: Sequence[Result]) -> list[Result]:
         """Returns only once every result is stored; raises ``StoreUnreachable`` (an ``OSError``) if any
