@@ -139,7 +139,9 @@ def private_broker() -> Iterator[PrivateBroker]:
 def test_kill_9_mid_batch_then_another_worker_finishes_in_ordinary_batches_with_nothing_lost(
     iris_store: Env, models: Models
 ) -> None:
-    jobs = backlog(iris_store, models, 3000)
+    # NOTE: a worker on a quiet machine drains 3,000 jobs in a few tenths of a second, faster than the poll
+    # below can see 300 results and kill it; 20,000 leave it seconds of work when the kill comes.
+    jobs = backlog(iris_store, models, 20_000)
     first = start_worker(iris_store)
     wait_for(lambda: len(list(iris_store.result_dir.glob("*.json"))) >= 300, timeout_s=60)
     first.signal(signal.SIGKILL)
@@ -253,7 +255,7 @@ def test_a_poison_job_that_crashes_its_worker_is_dead_lettered_and_others_finish
 
 
 def test_sigterm_under_load_finishes_in_flight_work_within_the_grace_time(iris_store: Env, models: Models) -> None:
-    jobs = backlog(iris_store, models, 4000)
+    jobs = backlog(iris_store, models, 20_000)  # seconds of work left when the signal comes (see above)
     worker = start_worker(iris_store, INFERQ_SHUTDOWN_GRACE_S="10")
     wait_for(lambda: len(list(iris_store.result_dir.glob("*.json"))) >= 200, timeout_s=60)
     stopped_at = time.monotonic()
@@ -275,7 +277,7 @@ def test_sigterm_under_load_finishes_in_flight_work_within_the_grace_time(iris_s
 
 
 def test_a_second_signal_exits_at_once_and_nothing_is_lost(iris_store: Env, models: Models) -> None:
-    jobs = backlog(iris_store, models, 3000)
+    jobs = backlog(iris_store, models, 20_000)  # seconds of work left when the store goes away (see above)
     worker = start_worker(iris_store, INFERQ_STORE_RETRY_MAX_S="0.5")
     wait_for(lambda: len(list(iris_store.result_dir.glob("*.json"))) >= 100, timeout_s=60)
     # The result store goes away, so the graceful stop cannot finish: only the second signal ends it.
