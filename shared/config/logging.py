@@ -25,11 +25,13 @@ class _Secrets:
     """The secret values seen so far; a value is added once and masked everywhere after."""
 
     def __init__(self) -> None:
-        self.values: set[str] = set()
+        self.values: frozenset[str] = frozenset()
 
     def add(self, value: str | None) -> None:
-        if value and len(value) >= 3:
-            self.values.add(value)
+        # Copy on write: a thread redacting a log line iterates the set it read, which a secret registered
+        # meanwhile (the S3 store's refreshed credentials, from its writing thread) must not change under it.
+        if value and len(value) >= 3 and value not in self.values:
+            self.values = self.values | {value}
 
 
 _secrets = _Secrets()
