@@ -14,7 +14,7 @@ import pika
 from pika.adapters.select_connection import IOLoop
 
 from bench.confirms import Confirmed
-from inferq.shared.broker.amqp import CONTENT_TYPE, PERSISTENT, PUBLISHED_MS_HEADER, declare_queues
+from inferq.shared.broker.amqp import CONTENT_TYPE, PERSISTENT, PUBLISHED_MS_HEADER, declare_queues, delete_topology
 from inferq.shared.broker.topology import ALL_RESULTS, all_queues
 from inferq.shared.config.settings import InferqSettings
 
@@ -43,10 +43,7 @@ def delete(settings: InferqSettings) -> None:
     """Delete the run's queues and exchanges."""
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url.get_secret_value()))
     channel = connection.channel()
-    for spec in all_queues(settings):
-        channel.queue_delete(spec.name)
-        for exchange in spec.bound_to:
-            channel.exchange_delete(exchange)
+    delete_topology(channel, settings)
     connection.close()
 
 

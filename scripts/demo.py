@@ -30,6 +30,8 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seaweedfs import SeaweedFS
 
+from inferq.shared.broker.amqp import delete_topology
+from inferq.shared.config.settings import InferqSettings
 from inferq.shared.results.stores import open_result_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,9 +59,8 @@ def inferq(*args: str, env: dict[str, str], quiet: bool = False) -> str:
 def purge_queues(env: dict[str, str]) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(env["INFERQ_AMQP_URL"]))
     channel = connection.channel()
-    jobs = env["INFERQ_JOBS_QUEUE"]
-    for queue in (jobs, env["INFERQ_RESULTS_QUEUE"], f"{jobs}.dlq", f"{jobs}.retry"):
-        channel.queue_delete(queue)
+    settings = InferqSettings(jobs_queue=env["INFERQ_JOBS_QUEUE"], results_queue=env["INFERQ_RESULTS_QUEUE"])
+    delete_topology(channel, settings)
     connection.close()
 
 

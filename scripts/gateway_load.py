@@ -38,7 +38,7 @@ from inferq.model_store.base import publish
 from inferq.model_store.convert import estimator_to_onnx
 from inferq.model_store.stores import open_model_store
 from inferq.producer import Producer
-from inferq.shared.broker.topology import all_queues
+from inferq.shared.broker.amqp import delete_topology
 from inferq.shared.config.settings import ProducerSettings
 from inferq.shared.contract.messages import Job, Tensor
 
@@ -229,8 +229,7 @@ def main() -> None:  # noqa: PLR0915  (a script: set-up, rounds, summary, clean-
         server.wait(60)
         connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
         channel = connection.channel()
-        for spec in all_queues(settings):
-            channel.queue_delete(spec.name)
+        delete_topology(channel, settings)
         connection.close()
 
 

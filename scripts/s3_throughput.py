@@ -33,6 +33,7 @@ from inferq.model_store.convert import estimator_to_onnx
 from inferq.model_store.local import LocalModelStore
 from inferq.model_store.registry import Registry
 from inferq.producer.client import Producer
+from inferq.shared.broker.amqp import delete_topology
 from inferq.shared.config.logging import configure_logging
 from inferq.shared.config.settings import ProducerSettings, WorkerSettings
 from inferq.shared.contract.messages import Job, Result, Status, Tensor, Timings
@@ -107,9 +108,7 @@ def jobs_per_s(models_dir: Path, result_store: str, jobs: int, lean: bool = True
         counters = build_worker(settings, drain=True).run()
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     channel = connection.channel()
-    for name in (f"{queue}.jobs", f"{queue}.results", f"{queue}.jobs.dlq", f"{queue}.jobs.retry"):
-        channel.queue_delete(name)
-    channel.exchange_delete(f"{queue}.results")
+    delete_topology(channel, settings)
     connection.close()
     assert counters.succeeded == jobs, counters
     assert counters.first_job_at is not None and counters.last_ack_at is not None

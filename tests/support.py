@@ -25,7 +25,7 @@ from inferq.model_store.base import ModelStore, publish
 from inferq.model_store.convert import estimator_to_onnx
 from inferq.model_store.stores import open_model_store
 from inferq.producer.client import Producer
-from inferq.shared.broker.topology import all_queues
+from inferq.shared.broker.amqp import declare_topology, delete_topology
 from inferq.shared.config.settings import ProducerSettings, WorkerSettings
 from inferq.shared.contract.messages import Job, Result, Tensor
 from inferq.shared.results.s3 import S3ResultStore
@@ -183,8 +183,7 @@ class Env:
         """Publish bytes as they are (for malformed messages), after declaring the topology."""
         connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
         channel = connection.channel()
-        for spec in all_queues(self.worker_settings()):
-            channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+        declare_topology(channel, self.worker_settings())
         channel.confirm_delivery()
         channel.basic_publish(
             "", queue or self.jobs_queue, body, pika.BasicProperties(delivery_mode=2, **props), mandatory=True
@@ -250,9 +249,7 @@ class Env:
     def delete_queues(self) -> None:
         connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
         channel = connection.channel()
-        for queue in (self.jobs_queue, self.results_queue, f"{self.jobs_queue}.dlq", f"{self.jobs_queue}.retry"):
-            channel.queue_delete(queue)
-        channel.exchange_delete(self.results_queue)  # the results exchange is named like the queue
+        delete_topology(channel, self.worker_settings())
         connection.close()
 
     def stored(self) -> dict[str, Result]:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from support import AMQP_URL, Env, Models
 
 from inferq.model_store.base import publish, set_alias
-from inferq.shared.broker.topology import all_queues
+from inferq.shared.broker.amqp import declare_topology
 from inferq.shared.contract.codec import Rejected, Undecodable, _fast_job, _read_wire_job, decode_job
 from inferq.shared.contract.messages import Job, Result
 from inferq.worker.processor import job_digest
@@ -199,8 +199,7 @@ def test_the_worker_gives_every_fuzzed_message_a_result_or_a_dead_letter(
     set_alias(env.store, "iris", "champion", 1)
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     channel = connection.channel()
-    for spec in all_queues(env.worker_settings()):
-        channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+    declare_topology(channel, env.worker_settings())
     channel.confirm_delivery()
     for body, message_id in batch:
         channel.basic_publish("", env.jobs_queue, body, pika.BasicProperties(message_id=message_id), mandatory=True)

@@ -19,7 +19,14 @@ from pika.spec import Basic, BasicProperties
 
 from inferq.shared.broker.amqp import PUBLISHED_MS_HEADER, ConfirmCallback, ConfirmTracker, forwarded_properties
 from inferq.shared.broker.connection import Link, Session
-from inferq.shared.broker.topology import REASON_HEADER, RESENT_HEADER, all_queues, jobs_queue, retry_queue
+from inferq.shared.broker.topology import (
+    REASON_HEADER,
+    RESENT_HEADER,
+    all_queues,
+    dead_letters_exchange,
+    jobs_queue,
+    retry_queue,
+)
 from inferq.shared.config.logging import get_logger
 from inferq.shared.config.settings import WorkerSettings
 from inferq.shared.errors import InferqError
@@ -288,22 +295,32 @@ class Consumer:
         self._confirms.publish_json("", delivery.reply_to, body, job_id, correlation_id, both)
 
     def dead_letter(self, delivery: Delivery, reason: str, on_confirm: ConfirmCallback) -> None:
-        """Copy the message, body unchanged, to the dead-letter queue with ``reason`` in a header."""
-        self._forward(delivery, self.settings.dlq_queue, {REASON_HEADER: reason}, on_confirm)
+        """Copy the message, body unchanged, through the dead-letters exchange (to the dead-letter queue and
+        any listener) with ``reason`` in a header."""
+        exchange = dead_letters_exchange(self.settings)
+        self._forward(delivery, reason, {REASON_HEADER: reason}, on_confirm, exchange=exchange)
 
     def quarantine(self, delivery: Delivery, on_confirm: ConfirmCallback) -> None:
         """Move a redelivered job, unchanged, to the retry queue, where it runs alone."""
         self._count_handed_back()
         self._forward(delivery, retry_queue(self.settings).name, {}, on_confirm)
 
-    def _forward(self, delivery: Delivery, queue: str, headers: dict[str, Any], on_confirm: ConfirmCallback) -> None:
+    def _forward(
+        self,
+        delivery: Delivery,
+        routing_key: str,
+        headers: dict[str, Any],
+        on_confirm: ConfirmCallback,
+        *,
+        exchange: str = "",
+    ) -> None:
         if not self.is_current(delivery) or self._confirms is None:
             on_confirm(False)
             return
         original = delivery.properties
         kept = {k: v for k, v in (original.headers or {}).items() if k != DELIVERY_COUNT_HEADER}
         props = forwarded_properties(original, {**kept, **headers})
-        self._confirms.publish(queue, delivery.body, props, on_confirm)
+        self._confirms.publish(routing_key, delivery.body, props, on_confirm, exchange=exchange)
 
     def ack(self, epoch: int, through: int | None, singles: list[int]) -> None:
         """Ack every outstanding delivery up to ``through`` with one ``multiple`` ack, then each of

@@ -9,7 +9,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pika
@@ -17,8 +17,13 @@ import pika.exceptions
 from pika.channel import Channel
 
 from inferq.shared.broker.frames import PublishFrames
-from inferq.shared.broker.topology import ALL_RESULTS, QueueSpec
+from inferq.shared.broker.topology import ALL_RESULTS, QueueSpec, all_exchanges, all_queues
 from inferq.shared.errors import BrokerRefused
+
+if TYPE_CHECKING:
+    from pika.adapters.blocking_connection import BlockingChannel
+
+    from inferq.shared.config.settings import InferqSettings
 
 PRECONDITION_FAILED = 406
 CONTENT_TYPE = "application/json"
@@ -269,3 +274,22 @@ def _bind(channel: Channel, queue: str, exchanges: list[str], on_done: Callable[
         channel.queue_bind(queue, exchange, ALL_RESULTS, callback=lambda _f: _bind(channel, queue, rest, on_done))
 
     channel.exchange_declare(exchange, exchange_type="topic", durable=True, callback=bind)
+
+
+def declare_topology(channel: BlockingChannel, settings: InferqSettings) -> None:
+    """Declare every queue and exchange inferq owns on a blocking channel, exactly as the worker and the
+    producer do (for operator commands, tools and tests)."""
+    for spec in all_queues(settings):
+        for exchange in spec.bound_to:
+            channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+        channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+        for exchange in spec.bound_to:
+            channel.queue_bind(spec.name, exchange, ALL_RESULTS)
+
+
+def delete_topology(channel: BlockingChannel, settings: InferqSettings) -> None:
+    """Delete every queue and exchange inferq owns (messages included: for tests and benchmarks)."""
+    for spec in all_queues(settings):
+        channel.queue_delete(spec.name)
+    for exchange in all_exchanges(settings):
+        channel.exchange_delete(exchange)

@@ -4,6 +4,13 @@ The jobs queue is a durable quorum queue: replicated, with a delivery limit that
 redelivered too often (a poison job), and a length bound that makes the broker *refuse* publishes
 (``reject-publish``) instead of dropping jobs when it is full.
 
+Dead letters go to a durable topic exchange named like the dead-letter queue (``<jobs>.dlq``: exchanges
+and queues have separate names), which routes them to that queue and to whoever listens (the HTTP API and
+``backfill --out`` learn there that a job of theirs will have no result). The broker dead-letters
+*at least once* (``x-dead-letter-strategy``): a job that reaches its delivery limit while the dead-letter
+queue has no leader stays in its queue until it can be moved, where ``at-most-once`` would drop it. The
+broker accepts that strategy only on a queue that refuses publishes when full (``reject-publish``).
+
 Results go to a durable topic exchange, routing key ``<model>.<status>``: each consumer binds the queue
 it needs. The result store is the record; a result message is a notification. The default results
 queue is bound to every key but bounded in length and age, dropping its oldest notification when full,
@@ -26,6 +33,7 @@ job may already be queued, so the worker looks for a stored result first."""
 
 
 ALL_RESULTS = "#"
+"""The binding key of a queue that takes every message of a topic exchange (every result, every dead letter)."""
 
 QUORUM_GROUP_SIZE = 3
 """Replicas of each queue: a quorum queue keeps working while a majority of them is up, so three
@@ -33,7 +41,6 @@ survive the loss of any one node. On a cluster of fewer nodes the broker places 
 (min(3, nodes)); nodes added later do not receive replicas by themselves (``rabbitmq-queues grow``)."""
 REPLICATED: dict[str, Any] = {"x-queue-type": "quorum", "x-quorum-initial-group-size": QUORUM_GROUP_SIZE}
 """The arguments of every durable queue inferq owns."""
-"""The binding key of a queue that takes every result notification."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,18 +65,29 @@ def result_routing_key(result: _Routable) -> str:
     return f"{result.model or 'unknown'}.{result.status.value}"
 
 
+def dead_letters_exchange(settings: InferqSettings) -> str:
+    """The topic exchange every dead letter goes through (the broker's and the worker's own): it routes
+    to the dead-letter queue and to any listener bound with ``#``."""
+    return settings.dlq_queue
+
+
+def _dead_lettering(settings: InferqSettings) -> dict[str, Any]:
+    # NOTE: RabbitMQ takes at-least-once dead-lettering only together with reject-publish; without it the
+    # declaration is refused. No dead-letter routing key: the exchange routes on ``#``.
+    return {
+        "x-delivery-limit": settings.max_deliveries,
+        "x-dead-letter-exchange": dead_letters_exchange(settings),
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
 def jobs_queue(settings: InferqSettings) -> QueueSpec:
-    """The jobs queue: quorum, bounded, dead-lettering to ``<jobs>.dlq`` after the delivery limit."""
+    """The jobs queue: quorum, bounded, dead-lettering (at least once) to ``<jobs>.dlq`` after the
+    delivery limit."""
     return QueueSpec(
         settings.jobs_queue,
-        {
-            **REPLICATED,
-            "x-delivery-limit": settings.max_deliveries,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": settings.dlq_queue,
-            "x-max-length": settings.max_queue_length,
-            "x-overflow": "reject-publish",
-        },
+        {**REPLICATED, **_dead_lettering(settings), "x-max-length": settings.max_queue_length},
     )
 
 
@@ -77,20 +95,12 @@ def retry_queue(settings: InferqSettings) -> QueueSpec:
     """Suspects: jobs that were delivered before (their worker may have crashed on them). Workers take
     them one at a time, alone, so that a poison job only ever takes itself down; after the delivery
     limit it is dead-lettered."""
-    return QueueSpec(
-        f"{settings.jobs_queue}.retry",
-        {
-            **REPLICATED,
-            "x-delivery-limit": settings.max_deliveries,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": settings.dlq_queue,
-        },
-    )
+    return QueueSpec(f"{settings.jobs_queue}.retry", {**REPLICATED, **_dead_lettering(settings)})
 
 
 def dlq_queue(settings: InferqSettings) -> QueueSpec:
-    """Dead letters: kept until an operator looks at them."""
-    return QueueSpec(settings.dlq_queue, dict(REPLICATED))
+    """Dead letters: kept until an operator looks at them; bound to the dead-letters exchange."""
+    return QueueSpec(settings.dlq_queue, dict(REPLICATED), bound_to=(dead_letters_exchange(settings),))
 
 
 def results_queue(settings: InferqSettings) -> QueueSpec:
@@ -109,5 +119,11 @@ def results_queue(settings: InferqSettings) -> QueueSpec:
 
 
 def all_queues(settings: InferqSettings) -> list[QueueSpec]:
-    """Every queue inferq owns, in declaration order."""
+    """Every queue inferq owns, in declaration order (the dead-letter queue first: declaring it declares
+    the exchange the others dead-letter to)."""
     return [dlq_queue(settings), jobs_queue(settings), retry_queue(settings), results_queue(settings)]
+
+
+def all_exchanges(settings: InferqSettings) -> list[str]:
+    """Every exchange inferq owns (declared with the queues bound to them)."""
+    return [dead_letters_exchange(settings), settings.results_exchange_name]

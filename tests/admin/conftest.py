@@ -13,7 +13,7 @@ from support import AMQP_URL
 
 from inferq.model_store.base import publish
 from inferq.model_store.local import LocalModelStore
-from inferq.shared.broker.topology import all_queues
+from inferq.shared.broker.amqp import declare_topology, delete_topology
 from inferq.shared.config.settings import InferqSettings
 
 
@@ -39,9 +39,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broker_is_up: None) -> 
     settings = InferqSettings(amqp_url=AMQP_URL, jobs_queue=values["INFERQ_JOBS_QUEUE"])
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     channel = connection.channel()
-    for queue in (values["INFERQ_JOBS_QUEUE"], values["INFERQ_RESULTS_QUEUE"], *(q.name for q in all_queues(settings))):
-        channel.queue_delete(queue)
-    channel.exchange_delete(values["INFERQ_RESULTS_QUEUE"])  # the results exchange is named like the queue
+    delete_topology(channel, settings.model_copy(update={"results_queue": values["INFERQ_RESULTS_QUEUE"]}))
     connection.close()
 
 
@@ -51,8 +49,7 @@ def channel(env: dict[str, str]) -> Iterator[pika.adapters.blocking_connection.B
     connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
     ch = connection.channel()
     settings = InferqSettings(jobs_queue=env["INFERQ_JOBS_QUEUE"], results_queue=env["INFERQ_RESULTS_QUEUE"])
-    for spec in all_queues(settings):
-        ch.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+    declare_topology(ch, settings)
     yield ch
     if connection.is_open:
         connection.close()

@@ -11,7 +11,8 @@ import pytest
 
 from inferq.admin.dead_letters import REPLAYED_HEADER
 from inferq.cli import _run, cli
-from inferq.shared.broker.topology import REASON_HEADER, all_queues
+from inferq.shared.broker.amqp import declare_topology
+from inferq.shared.broker.topology import REASON_HEADER
 from inferq.shared.config.settings import InferqSettings
 
 pytestmark = pytest.mark.broker
@@ -156,8 +157,7 @@ def test_dlq_replay_into_a_full_jobs_queue_keeps_the_dead_letters(
     settings = InferqSettings(jobs_queue=env["INFERQ_JOBS_QUEUE"], max_queue_length=1)
     connection = pika.BlockingConnection(pika.URLParameters(env["INFERQ_AMQP_URL"]))
     channel = connection.channel()
-    for spec in all_queues(settings):
-        channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+    declare_topology(channel, settings)
     channel.confirm_delivery()
     dead_letter(channel, env, "d1")
     dead_letter(channel, env, "d2")

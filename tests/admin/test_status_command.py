@@ -19,7 +19,7 @@ import pytest
 from ops_support import free_port
 
 from inferq.cli import _run, cli
-from inferq.shared.broker.topology import all_queues
+from inferq.shared.broker.amqp import declare_topology
 from inferq.shared.config.settings import InferqSettings
 
 pytestmark = pytest.mark.broker
@@ -199,8 +199,7 @@ def test_status_reads_ready_unacked_and_consumers_from_the_management_api(
     connection = wait_for(lambda: pika.BlockingConnection(pika.URLParameters(management_node.amqp_url)))
     ch = connection.channel()
     settings = InferqSettings(jobs_queue=env["INFERQ_JOBS_QUEUE"], results_queue=env["INFERQ_RESULTS_QUEUE"])
-    for spec in all_queues(settings):
-        ch.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+    declare_topology(ch, settings)
     publish(ch, env["INFERQ_JOBS_QUEUE"], 3)
     method, _props, _body = ch.basic_get(env["INFERQ_JOBS_QUEUE"], auto_ack=False)
     assert method is not None

@@ -154,18 +154,24 @@ def test_definitions_declare_the_queues_exactly_as_the_topology_does(services: d
     for spec in expected:
         assert declared[spec.name]["arguments"] == spec.arguments
         assert declared[spec.name]["durable"] is True
-    jobs = declared["inferq.jobs"]["arguments"]
-    assert (jobs["x-queue-type"], jobs["x-overflow"], jobs["x-dead-letter-routing-key"]) == (
-        "quorum",
-        "reject-publish",
-        "inferq.jobs.dlq",
-    )
-    # results go to the topic exchange the results queue is bound to
+    for name in ("inferq.jobs", "inferq.jobs.retry"):
+        arguments = declared[name]["arguments"]
+        assert (arguments["x-queue-type"], arguments["x-overflow"], arguments["x-dead-letter-strategy"]) == (
+            "quorum",
+            "reject-publish",
+            "at-least-once",
+        )
+        assert arguments["x-dead-letter-exchange"] == "inferq.jobs.dlq"
+    # results and dead letters go to topic exchanges, each bound to its queue
     exchanges = json.loads(definitions_file.read_text())["exchanges"]
-    assert [(e["name"], e["type"], e["durable"]) for e in exchanges] == [("inferq.results", "topic", True)]
+    assert [(e["name"], e["type"], e["durable"]) for e in exchanges] == [
+        ("inferq.jobs.dlq", "topic", True),
+        ("inferq.results", "topic", True),
+    ]
     bindings = json.loads(definitions_file.read_text())["bindings"]
-    assert [(b["source"], b["destination"], b["routing_key"]) for b in bindings] == [
-        ("inferq.results", "inferq.results", "#")
+    assert sorted((b["source"], b["destination"], b["routing_key"]) for b in bindings) == [
+        ("inferq.jobs.dlq", "inferq.jobs.dlq", "#"),
+        ("inferq.results", "inferq.results", "#"),
     ]
     # and the file is exactly what the renderer writes, so it cannot drift from shared/broker/topology.py
     check = subprocess.run(
