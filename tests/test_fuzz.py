@@ -19,8 +19,7 @@ from support import AMQP_URL, Env, Models
 from inferq.model_store.base import publish, set_alias
 from inferq.shared.broker.amqp import declare_topology
 from inferq.shared.contract.codec import Rejected, Undecodable, _fast_job, _read_wire_job, decode_job
-from inferq.shared.contract.messages import Job, Result
-from inferq.worker.processor import job_digest
+from inferq.shared.contract.messages import Job, Result, job_digest
 
 LIMIT = 64 * 1024
 _ids = itertools.count()

@@ -4,13 +4,11 @@ the broker; nothing here sleeps on behalf of one model while others wait."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import orjson
 from pydantic import ValidationError
 
 from inferq.model_store.manifest import Manifest
@@ -19,7 +17,17 @@ from inferq.monitoring.shadow_traffic import Shadow
 from inferq.shared.broker.amqp import Backoff
 from inferq.shared.config.logging import get_logger
 from inferq.shared.contract.codec import Rejected, describe_validation_error
-from inferq.shared.contract.messages import ErrorInfo, Job, OutputTensor, Result, Status, Tensor, Timings, trusted
+from inferq.shared.contract.messages import (
+    ErrorInfo,
+    Job,
+    OutputTensor,
+    Result,
+    Status,
+    Tensor,
+    Timings,
+    job_digest,
+    trusted,
+)
 from inferq.shared.errors import ErrorCode, JobError, StoreError
 from inferq.shared.results.base import ResultStore
 from inferq.worker.batcher import Batch
@@ -98,17 +106,6 @@ class Processed:
 
 class StoreUnavailable(Exception):
     """The result store kept failing until the worker was told to stop."""
-
-
-def job_digest(job: Job) -> str:
-    """SHA-256 of what a job asks for (model, requested version, inputs, parameters), not of its id."""
-    # NOTE: stored results carry this digest: any change to what it hashes makes every redelivery of a
-    # job stored before the change look like an id conflict. (orjson writes a StrEnum as its value, and
-    # sorting keys only matters for the parameters, the one object here.)
-    inputs = [(t.name, t.shape, t.datatype, t.data) for t in job.inputs]
-    option = orjson.OPT_SORT_KEYS if job.parameters else 0
-    material = orjson.dumps([job.model, job.version, inputs, job.parameters], option=option)
-    return hashlib.sha256(material).hexdigest()
 
 
 def _timings(delivery: Delivery, inference_ms: float | None, now_ms: float | None = None) -> Timings:

@@ -6,6 +6,7 @@ Tensors follow the Open Inference Protocol (KServe V2) JSON form: ``name``, ``sh
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from datetime import datetime
@@ -339,3 +340,15 @@ class Result(BaseModel):
             wire = self.model_dump_json().encode()
             object.__setattr__(self, "_wire", wire)
         return wire
+
+
+def job_digest(job: Job) -> str:
+    """SHA-256 of what a job asks for (model, requested version, inputs, parameters), not of its id: a
+    stored result carries it, so whoever reads a result can tell whether it answers their job."""
+    # NOTE: stored results carry this digest: any change to what it hashes makes every redelivery of a
+    # job stored before the change look like an id conflict. (orjson writes a StrEnum as its value, and
+    # sorting keys only matters for the parameters, the one object here.)
+    inputs = [(t.name, t.shape, t.datatype, t.data) for t in job.inputs]
+    option = orjson.OPT_SORT_KEYS if job.parameters else 0
+    material = orjson.dumps([job.model, job.version, inputs, job.parameters], option=option)
+    return hashlib.sha256(material).hexdigest()

@@ -17,12 +17,12 @@ from inferq.model_store.base import publish
 from inferq.model_store.local import LocalModelStore
 from inferq.model_store.registry import Registry
 from inferq.model_store.stores import open_model_store
-from inferq.shared.contract.messages import Datatype, Job, Result, Status, Tensor
+from inferq.shared.contract.messages import Datatype, Job, Result, Status, Tensor, job_digest
 from inferq.shared.results.base import ResultStore
 from inferq.shared.results.stores import open_result_store
 from inferq.worker.batcher import Batch
 from inferq.worker.fetcher import ModelFetcher
-from inferq.worker.processor import ID_CONFLICT, STORED_RESULT_UNREADABLE, Pending, Processed, Processor, job_digest
+from inferq.worker.processor import ID_CONFLICT, STORED_RESULT_UNREADABLE, Pending, Processed, Processor
 from inferq.worker.runner import Limits, LoadedModel, load_model
 
 
