@@ -8,7 +8,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from inferq.model_store.stores import open_model_store
 from inferq.producer.client import Producer
 from inferq.shared.broker.amqp import declare_topology, delete_topology
 from inferq.shared.config.settings import ProducerSettings, WorkerSettings
-from inferq.shared.contract.messages import Job, Result, Tensor
+from inferq.shared.contract.messages import Job, Result, Tensor, job_digest
 from inferq.shared.results.s3 import S3ResultStore
 from inferq.shared.results.stores import open_result_store
 from inferq.shared.s3.location import S3Location
@@ -423,3 +424,54 @@ def pending_batch(*jobs: Job, redelivered: bool = False) -> Batch[tuple[str, int
     """``jobs`` (of one model and version reference) as the batcher hands them to the processor."""
     items = [Pending(delivery(redelivered=redelivered), job) for job in jobs]
     return Batch((jobs[0].model, jobs[0].version), items, sum(j.rows for j in jobs))
+
+
+@dataclass
+class Audit:
+    """What a fault test checks, and the counts its closing line prints."""
+
+    confirmed: int
+    stored: int
+    dead_lettered: int
+    on_result_queue: int
+    duplicates_on_queue: int
+    dead_letters: list[tuple[pika.BasicProperties, bytes]]
+
+    def __str__(self) -> str:
+        return (
+            f"audit: {self.confirmed} confirmed, {self.stored} stored, {self.dead_lettered} dead-lettered, "
+            f"{self.on_result_queue} results on the queue ({self.duplicates_on_queue} identical repeats)"
+        )
+
+
+def audit(env: Env, confirmed: set[str] | Mapping[str, Job], *, dead: frozenset[str] = frozenset()) -> Audit:
+    """The invariant every fault test ends in: each confirmed job has exactly one stored result or one dead
+    letter, nothing else is dead-lettered, no id has two different results, nothing is left queued, and
+    (given the jobs themselves) every stored or published result answers its own job (its job digest)."""
+    stored = env.stored()
+    dlq = env.read_queue(f"{env.jobs_queue}.dlq")
+    dlq_ids = Counter(props.message_id for props, _ in dlq)
+    on_queue: dict[str, set[bytes]] = defaultdict(set)
+    total_on_queue = 0
+    for _, body in env.read_queue(env.results_queue):
+        result = Result.model_validate_json(body)
+        on_queue[result.id].add(result.model_dump_json().encode())
+        total_on_queue += 1
+    for job_id in confirmed:
+        in_store, in_dlq = job_id in stored, dlq_ids.get(job_id, 0)
+        assert (in_store, in_dlq) in {(True, 0), (False, 1)}, f"{job_id}: stored={in_store} dlq={in_dlq}"
+    assert set(dlq_ids) == set(dead), f"unexpected dead letters: {set(dlq_ids) ^ set(dead)}"
+    assert all(len(results) == 1 for results in on_queue.values()), "two different results for one id"
+    assert set(on_queue) == {i for i in confirmed if i in stored}
+    if isinstance(confirmed, Mapping):
+        for job_id, job in confirmed.items():
+            digest = job_digest(job)
+            if job_id in stored:
+                assert stored[job_id].job_sha256 == digest, f"{job_id}: the stored result answers another job"
+            for body in on_queue.get(job_id, ()):
+                assert Result.model_validate_json(body).job_sha256 == digest, f"{job_id}: a foreign result"
+    assert env.depth(env.jobs_queue) == 0 and env.depth(f"{env.jobs_queue}.retry") == 0
+    duplicates = total_on_queue - len(on_queue)
+    report = Audit(len(confirmed), len(stored), sum(dlq_ids.values()), total_on_queue, duplicates, dlq)
+    print(report)
+    return report

@@ -18,8 +18,8 @@ from pathlib import Path
 import pika
 import pytest
 from private_broker import BlackHole, PrivateBroker, PrivateCluster, free_port
-from support import Env, Models, make_job, wait_for
-from test_faults import WorkerProcess, _started, audit, start_worker
+from support import Env, Models, audit, make_job, wait_for
+from test_faults import WorkerProcess, _started, start_worker
 
 from inferq.model_store.base import publish
 from inferq.producer.client import Producer

@@ -11,22 +11,19 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import orjson
-import pika
 import pytest
 from private_broker import PrivateBroker
-from support import BackgroundWorker, Env, Models, make_job, wait_for
+from support import BackgroundWorker, Env, Models, audit, make_job, wait_for
 
 from inferq.model_store.base import publish
 from inferq.model_store.registry import Registry
 from inferq.producer.client import Producer
-from inferq.shared.contract.messages import Job, Result, Status
+from inferq.shared.contract.messages import Job, Status
 from inferq.shared.errors import PublishError
 from inferq.shared.results.stores import open_result_store
 from inferq.worker.runner import load_model
@@ -35,47 +32,6 @@ from inferq.worker.worker import Worker
 pytestmark = pytest.mark.broker
 
 TESTS = Path(__file__).parent
-
-
-@dataclass
-class Audit:
-    """What a fault test checks, and the counts its closing line prints."""
-
-    confirmed: int
-    stored: int
-    dead_lettered: int
-    on_result_queue: int
-    duplicates_on_queue: int
-    dead_letters: list[tuple[pika.BasicProperties, bytes]]
-
-    def __str__(self) -> str:
-        return (
-            f"audit: {self.confirmed} confirmed, {self.stored} stored, {self.dead_lettered} dead-lettered, "
-            f"{self.on_result_queue} results on the queue ({self.duplicates_on_queue} identical repeats)"
-        )
-
-
-def audit(env: Env, confirmed: set[str], *, dead: frozenset[str] = frozenset()) -> Audit:
-    stored = env.stored()
-    dlq = env.read_queue(f"{env.jobs_queue}.dlq")
-    dlq_ids = Counter(props.message_id for props, _ in dlq)
-    on_queue: dict[str, set[bytes]] = defaultdict(set)
-    total_on_queue = 0
-    for _, body in env.read_queue(env.results_queue):
-        result = Result.model_validate_json(body)
-        on_queue[result.id].add(result.model_dump_json().encode())
-        total_on_queue += 1
-    for job_id in confirmed:
-        in_store, in_dlq = job_id in stored, dlq_ids.get(job_id, 0)
-        assert (in_store, in_dlq) in {(True, 0), (False, 1)}, f"{job_id}: stored={in_store} dlq={in_dlq}"
-    assert set(dlq_ids) == set(dead), f"unexpected dead letters: {set(dlq_ids) ^ set(dead)}"
-    assert all(len(results) == 1 for results in on_queue.values()), "two different results for one id"
-    assert set(on_queue) == {i for i in confirmed if i in stored}
-    assert env.depth(env.jobs_queue) == 0 and env.depth(f"{env.jobs_queue}.retry") == 0
-    duplicates = total_on_queue - len(on_queue)
-    report = Audit(len(confirmed), len(stored), sum(dlq_ids.values()), total_on_queue, duplicates, dlq)
-    print(report)
-    return report
 
 
 class WorkerProcess:
@@ -157,7 +113,7 @@ def test_kill_9_mid_batch_then_another_worker_finishes_in_ordinary_batches_with_
     stopped = next(e for e in map(orjson.loads, second.log.splitlines()) if e.get("event") == "worker_stopped")
     assert stopped["quarantined"] == 0
     assert stopped["batches"] < (len(jobs) - stored_at_kill) / 20, stopped
-    report = audit(iris_store, {j.id for j in jobs})
+    report = audit(iris_store, {j.id: j for j in jobs})
     assert report.stored == len(jobs) and report.dead_lettered == 0
 
 
@@ -220,7 +176,7 @@ def test_result_store_unavailable_holds_jobs_unacked_until_it_returns(iris_store
         iris_store.result_dir.unlink()  # the store comes back
         wait_for(lambda: len(iris_store.stored()) == len(jobs), timeout_s=30)
         wait_for(lambda: background.worker.counters.last_ack_at is not None)
-    report = audit(iris_store, {j.id for j in jobs})
+    report = audit(iris_store, {j.id: j for j in jobs})
     assert report.on_result_queue == len(jobs)
 
 
@@ -270,7 +226,7 @@ def test_sigterm_under_load_finishes_in_flight_work_within_the_grace_time(iris_s
 
     assert start_worker(iris_store, "--drain").wait() == 0
 
-    report = audit(iris_store, {j.id for j in jobs})
+    report = audit(iris_store, {j.id: j for j in jobs})
     assert report.duplicates_on_queue == 0, "a graceful stop acks everything it published"
     assert report.on_result_queue == len(jobs)
     print(f"SIGTERM: stopped in {took_s:.2f}s with {remaining} jobs left for the next worker")
@@ -297,7 +253,7 @@ def test_a_second_signal_exits_at_once_and_nothing_is_lost(iris_store: Env, mode
     aside.rename(iris_store.result_dir)
     assert start_worker(iris_store, "--drain").wait() == 0
 
-    audit(iris_store, {j.id for j in jobs})
+    audit(iris_store, {j.id: j for j in jobs})
 
 
 def test_a_full_queue_pushes_back_on_the_producer_and_drops_nothing(iris_store: Env, models: Models) -> None:

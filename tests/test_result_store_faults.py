@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 from postgres_support import PrivatePostgres
-from support import BackgroundWorker, Env, Models, make_job, wait_for
-from test_faults import audit
+from support import BackgroundWorker, Env, Models, audit, make_job, wait_for
 
 from inferq.shared.contract.messages import Job
 from inferq.shared.results.postgres import POOL_TIMEOUT_S

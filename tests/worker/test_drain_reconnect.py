@@ -9,9 +9,8 @@ from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
 import pytest
-from support import AMQP_URL, Env, Models, make_job, wait_for
+from support import AMQP_URL, Env, Models, audit, make_job, wait_for
 from tcp_proxy import TcpProxy
-from test_faults import audit
 
 from inferq.worker.worker import Worker, build_worker
 

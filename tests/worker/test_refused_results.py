@@ -12,8 +12,7 @@ import threading
 
 import pika
 import pytest
-from support import Env, Models, make_job, wait_for
-from test_faults import audit
+from support import Env, Models, audit, make_job, wait_for
 
 from inferq.shared.config.settings import WorkerSettings
 from inferq.worker.worker import Worker, build_worker

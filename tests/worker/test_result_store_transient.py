@@ -15,8 +15,7 @@ from functools import partial
 
 import numpy as np
 import pytest
-from support import Env, Models, make_job, wait_for
-from test_faults import audit
+from support import Env, Models, audit, make_job, wait_for
 
 from inferq.model_store.local import LocalModelStore
 from inferq.model_store.manifest import Manifest
