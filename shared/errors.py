@@ -22,6 +22,12 @@ class ErrorCode(StrEnum):
     INFERENCE_ERROR = "inference_error"
     TOO_LARGE = "too_large"
     EXPIRED = "expired"
+    RESULT_REFUSED = "result_refused"
+    """The result store refused this result's content (a value it cannot hold); the job ran."""
+    DEAD_LETTERED = "dead_lettered"
+    """The job was dead-lettered (``inferq dlq list`` shows it, with the reason); it has no result."""
+    NO_RESULT = "no_result"
+    """The job is neither queued, in flight, stored nor dead-lettered (its queue was purged or deleted)."""
 
 
 class InferqError(Exception):
@@ -82,6 +88,12 @@ class Expired(JobError):
     code = ErrorCode.EXPIRED
 
 
+class ResultRefused(JobError):
+    """The result store refused to keep this one result's content; the job's result says so instead."""
+
+    code = ErrorCode.RESULT_REFUSED
+
+
 class ConfigError(InferqError):
     """The process's configuration is invalid; raised once at start."""
 
@@ -121,6 +133,25 @@ class VersionExists(StoreError):
 
 class ResultNotFound(StoreError):
     """No stored result for that job id."""
+
+
+class IdConflict(InferqError):
+    """A job id already belongs to another job (another model, inputs or parameters): its result is not
+    this job's answer."""
+
+
+class StoreRefused(StoreError):
+    """The store refused us for good (authentication, permission, a missing bucket or table): no retry
+    fixes it; the worker stops with it, acking nothing."""
+
+
+class ValueRefused(StoreError):
+    """The store refused the content of particular results (a value it cannot hold); the others may be
+    stored. ``ids`` names the refused results when the store can tell, else it is empty."""
+
+    def __init__(self, message: str, ids: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.ids = ids
 
 
 class StoreUnreachable(OSError):
