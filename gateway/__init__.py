@@ -1,2 +1,2 @@
 """The HTTP API (``inferq serve``): Open Inference Protocol requests in, jobs published with confirms,
-operation records shared by replicas, results answered from the store."""
+operation records shared by replicas, each answered only with its own job's result or dead letter."""

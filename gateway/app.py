@@ -286,7 +286,7 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     400: _error("The body breaks the contract: invalid_payload, input_mismatch or too_large."),
     404: _error("No such model or version: unknown_model, unknown_version."),
-    409: _error("The id was already used for a different request: id_conflict."),
+    409: _error("The id was already used for a different request, or holds another job's result: id_conflict."),
     429: _error("The jobs queue is full: queue_full.", retry=True),
     503: _error("The broker or a store is unreachable.", retry=True),
 }
@@ -338,7 +338,11 @@ def _v2_router(gateway: Gateway, auth: list[Any]) -> APIRouter:
         "/operations/{operation_id}",
         response_model=None,
         responses={
-            200: {"model": Operation, "description": "Queued or finished.", "headers": _OPERATION_HEADERS},
+            200: {
+                "model": Operation,
+                "description": "Queued or finished (failed with id_conflict or dead_lettered included).",
+                "headers": _OPERATION_HEADERS,
+            },
             404: _error("No operation with that id was accepted: not_found."),
             503: _error("A store is unreachable.", retry=True),
         },

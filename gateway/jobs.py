@@ -15,7 +15,16 @@ from inferq.gateway.records import OperationRecord
 from inferq.model_store.manifest import Manifest
 from inferq.model_store.signature import Limits, prepare_inputs
 from inferq.shared.contract.codec import describe_validation_error
-from inferq.shared.contract.messages import Job, Result, Status, VersionRef, is_valid_job_id, parse_version_ref
+from inferq.shared.contract.messages import (
+    Job,
+    Result,
+    Status,
+    VersionRef,
+    is_valid_job_id,
+    job_digest,
+    parse_version_ref,
+)
+from inferq.shared.errors import ErrorCode
 
 _PREFER_WAIT = re.compile(r"(?:^|[,;])\s*wait\s*=\s*\"?(\d{1,9}(?:\.\d{1,9})?)\"?\s*(?:$|[,;])", re.IGNORECASE)
 
@@ -78,7 +87,51 @@ def digest(job: Job, request: InferenceRequest) -> str:
 def record_for(job: Job, request: InferenceRequest, accepted_at: float) -> OperationRecord:
     """The operation record claimed before the job is published."""
     outputs = None if request.outputs is None else tuple(o.name for o in request.outputs)
-    return OperationRecord(job.id, job.model, str(job.version), digest(job, request), outputs, accepted_at)
+    return OperationRecord(
+        job.id, job.model, str(job.version), digest(job, request), outputs, accepted_at, job_sha256=job_digest(job)
+    )
+
+
+def answers(record: OperationRecord, result: Result) -> bool:
+    """True when ``result`` is the result of the job admitted under ``record``: it carries that job's digest.
+
+    NOTE: a record written before job digests were kept (``job_sha256`` is ``None``) cannot tell; its
+    result is answered as before."""
+    return record.job_sha256 is None or result.job_sha256 == record.job_sha256
+
+
+def id_conflict_message(job_id: str) -> str:
+    """Why a job cannot be admitted, or answered, under an id that has another job's result."""
+    return (
+        f"job id {job_id!r} already has the result of another job (another model, version, inputs or "
+        "parameters); send this job under a new id"
+    )
+
+
+def settled(record: OperationRecord, result: Result | None, dead_letter: str | None) -> Operation | None:
+    """The finished operation of the job admitted under ``record``, or ``None`` while it is not finished:
+    its own result; a conflict when the id's result is another job's (never that job's outputs); its
+    dead letter (``dead_letter``: the reason)."""
+    if result is not None:
+        return (
+            finished(result, record)
+            if answers(record, result)
+            else _failed(record, ApiCode.ID_CONFLICT, id_conflict_message(record.id))
+        )
+    if dead_letter is not None:
+        message = f"the job was dead-lettered ({dead_letter}); see inferq dlq list"
+        return _failed(record, ErrorCode.DEAD_LETTERED, message)
+    return None
+
+
+def _failed(record: OperationRecord, code: str, message: str) -> Operation:
+    return Operation(
+        id=record.id,
+        status=OperationStatus.FAILED,
+        model_name=record.model,
+        model_version=record.requested_version,
+        error=ErrorDetail(code=code, message=message),
+    )
 
 
 def queued(record: OperationRecord) -> Operation:
@@ -88,26 +141,19 @@ def queued(record: OperationRecord) -> Operation:
     )
 
 
-def finished(result: Result, record: OperationRecord | None) -> Operation:
-    """The operation of a job with a stored result (``record`` is absent for jobs not sent over HTTP)."""
-    model_version = (
-        record.requested_version
-        if record is not None
-        else None
-        if result.requested_version is None
-        else str(result.requested_version)
-    )
+def finished(result: Result, record: OperationRecord) -> Operation:
+    """The operation of a job with its own stored result (see :func:`answers`)."""
     operation = Operation.model_construct(
         id=result.id,
         status=OperationStatus(result.status.value),
-        model_name=record.model if record is not None else result.model,
-        model_version=model_version,
+        model_name=record.model,
+        model_version=record.requested_version,
         result=None,
         error=None,
     )
     if result.status is Status.SUCCEEDED:
         outputs = result.outputs or []
-        if record is not None and record.outputs is not None:
+        if record.outputs is not None:
             wanted = set(record.outputs)
             outputs = [t for t in outputs if t.name in wanted]
         response = InferenceResponse.model_construct(

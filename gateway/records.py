@@ -6,7 +6,12 @@ A record is claimed *before* its job is published and marked confirmed once the 
   turn one id into two different jobs;
 - the confirmed mark is what "queued" means: an id whose publish was refused or never confirmed was
   not accepted, and its status is 404 until a resubmission (same body) publishes it again. Publishing
-  the same body twice is harmless: a worker stores the first result of an id and republishes it.
+  the same body twice is harmless: a worker stores the first result of an id and republishes it;
+- the job digest (:func:`inferq.shared.contract.messages.job_digest`, which every stored result carries)
+  is what a result must show to be answered as this operation's: a result stored under the id for
+  another job (sent without the API) is never handed out as this one's;
+- the dead letter, once a replica heard of it (every replica listens), is what "failed, dead_lettered"
+  means, whichever replica is asked.
 
 SQLite (one host, several processes: WAL and a busy timeout) or PostgreSQL (a fleet of replicas),
 chosen by ``INFERQ_OPERATIONS_STORE``, by default beside the result store.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,14 +30,21 @@ from typing import Any, Protocol, TypeVar, cast
 
 import orjson
 
-from inferq.shared.config.logging import redact_text
+from inferq.gateway.dead_letters import DeadLetter
+from inferq.shared.broker.amqp import Backoff
+from inferq.shared.config.logging import get_logger, redact_text
 from inferq.shared.errors import ConfigError, StoreUnreachable
 from inferq.shared.extras import POSTGRES, needs_extra
+
+log = get_logger(__name__)
 
 TABLE = "inferq_operations"
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 POSTGRES_CONNECT_TIMEOUT_S = 5
 T = TypeVar("T")
+
+ADDED_COLUMNS = (("job_sha256", "text"), ("dead_letter", "text"))
+"""Columns added after the first release of the table: a table created before is extended at start."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +59,10 @@ class OperationRecord:
     outputs: tuple[str, ...] | None
     accepted_at: float
     confirmed: bool = False
+    job_sha256: str | None = None
+    """The job digest its result must carry (``None`` on records written before digests were kept)."""
+    dead_letter: str | None = None
+    """Why the job was dead-lettered, once a replica heard of it; ``None`` otherwise."""
 
 
 class OperationStore(Protocol):
@@ -57,6 +74,10 @@ class OperationStore(Protocol):
 
     def confirm(self, job_id: str) -> None:
         """The broker confirmed the job: the operation is queued."""
+
+    def mark_dead_lettered(self, letters: list[DeadLetter]) -> None:
+        """Note each dead letter on the record of exactly its job (same id and job digest; the first
+        reason stays); dead letters of other jobs change nothing."""
 
     def get(self, job_id: str) -> OperationRecord | None:
         """The record of ``job_id``, if any."""
@@ -73,7 +94,7 @@ def _outputs_json(outputs: tuple[str, ...] | None) -> str | None:
 
 
 def _record(row: tuple[Any, ...]) -> OperationRecord:
-    job_id, model, version, digest, outputs, accepted_at, confirmed = row
+    job_id, model, version, digest, outputs, accepted_at, confirmed, job_sha256, dead_letter = row
     if isinstance(outputs, str):
         outputs = orjson.loads(outputs)
     return OperationRecord(
@@ -84,10 +105,28 @@ def _record(row: tuple[Any, ...]) -> OperationRecord:
         outputs=None if outputs is None else tuple(outputs),
         accepted_at=float(accepted_at),
         confirmed=bool(confirmed),
+        job_sha256=job_sha256,
+        dead_letter=dead_letter,
     )
 
 
-_COLUMNS = "id, model, requested_version, digest, outputs, accepted_at, confirmed"
+def _values(record: OperationRecord) -> tuple[Any, ...]:
+    """The values a claim inserts (every column but ``confirmed`` and ``dead_letter``)."""
+    outputs = _outputs_json(record.outputs)
+    return (
+        record.id,
+        record.model,
+        record.requested_version,
+        record.digest,
+        outputs,
+        record.accepted_at,
+        record.job_sha256,
+    )
+
+
+_COLUMNS = "id, model, requested_version, digest, outputs, accepted_at, confirmed, job_sha256, dead_letter"
+_CLAIMED = "id, model, requested_version, digest, outputs, accepted_at, job_sha256"
+_MARK_DEAD = f"UPDATE {TABLE} SET dead_letter = {{0}} WHERE id = {{0}} AND job_sha256 = {{0}} AND dead_letter IS NULL"
 
 
 class _Write:
@@ -135,6 +174,60 @@ class GroupCommit:
         return cast(T, write.result)
 
 
+def _sqlite_busy(error: sqlite3.Error) -> bool:
+    """The file is locked by another process (SQLITE_BUSY or SQLITE_LOCKED)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(error) or "busy" in str(error)
+
+
+def _sqlite_schema(db: sqlite3.Connection) -> None:
+    """Create the table, or extend one created by an earlier release; idempotent, so replicas starting
+    together may all run it."""
+    db.execute(
+        f"CREATE TABLE IF NOT EXISTS {TABLE} (id TEXT PRIMARY KEY, model TEXT NOT NULL, "
+        "requested_version TEXT NOT NULL, digest TEXT NOT NULL, outputs TEXT, "
+        "accepted_at REAL NOT NULL, confirmed INTEGER NOT NULL DEFAULT 0, job_sha256 TEXT, dead_letter TEXT) "
+        "WITHOUT ROWID"
+    )
+    present = {row[1] for row in db.execute(f"PRAGMA table_info({TABLE})")}
+    for column, kind in ADDED_COLUMNS:
+        if column in present:
+            continue
+        try:
+            db.execute(f"ALTER TABLE {TABLE} ADD COLUMN {column} {kind}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # else another replica added it first
+                raise
+
+
+def _open_sqlite(path: Path) -> sqlite3.Connection:
+    """A connection to the operations file, the file created and its schema up to date.
+
+    NOTE: replicas that create the file together collide where SQLite's busy timeout does not help (the
+    switch to WAL takes the file's lock without waiting for it): the whole start is retried while the
+    file is busy, within the same time a busy statement is given."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    backoff = Backoff(base_s=0.01, cap_s=0.5)
+    while True:
+        db = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            # A claim is what stops a second body under one id: it must survive a power loss.
+            db.execute("PRAGMA synchronous=FULL")
+            with db:
+                _sqlite_schema(db)
+            return db
+        except sqlite3.Error as exc:
+            db.close()
+            delay = backoff.next_delay()
+            if not _sqlite_busy(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.info("operations_database_busy_at_start", path=str(path), retry_in_s=round(delay, 3))
+            time.sleep(delay)
+
+
 class SqliteOperationStore:
     """Operation records in a SQLite file: gateways on one host share it."""
 
@@ -145,19 +238,10 @@ class SqliteOperationStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # One connection, used under a lock: each statement is short and the file is the
             # serialisation point anyway.
-            self._db = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
-            self._writes = GroupCommit(self._transaction)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # A claim is what stops a second body under one id: it must survive a power loss.
-            self._db.execute("PRAGMA synchronous=FULL")
-            with self._db:
-                self._db.execute(
-                    f"CREATE TABLE IF NOT EXISTS {TABLE} (id TEXT PRIMARY KEY, model TEXT NOT NULL, "
-                    "requested_version TEXT NOT NULL, digest TEXT NOT NULL, outputs TEXT, "
-                    "accepted_at REAL NOT NULL, confirmed INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID"
-                )
+            self._db = _open_sqlite(self.path)
         except sqlite3.Error as exc:
             raise StoreUnreachable(f"cannot open the operations database {self.path}: {exc}") from None
+        self._writes = GroupCommit(self._transaction)
 
     def describe(self) -> str:
         return f"sqlite:{self.path}"
@@ -175,17 +259,7 @@ class SqliteOperationStore:
 
     def claim(self, record: OperationRecord) -> OperationRecord:
         def action(db: sqlite3.Connection) -> OperationRecord:
-            db.execute(
-                f"INSERT OR IGNORE INTO {TABLE} ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 0)",
-                (
-                    record.id,
-                    record.model,
-                    record.requested_version,
-                    record.digest,
-                    _outputs_json(record.outputs),
-                    record.accepted_at,
-                ),
-            )
+            db.execute(f"INSERT OR IGNORE INTO {TABLE} ({_CLAIMED}) VALUES (?, ?, ?, ?, ?, ?, ?)", _values(record))
             row = db.execute(f"SELECT {_COLUMNS} FROM {TABLE} WHERE id = ?", (record.id,)).fetchone()
             return _record(row)
 
@@ -193,6 +267,11 @@ class SqliteOperationStore:
 
     def confirm(self, job_id: str) -> None:
         self._writes.run(lambda db: db.execute(f"UPDATE {TABLE} SET confirmed = 1 WHERE id = ?", (job_id,)))
+
+    def mark_dead_lettered(self, letters: list[DeadLetter]) -> None:
+        rows = [(letter.reason, letter.job_id, letter.job_sha256) for letter in letters]
+        if rows:
+            self._writes.run(lambda db: db.executemany(_MARK_DEAD.format("?"), rows))
 
     def get(self, job_id: str) -> OperationRecord | None:
         row = self._run(lambda db: db.execute(f"SELECT {_COLUMNS} FROM {TABLE} WHERE id = ?", (job_id,)).fetchone())
@@ -214,12 +293,29 @@ class PostgresOperationStore:
         self._lock = threading.Lock()
         self._conn: Any = None
         self._writes = GroupCommit(self._transaction)
-        with self._connection() as conn:
-            conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {TABLE} (id text PRIMARY KEY, model text NOT NULL, "
-                "requested_version text NOT NULL, digest text NOT NULL, outputs jsonb, "
-                "accepted_at double precision NOT NULL, confirmed boolean NOT NULL DEFAULT false)"
-            )
+        self._create_schema()
+
+    def _create_schema(self) -> None:
+        """Create the table, or extend one created by an earlier release.
+
+        NOTE: ``CREATE TABLE IF NOT EXISTS`` is not safe against itself: two replicas starting together can
+        both find the table missing, and the second fails on a unique index of the catalog. Once is enough
+        to retry: the table exists then."""
+        statements = [
+            f"CREATE TABLE IF NOT EXISTS {TABLE} (id text PRIMARY KEY, model text NOT NULL, "
+            "requested_version text NOT NULL, digest text NOT NULL, outputs jsonb, "
+            "accepted_at double precision NOT NULL, confirmed boolean NOT NULL DEFAULT false)",
+            *(f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS {column} {kind}" for column, kind in ADDED_COLUMNS),
+        ]
+        for attempt in (1, 2):
+            try:
+                with self._connection() as conn:
+                    for statement in statements:
+                        conn.execute(statement)
+                return
+            except StoreUnreachable:
+                if attempt == 2:
+                    raise
 
     def describe(self) -> str:
         return redact_text(self._url)
@@ -247,16 +343,9 @@ class PostgresOperationStore:
     def claim(self, record: OperationRecord) -> OperationRecord:
         def action(conn: Any) -> OperationRecord:
             row = conn.execute(
-                f"INSERT INTO {TABLE} ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, false) "
+                f"INSERT INTO {TABLE} ({_CLAIMED}) VALUES (%s, %s, %s, %s, %s, %s, %s) "
                 f"ON CONFLICT (id) DO NOTHING RETURNING {_COLUMNS}",
-                (
-                    record.id,
-                    record.model,
-                    record.requested_version,
-                    record.digest,
-                    _outputs_json(record.outputs),
-                    record.accepted_at,
-                ),
+                _values(record),
             ).fetchone()
             if row is None:  # the id was claimed before: ours was not inserted
                 row = conn.execute(f"SELECT {_COLUMNS} FROM {TABLE} WHERE id = %s", (record.id,)).fetchone()
@@ -266,6 +355,11 @@ class PostgresOperationStore:
 
     def confirm(self, job_id: str) -> None:
         self._writes.run(lambda conn: conn.execute(f"UPDATE {TABLE} SET confirmed = true WHERE id = %s", (job_id,)))
+
+    def mark_dead_lettered(self, letters: list[DeadLetter]) -> None:
+        rows = [(letter.reason, letter.job_id, letter.job_sha256) for letter in letters]
+        if rows:
+            self._writes.run(lambda conn: conn.cursor().executemany(_MARK_DEAD.format("%s"), rows))
 
     def get(self, job_id: str) -> OperationRecord | None:
         with self._connection() as conn:

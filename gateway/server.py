@@ -18,6 +18,7 @@ import uvicorn
 
 from inferq.gateway.app import create_app
 from inferq.gateway.catalog import Catalog
+from inferq.gateway.listener import Listener, Subscription
 from inferq.gateway.metrics import GatewayMetrics
 from inferq.gateway.probe import QueueProbe
 from inferq.gateway.publisher import Publisher
@@ -25,6 +26,7 @@ from inferq.gateway.records import default_location, open_operation_store
 from inferq.gateway.service import Gateway
 from inferq.gateway.settings import GatewaySettings
 from inferq.model_store.stores import open_model_store
+from inferq.shared.broker.topology import dead_letters_exchange
 from inferq.shared.config.logging import get_logger, redact_text
 from inferq.shared.results.stores import open_result_store
 
@@ -32,7 +34,8 @@ log = get_logger(__name__)
 
 
 def build_gateway(settings: GatewaySettings) -> Gateway:
-    """Open the stores and start the publisher; raises ``ConfigError`` for a configuration that cannot work."""
+    """Open the stores, start the publisher, then listen for dead letters; raises ``ConfigError`` for a
+    configuration that cannot work."""
     operations = open_operation_store(settings.operations_store or default_location(settings.result_store))
     publisher = Publisher(settings)
     gateway = Gateway(
@@ -49,6 +52,11 @@ def build_gateway(settings: GatewaySettings) -> Gateway:
     except BaseException:
         operations.close()
         raise
+    # Every replica hears every dead letter on a queue of its own and notes those of the jobs this API
+    # admitted in the shared records: any replica then answers for them.
+    dead_letters = Subscription("gateway-dead-letters", dead_letters_exchange(settings), gateway.hear_dead_letters)
+    gateway.listener = Listener(settings, [dead_letters], name="inferq-gateway-listener")
+    gateway.listener.start()
     return gateway
 
 

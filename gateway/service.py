@@ -1,8 +1,10 @@
 """What the HTTP routes do: admit a job, report an operation, describe a model, answer the probes.
 
 Admission, in order: the job id; the job held to the wire contract; its inputs against the manifest of
-the version it names (the worker's own checks); the operation record claimed (one body per id); the
-job published and confirmed by the broker; the record marked confirmed. Only then is it "queued".
+the version it names (the worker's own checks); no result of another job under the id; the operation
+record claimed (one body per id); the job published and confirmed by the broker; the record marked
+confirmed. Only then is it "queued". An operation is answered only for an id admitted here, and only
+with the result of the job admitted (its job digest), or its dead letter, which every replica hears of.
 Blocking work (stores, the model catalog) runs on worker threads, never on the event loop.
 """
 
@@ -16,8 +18,19 @@ from dataclasses import dataclass
 from anyio import to_thread
 
 from inferq.gateway.catalog import Catalog
+from inferq.gateway.dead_letters import RecentDeadLetters, read_dead_letter
 from inferq.gateway.errors import RETRY_AFTER_S, ApiCode, ApiError, from_job_error, store_unavailable
-from inferq.gateway.jobs import build_job, check_job, finished, job_id_for, prefer_wait_s, queued, record_for
+from inferq.gateway.jobs import (
+    build_job,
+    check_job,
+    id_conflict_message,
+    job_id_for,
+    prefer_wait_s,
+    queued,
+    record_for,
+    settled,
+)
+from inferq.gateway.listener import Heard, Listener
 from inferq.gateway.metrics import GatewayMetrics
 from inferq.gateway.probe import QueueProbe
 from inferq.gateway.protocol import InferenceRequest, ModelMetadata, Operation, TensorMetadata
@@ -58,6 +71,7 @@ class Gateway:
         catalog: Catalog,
         probe: QueueProbe,
         metrics: GatewayMetrics,
+        listener: Listener | None = None,
     ) -> None:
         self.settings = settings
         self.publisher = publisher
@@ -66,6 +80,8 @@ class Gateway:
         self.catalog = catalog
         self.probe = probe
         self.metrics = metrics
+        self.listener = listener
+        self.dead_letters = RecentDeadLetters()
         self.limits = Limits(settings.max_rows_per_job, settings.max_elements_per_tensor)
         self.stopping = threading.Event()
         """Set on SIGTERM: requests waiting for a result answer 202 at once, so the stop is not held up."""
@@ -92,9 +108,9 @@ class Gateway:
             self.metrics.jobs_accepted.inc()
         wait_s = prefer_wait_s(prefer, self.settings.max_prefer_wait_s)
         if wait_s > 0 or resubmitted:
-            result = await self._wait_for_result(job.id, wait_s)
-            if result is not None:
-                return Answer(200, finished(result, stored))
+            operation = await self._wait_until_settled(stored, wait_s)
+            if operation is not None:
+                return Answer(200, operation)
         return Answer(202, queued(stored))
 
     def _admit(self, job: Job, request: InferenceRequest, record: OperationRecord) -> OperationRecord:
@@ -106,6 +122,13 @@ class Gateway:
             raise from_job_error(exc) from None
         except (OSError, StoreError) as exc:
             raise store_unavailable("the model store", exc) from None
+        # An id whose result answers another job (sent without the API, or an id reused) is not free: the
+        # job would never run under it. A store that cannot say now does not block admission; a worker
+        # then dead-letters the job as an id conflict, and its operation says so.
+        earlier = self._look_up_result(job.id)
+        if earlier is not None and earlier.job_sha256 != record.job_sha256:
+            self.metrics.jobs_refused.labels("id_conflict").inc()
+            raise ApiError(409, ApiCode.ID_CONFLICT, id_conflict_message(job.id))
         try:
             return self.operations.claim(record)
         except OSError as exc:
@@ -141,21 +164,30 @@ class Gateway:
             message = str(exc) or f"the broker did not confirm the job within {self.settings.publish_timeout_s:g}s"
             raise ApiError(503, ApiCode.BROKER_UNAVAILABLE, message, retry_after_s=RETRY_AFTER_S) from None
 
-    async def _wait_for_result(self, job_id: str, wait_s: float) -> Result | None:
-        """Look in the result store now, then with growing pauses until ``wait_s`` has passed."""
+    async def _wait_until_settled(self, record: OperationRecord, wait_s: float) -> Operation | None:
+        """Look for the job's result (or dead letter) now, then with growing pauses until ``wait_s`` has
+        passed; the finished operation, or ``None`` while it is not finished."""
         deadline = time.monotonic() + wait_s
         pause = FIRST_POLL_S
         self.metrics.waiting.inc()
         try:
             while True:
-                result = await to_thread.run_sync(self._look_up_result, job_id)
+                result = await to_thread.run_sync(self._look_up_result, record.id)
+                operation = settled(record, result, self._dead_letter_of(record))
                 remaining = deadline - time.monotonic()
-                if result is not None or remaining <= 0 or self.stopping.is_set():
-                    return result
+                if operation is not None or remaining <= 0 or self.stopping.is_set():
+                    return operation
                 await asyncio.sleep(min(pause, remaining))
                 pause = min(pause * 2, MAX_POLL_S)
         finally:
             self.metrics.waiting.dec()
+
+    def _dead_letter_of(self, record: OperationRecord) -> str | None:
+        """Why the job of ``record`` was dead-lettered, as its record says or as this replica heard."""
+        if record.dead_letter is not None:
+            return record.dead_letter
+        heard = self.dead_letters.of(record.id, record.job_sha256)
+        return None if heard is None else heard.reason
 
     def _look_up_result(self, job_id: str) -> Result | None:
         try:
@@ -169,14 +201,17 @@ class Gateway:
     # -- reading ----------------------------------------------------------------------------------
 
     async def operation(self, job_id: str) -> Answer:
-        """The operation of ``job_id``: finished (its result), queued, or 404 when never accepted."""
+        """The operation of ``job_id``: finished (its own result, a conflict, its dead letter), queued, or
+        404 when this API never accepted that id (whatever is stored under it)."""
         if not is_valid_job_id(job_id):
             raise ApiError(404, ApiCode.NOT_FOUND, "no operation with that id (ids are 1-128 of [A-Za-z0-9._:-])")
         record, result = await to_thread.run_sync(self._look_up_operation, job_id)
-        if result is not None:
-            return Answer(200, finished(result, record))
-        if record is not None and record.confirmed:
-            return Answer(200, queued(record))
+        if record is not None:
+            operation = settled(record, result, self._dead_letter_of(record))
+            if operation is not None:
+                return Answer(200, operation)
+            if record.confirmed:
+                return Answer(200, queued(record))
         raise ApiError(404, ApiCode.NOT_FOUND, f"no operation {job_id!r} was accepted")
 
     def _look_up_operation(self, job_id: str) -> tuple[OperationRecord | None, Result | None]:
@@ -184,12 +219,29 @@ class Gateway:
             record = self.operations.get(job_id)
         except OSError as exc:
             raise store_unavailable("the operations store", exc) from None
+        if record is None:  # not ours: whatever is stored under the id is none of this API's business
+            return None, None
         try:
             return record, self.results.get(job_id)
         except ResultNotFound:
             return record, None
         except (OSError, StoreError) as exc:
             raise store_unavailable("the result store", exc) from None
+
+    # -- hearing of dead letters ------------------------------------------------------------------
+
+    def hear_dead_letters(self, messages: list[Heard]) -> None:
+        """Note each dead letter on the record of its job, if this API admitted it (on the listener's
+        thread; raises ``OSError`` while the operations store cannot be written, to hear them again)."""
+        letters = [
+            letter
+            for message in messages
+            if (letter := read_dead_letter(message.properties, message.body, self.settings.max_message_bytes))
+        ]
+        self.operations.mark_dead_lettered(letters)
+        self.dead_letters.add(letters)
+        for letter in letters:
+            log.info("job_dead_lettered", job_id=letter.job_id, reason=letter.reason)
 
     async def metadata(self, name: str, ref: VersionRef | None) -> ModelMetadata:
         """Open Inference Protocol metadata of ``name`` at ``ref`` (default: latest)."""
@@ -225,8 +277,11 @@ class Gateway:
         return None
 
     def close(self) -> None:
-        """Stop in order: publish and confirm what was handed in, then close the stores."""
+        """Stop in order: publish and confirm what was handed in, stop listening (it writes records), then
+        close the stores."""
         self.publisher.stop(self.settings.shutdown_grace_s)
+        if self.listener is not None:
+            self.listener.stop(self.settings.shutdown_grace_s)
         self.operations.close()
         close = getattr(self.results, "close", None)
         if callable(close):

@@ -30,8 +30,8 @@ from inferq.shared.broker.connection import Link, Session
 from inferq.shared.broker.topology import RESENT_HEADER, all_queues
 from inferq.shared.config.logging import get_logger
 from inferq.shared.config.settings import ProducerSettings
-from inferq.shared.contract.messages import Job, Result
-from inferq.shared.errors import InferqError, PublishError, ResultNotFound
+from inferq.shared.contract.messages import Job, Result, Status, job_digest
+from inferq.shared.errors import IdConflict, InferqError, PublishError, ResultNotFound
 from inferq.shared.results.base import ResultStore
 from inferq.shared.results.stores import open_result_store
 
@@ -79,6 +79,16 @@ def _message(item: Job | Outgoing) -> _Message:
     out = item if isinstance(item, Outgoing) else Outgoing(item)
     body = out.job.model_dump_json(exclude_none=True).encode()
     return _Message(out.job.id, body, out.reply_to, out.correlation_id)
+
+
+def answers(result: Result, job: Job) -> bool:
+    """True when ``result`` is the result of ``job``: it carries the job's digest.
+
+    NOTE: a job a worker could not read (too large, off the contract) has a failed result without a
+    digest: that one is passed on, it holds no other job's outputs."""
+    if result.job_sha256 is None:
+        return result.status is not Status.SUCCEEDED
+    return result.job_sha256 == job_digest(job)
 
 
 def new_job_id() -> str:
@@ -162,7 +172,8 @@ class Producer:
         """Publish ``job`` with this producer's ``reply_to`` queue and wait for its result.
 
         A result that was stored while the connection was down (its reply lost with it) is found in the
-        result store: a timeout is reported only when no result is stored either."""
+        result store: a timeout is reported only when no result is stored either. A result that does not
+        answer this job (the id already had another job's result) raises :class:`IdConflict`."""
         self._wants_replies = True
         self._drive(lambda: self._with_reply_queue(self._ioloop.stop))
         self.publish(job, reply_to=self._reply_queue, correlation_id=job.id)
@@ -171,6 +182,11 @@ class Producer:
             result = self._stored(job.id)
         if result is None:
             raise TimeoutError(f"no result for job {job.id} within {timeout_s:g}s (it is still queued or running)")
+        if not answers(result, job):
+            raise IdConflict(
+                f"job id {job.id!r} already has the result of another job (another model, version, inputs or "
+                "parameters); send this job under a new id"
+            )
         return result
 
     def close(self) -> None:

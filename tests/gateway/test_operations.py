@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from inferq.gateway.dead_letters import DeadLetter
 from inferq.gateway.jobs import digest, prefer_wait_s
 from inferq.gateway.protocol import InferenceRequest
 from inferq.gateway.records import (
@@ -133,3 +134,71 @@ def test_the_digest_covers_what_the_job_asks_for_not_its_id() -> None:
     other_version = job.model_copy(update={"version": 2})
     assert digest(job, request) == digest(same_under_other_id, reordered)
     assert digest(job, request) != digest(other_version, request)
+
+
+def _open_at(path: str, start_at: float) -> str | None:
+    """Open (and so create) the operation store at ``path`` at the moment ``start_at``; the error, if any."""
+    import time  # noqa: PLC0415
+
+    time.sleep(max(0.0, start_at - time.time()))
+    try:
+        SqliteOperationStore(path).close()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+RACE_ROUNDS = 60
+RACE_PROCESSES = 8
+
+
+def test_replicas_creating_the_sqlite_file_together_all_start(tmp_path: Path) -> None:
+    # Given eight processes that open one new SQLite file at the same moment, sixty times over
+    import multiprocessing  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    failures: list[str] = []
+    with multiprocessing.get_context("spawn").Pool(RACE_PROCESSES) as pool:
+        pool.map(abs, range(RACE_PROCESSES))  # every process started and idle
+        for round_ in range(RACE_ROUNDS):
+            path, start_at = str(tmp_path / f"ops-{round_}.db"), time.time() + 0.1
+            failures += [e for e in pool.starmap(_open_at, [(path, start_at)] * RACE_PROCESSES) if e]
+    # Then every one of them started, each round
+    assert not failures, f"{len(failures)} of {RACE_ROUNDS * RACE_PROCESSES} starts failed, e.g. {failures[0]}"
+
+
+def test_a_dead_letter_marks_only_the_record_of_the_same_job(store: OperationStore) -> None:
+    # Given two admitted jobs
+    store.claim(OperationRecord("a", "iris", "latest", "d1", None, 1.0, job_sha256="job-a"))
+    store.claim(OperationRecord("b", "iris", "latest", "d2", None, 1.0, job_sha256="job-b"))
+    # When dead letters arrive: one of job a, one of another job under id b, one of an id never admitted
+    store.mark_dead_lettered(
+        [DeadLetter("a", "job-a", "delivery_limit"), DeadLetter("b", "other", "x"), DeadLetter("c", "job-c", "y")]
+    )
+    # Then only a's record says so, and a later dead letter of it does not change the first reason
+    store.mark_dead_lettered([DeadLetter("a", "job-a", "later")])
+    assert store.get("a").dead_letter == "delivery_limit"  # type: ignore[union-attr]
+    assert store.get("b").dead_letter is None  # type: ignore[union-attr]
+    assert store.get("c") is None
+
+
+def test_records_written_before_job_digests_are_read_and_extended(tmp_path: Path) -> None:
+    # Given an operations file from a release whose records had no job digest
+    import sqlite3  # noqa: PLC0415
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE inferq_operations (id TEXT PRIMARY KEY, model TEXT NOT NULL, "
+            "requested_version TEXT NOT NULL, digest TEXT NOT NULL, outputs TEXT, "
+            "accepted_at REAL NOT NULL, confirmed INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID"
+        )
+        db.execute("INSERT INTO inferq_operations VALUES ('old', 'iris', 'latest', 'd0', NULL, 1.0, 1)")
+    db.close()
+    # When it is opened by this release (twice: the upgrade is idempotent)
+    SqliteOperationStore(path).close()
+    store = SqliteOperationStore(path)
+    # Then the old record reads as before, and new ones carry their job digest
+    assert store.get("old") == OperationRecord("old", "iris", "latest", "d0", None, 1.0, confirmed=True)
+    store.claim(record("new"))
+    store.close()
