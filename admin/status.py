@@ -120,6 +120,12 @@ def collect_status(settings: OperatorSettings) -> Status:
 # -- management API -------------------------------------------------------------------------------
 
 
+def management_queues(settings: OperatorSettings, roles: list[tuple[str, str]]) -> list[QueueStatus]:
+    """The numbers of the ``(role, name)`` queues from the management API; raises :class:`ManagementUnavailable`."""
+    api = _Management(settings)
+    return [_management_queue(api, role, name) for role, name in roles]
+
+
 def management_base_urls(settings: OperatorSettings) -> list[str]:
     """``INFERQ_MANAGEMENT_URL``, or each AMQP node's host on the management port with its credentials."""
     if settings.management_url is not None:

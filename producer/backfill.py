@@ -1,5 +1,6 @@
 """Backfill: turn the rows of a CSV or JSONL file into jobs for one concrete model version, with ids
-derived from the model, the version and the input, so that a rerun skips every job already finished.
+derived from the model, the version and each row's own content, so that a rerun skips every job already
+finished and a row whose values changed is scored again.
 
 Rows feed the model the way its manifest says: by column name (CSV header, JSONL keys; extra columns
 ignored) for a model that records its columns, by position otherwise. The whole file is checked
@@ -10,12 +11,12 @@ column's type, or one id on two rows is an error naming the file, the line and t
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from inferq.shared.contract.messages import Job, is_valid_job_id
+from inferq.shared.contract.messages import Job, Result, Tensor, is_valid_job_id, job_digest
 from inferq.shared.errors import InferqError, InvalidPayload
 from inferq.shared.results.base import ResultStore
 from inferq.shared.tables.rowfile import RowFileError, csv_header, kind_of, read_records
@@ -23,7 +24,11 @@ from inferq.shared.tables.table import Cell, RowError, Table
 
 T = TypeVar("T")
 
-MAX_JOB_ID_CHARS = 128  # the wire contract's bound on a job id
+CONTENT_DIGEST_CHARS = 16
+"""Hex digits of the job digest in a readable job id (64 bits: a collision is still caught, see
+:func:`answers`)."""
+SKIP_CHECK_JOBS = 500
+"""Jobs whose stored results are read in one round trip before publishing."""
 
 
 class BackfillError(InferqError):
@@ -32,11 +37,20 @@ class BackfillError(InferqError):
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One input row: where it came from, its explicit id (if any) and its values in the model's column order."""
+    """One input row: where it came from, its explicit id (if any) and its values in the model's column order.
+
+    ``row_id`` is the id as text (what job ids and duplicate checks use); ``given_id`` the id exactly as
+    the file holds it (``17`` stays a number in JSONL), for ``--out``."""
 
     line: int
     row_id: str | None
     values: tuple[Cell, ...]
+    given_id: Cell | None = None
+
+    @property
+    def key(self) -> Cell:
+        """What ``--out`` writes for this row: its id as given, or its line."""
+        return self.given_id if self.given_id is not None else str(self.line)
 
 
 @dataclass(slots=True)
@@ -46,6 +60,8 @@ class BackfillPlan:
     jobs: int = 0
     rows: int = 0
     skipped_jobs: int = 0
+    dead_lettered_jobs: int = 0
+    """Jobs not published again because they wait in the dead-letter queue (``inferq dlq replay``)."""
 
 
 def read_rows(path: Path, table: Table, id_column: str | None) -> Iterator[Row]:
@@ -56,16 +72,16 @@ def read_rows(path: Path, table: Table, id_column: str | None) -> Iterator[Row]:
             _check_header(path, table, id_column)
         for record in read_records(path):
             values = record.values
-            row_id = None
+            given: Cell | None = None
             if id_column is not None:
                 if not isinstance(values, dict):
                     raise BackfillError(f"{path}:{record.line}: --id-column needs objects, found an array")
-                row_id = _row_id(path, record.line, values.pop(id_column, None), id_column)  # a fresh dict per row
+                given = _given_id(path, record.line, values.pop(id_column, None), id_column)  # a fresh dict per row
             try:
                 typed = table.values(values)
             except RowError as exc:
                 raise BackfillError(f"{path}:{record.line}: {exc.detail}") from None
-            yield Row(record.line, row_id, typed)
+            yield Row(record.line, None if given is None else str(given), typed, given)
     except (RowFileError, InvalidPayload) as exc:
         raise BackfillError(str(exc)) from None
 
@@ -82,13 +98,14 @@ def _check_header(path: Path, table: Table, id_column: str | None) -> None:
         )
 
 
-def _row_id(path: Path, line: int, value: object, id_column: str) -> str:
+def _given_id(path: Path, line: int, value: object, id_column: str) -> Cell:
+    """A row's id as the file gives it: text or a number, not empty. Any text will do (an e-mail address, a
+    name with spaces): an id that cannot be part of a job id makes a digest job id instead."""
     if value is None:
         raise BackfillError(f"{path}:{line}: no column {id_column!r}")
-    row_id = str(value)
-    if not is_valid_job_id(row_id):
-        raise BackfillError(f"{path}:{line}: id {row_id!r} is not a valid job id ([A-Za-z0-9._:-], at most 128)")
-    return row_id
+    if isinstance(value, bool) or not isinstance(value, str | int | float) or str(value) == "":
+        raise BackfillError(f"{path}:{line}: column {id_column!r}: {value!r} is not an id (text or a number)")
+    return value
 
 
 def check_rows(path: Path, rows: Iterator[Row]) -> int:
@@ -106,26 +123,73 @@ def check_rows(path: Path, rows: Iterator[Row]) -> int:
     return count
 
 
-def derive_job_id(model: str, version: int, rows: list[Row], batch_rows: int) -> str:
-    """A job id that depends only on the model, its concrete version and the input.
+def derive_job_id(model: str, version: int, rows: list[Row], batch_rows: int, content: str) -> str:
+    """A job id that depends only on the model, its concrete version and the input; ``content`` is the job's
+    digest (:func:`inferq.shared.contract.messages.job_digest`: model, version and the values it feeds).
 
-    One row with an id of its own: ``<model>:<version>:<row id>``, readable and unique per model
-    version. Otherwise ``bf-`` and a digest of model, version, rows per job and the rows (line, id,
-    values). A rerun of the same file on the same version finds the same ids; another model or version
-    gives other ids, so it runs every row."""
+    One row with an id of its own: ``<model>:<version>:<row id>:<16 hex of the job digest>``, readable
+    and joinable by humans, when it is a valid job id (characters ``[A-Za-z0-9._:-]``, at most 128),
+    else ``bf-`` and a digest of model, version, row id and content. Several rows per job (or no id
+    column): ``bf-`` and a digest of model, version, rows per job and the rows (line, id, values). A rerun
+    of the same file on the same version finds the same ids; a row whose values changed, another model
+    or another version gives other ids, so it runs again."""
     row_id = rows[0].row_id
     if batch_rows == 1 and row_id is not None:
-        job_id = f"{model}:{version}:{row_id}"
-        if len(job_id) > MAX_JOB_ID_CHARS:
-            raise BackfillError(
-                f"line {rows[0].line}: job id {job_id!r} (model:version:row id) is longer than "
-                f"{MAX_JOB_ID_CHARS} characters: use shorter ids"
-            )
-        return job_id
+        readable = f"{model}:{version}:{row_id}:{content[:CONTENT_DIGEST_CHARS]}"
+        if is_valid_job_id(readable):
+            return readable
+        return "bf-" + hashlib.sha256(f"{model}|{version}|{row_id}|{content}".encode()).hexdigest()[:40]
+    # NOTE: the same digest as before ids followed each row's content: results of earlier runs stay found.
     digest = hashlib.sha256(f"{model}|{version}|{batch_rows}".encode())
     for row in rows:
         digest.update(f"|{row.line}:{row.row_id or ''}:{row.values}".encode())
     return f"bf-{digest.hexdigest()[:40]}"
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillJob:
+    """A job of a backfill, its job digest and its rows' keys (ids as given, or lines), in input order."""
+
+    job: Job
+    digest: str
+    keys: list[Cell]
+
+
+def backfill_job(table: Table, rows: list[Row], batch_rows: int) -> BackfillJob:
+    """The job for ``rows`` (one chunk of ``batch_rows``), with the id :func:`derive_job_id` gives it."""
+    inputs, digest = _content(table, rows)
+    job_id = derive_job_id(table.model, table.version, rows, batch_rows, digest)
+    job = Job(id=job_id, model=table.model, version=table.version, inputs=inputs)
+    return BackfillJob(job, digest, [row.key for row in rows])
+
+
+def job_identity(table: Table, rows: list[Row], batch_rows: int) -> tuple[str, str]:
+    """The id and the job digest of :func:`backfill_job`'s job, without building the job itself."""
+    _inputs, digest = _content(table, rows)
+    return derive_job_id(table.model, table.version, rows, batch_rows, digest), digest
+
+
+def _content(table: Table, rows: list[Row]) -> tuple[list[Tensor], str]:
+    """The input tensors of ``rows`` and the job digest of a job feeding them to the table's version."""
+    try:
+        inputs = table.tensors([row.values for row in rows])
+    except InvalidPayload as exc:
+        raise BackfillError(f"lines {rows[0].line}-{rows[-1].line}: {exc}") from None
+    # The digest covers what the job asks for, not its id: computed on an id-less copy, then the id follows.
+    unnamed = Job.model_construct(id="", model=table.model, version=table.version, inputs=inputs, parameters={})
+    return inputs, job_digest(unnamed)
+
+
+def backfill_plan(rows: Iterator[Row], table: Table, batch_rows: int) -> Iterator[BackfillJob]:
+    """Every job of a backfill of ``rows``, in input order, ``batch_rows`` rows each."""
+    for chunk in chunks(rows, batch_rows):
+        yield backfill_job(table, chunk, batch_rows)
+
+
+def answers(result: Result, digest: str) -> bool:
+    """True when ``result`` is the answer to the job of ``digest``: an id alone proves nothing (another job
+    may have used it, or a short digest in a readable id may collide)."""
+    return result.job_sha256 == digest
 
 
 def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -147,19 +211,22 @@ def backfill_jobs(
     batch_rows: int,
     results: ResultStore,
     plan: BackfillPlan,
+    dead_lettered: Container[str] = frozenset(),
     on_skip: Callable[[int], None] = lambda _rows: None,
 ) -> Iterator[Job]:
-    """Jobs of ``batch_rows`` rows each for the table's model version, skipping those already finished."""
-    for chunk in chunks(rows, batch_rows):
-        job_id = derive_job_id(table.model, table.version, chunk, batch_rows)
-        if results.exists(job_id):
-            plan.skipped_jobs += 1
-            on_skip(len(chunk))
-            continue
-        plan.jobs += 1
-        plan.rows += len(chunk)
-        try:
-            inputs = table.tensors([row.values for row in chunk])
-        except InvalidPayload as exc:
-            raise BackfillError(f"lines {chunk[0].line}-{chunk[-1].line}: {exc}") from None
-        yield Job(id=job_id, model=table.model, version=table.version, inputs=inputs)
+    """Jobs of ``batch_rows`` rows each for the table's model version, skipping those already finished
+    (a stored result that answers the job) and those waiting in the dead-letter queue (``dead_lettered``)."""
+    for group in chunks(backfill_plan(rows, table, batch_rows), SKIP_CHECK_JOBS):
+        stored = results.get_many([planned.job.id for planned in group])
+        for planned in group:
+            earlier = stored.get(planned.job.id)
+            if earlier is not None and answers(earlier, planned.digest):
+                plan.skipped_jobs += 1
+                on_skip(len(planned.keys))
+            elif planned.job.id in dead_lettered:
+                plan.dead_lettered_jobs += 1
+                on_skip(len(planned.keys))
+            else:
+                plan.jobs += 1
+                plan.rows += len(planned.keys)
+                yield planned.job

@@ -64,6 +64,13 @@ def purge_queues(env: dict[str, str]) -> None:
     connection.close()
 
 
+def backfill_ids(env: dict[str, str], *row_ids: str) -> list[str]:
+    """The job ids of backfilled rows of champion (version 1): ``churn:1:<row id>:<16 hex of the job digest>``."""
+    exported = inferq("results", "export", "--model", "churn", "--format", "jsonl", env=env, quiet=True)
+    ids = [orjson.loads(line)["id"] for line in exported.splitlines()]
+    return [next(job_id for job_id in ids if job_id.startswith(f"churn:1:{row_id}:")) for row_id in row_ids]
+
+
 def write_data(path: Path, rows: np.ndarray, id_prefix: str | None) -> None:
     """A CSV with a header; with ``id_prefix``, a first column ``id`` names each row's job."""
     with path.open("w", newline="") as handle:
@@ -213,7 +220,7 @@ def run_demo(env: dict[str, str]) -> None:
     wall_s = time.monotonic() - started
 
     step("a few results")
-    for job_id in ("churn:1:a-00000", "churn:1:a-00001"):  # a backfill job id: <model>:<version>:<row id>
+    for job_id in backfill_ids(env, "a-00000", "a-00001"):
         result = orjson.loads(inferq("results", "get", job_id, env=env, quiet=True))
         probabilities = result["outputs"][1]["data"]
         print(f"{job_id}: version {result['version']} label {result['outputs'][0]['data']} p={probabilities}")

@@ -122,7 +122,8 @@ def test_rows_whose_job_failed_get_the_error_code_and_empty_outputs(sqlite_env: 
     lines = [orjson.loads(line) for line in out.read_bytes().splitlines()]
     assert [line["line"] for line in lines] == [str(n) for n in range(1, 8)]
     assert [line["error_code"] for line in lines] == ["too_large"] * 6 + [None]
-    assert all(set(line) == {"line", "error_code"} for line in lines[:6])
+    assert all(set(line) == {"line", "error_code", "error_detail"} for line in lines[:6])
+    assert "rows" in lines[0]["error_detail"] and lines[6]["error_detail"] is None
     assert lines[6]["label"] == int(models.logistic.predict(models.X[6:7])[0])
 
 
@@ -150,17 +151,18 @@ def test_results_export_and_copy(sqlite_env: Env, models: Models, tmp_path: Path
     _write_csv(data, models, 40, ids=True)
     assert sqlite_env.inferq("backfill", str(data), "--model", "iris", "--id-column", "key").returncode == 0
     sqlite_env.drain()
-    # When exported as CSV, by ids (one unknown; a backfill's job id is <model>:<version>:<row id>)
+    # When exported as CSV, by ids (one unknown; a backfill's job id is <model>:<version>:<row id>:<digest>)
     # and as JSON lines by model
+    by_row = {result.id.split(":")[2]: result.id for result in sqlite_env.stored().values()}
     ids = tmp_path / "ids.txt"
-    ids.write_text("iris:2:row-0003\nno-such-job\niris:2:row-0001\n")
+    ids.write_text(f"{by_row['row-0003']}\nno-such-job\n{by_row['row-0001']}\n")
     by_ids = sqlite_env.inferq("results", "export", "--ids", str(ids))
     assert by_ids.returncode == 0, by_ids.stderr
     table = list(csv.DictReader(by_ids.stdout.splitlines()))
     assert [(r["id"], r["status"]) for r in table] == [
-        ("iris:2:row-0003", "succeeded"),
+        (by_row["row-0003"], "succeeded"),
         ("no-such-job", "missing"),
-        ("iris:2:row-0001", "succeeded"),
+        (by_row["row-0001"], "succeeded"),
     ]
     assert list(table[0])[:5] == ["id", "status", "version", "error_code", "label"]
     jsonl = tmp_path / "all.jsonl"
