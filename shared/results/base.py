@@ -5,17 +5,27 @@ SQLite database (the default, ``./var/results.db``), PostgreSQL, ``s3://bucket/p
 objects or ``<dir>/<job id>.json`` files. Every store keeps one contract: a result is stored atomically,
 so a reader sees either no result or the whole of it; the first result stored for an id wins: a second
 one (the same job run twice, by two workers racing on a duplicate) is not written, and the caller gets
-the stored one back to publish instead; a batch is one transaction (or one round of writes), durable
-once ``put_many`` returns.
+the stored one back to publish instead, except over a job rejected at decode whose message differs
+(:func:`replaceable`: a corrected job may reuse the id of an invalid one); a batch is one transaction (or
+one round of writes), durable once ``put_many`` returns.
+
+Failures come in three kinds, each store telling them apart: ``StoreUnreachable`` (an ``OSError``: down,
+timed out, throttled, a conflict with another writer; worth retrying), :class:`ValueRefused` (the content
+of particular results cannot be stored; the others can) and :class:`StoreRefused` (the store refuses us:
+credentials, permission, a missing bucket or table; no retry helps).
 """
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
-from inferq.shared.contract.messages import Result, is_valid_job_id
-from inferq.shared.errors import ResultNotFound
+from inferq.shared.contract.messages import Result, Status, is_valid_job_id
+from inferq.shared.errors import ErrorCode, ResultNotFound, StoreRefused, StoreUnreachable
+
+# File-system errors that refuse the store as a whole: a retry finds the same permissions and mounts.
+_REFUSING_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 
 class ResultStore(Protocol):
@@ -24,7 +34,8 @@ class ResultStore(Protocol):
     def put_many(self, results: Sequence[Result]) -> list[Result]:
         """Store each result unless its id already has one; return what is stored for each id, in order
         (the earlier result where there was one; a result this call stored is returned as the very object
-        passed in). Atomic per result, durable on return. Raises ``OSError`` (transient) on failure."""
+        passed in). Atomic per result, durable on return. Raises ``OSError`` (transient),
+        :class:`ValueRefused` or :class:`StoreRefused` on failure (see the module's docstring)."""
 
     def get(self, job_id: str) -> Result:
         """The stored result of ``job_id``; raises :class:`ResultNotFound`."""
@@ -55,3 +66,28 @@ def checked_id(job_id: str) -> str:
     if not is_valid_job_id(job_id):
         raise ResultNotFound(f"{job_id!r} is not a valid job id")
     return job_id
+
+
+def replaceable(stored: Result, new: Result) -> bool:
+    """True when ``new`` may replace ``stored`` despite "first result wins": ``stored`` rejects a message
+    that could not be decoded (``invalid_payload``) and ``new`` answers another message under that id (its
+    job digest differs). The same digest is a redelivery of that message: the stored rejection stays."""
+    return rejects_another(stored, new.job_sha256)
+
+
+def rejects_another(stored: Result, job_sha256: str | None) -> bool:
+    """True when ``stored`` rejects a message that could not be decoded and the job of digest
+    ``job_sha256`` is another message: ``stored`` is no answer for it."""
+    return (
+        stored.status is Status.FAILED
+        and stored.error is not None
+        and stored.error.code is ErrorCode.INVALID_PAYLOAD
+        and stored.job_sha256 != job_sha256
+    )
+
+
+def classified_os_error(exc: OSError, what: str) -> StoreRefused | StoreUnreachable:
+    """A file-system error as :class:`StoreRefused` (permission denied, a read-only file system) or
+    ``StoreUnreachable`` (a full disk, an I/O error, a vanished mount: worth retrying)."""
+    text = f"{what}: {exc.strerror or exc}"
+    return StoreRefused(text) if exc.errno in _REFUSING_ERRNOS else StoreUnreachable(text)

@@ -4,6 +4,7 @@ result of an id wins) and made durable with one ``syncfs`` per batch on Linux.""
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import itertools
 import os
 import sys
@@ -12,10 +13,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from inferq.shared.contract.messages import Result, is_valid_job_id
-from inferq.shared.errors import ResultNotFound, StoreError
-from inferq.shared.results.base import checked_id
+from inferq.shared.errors import ResultNotFound
+from inferq.shared.results.base import checked_id, classified_os_error, replaceable
 
 _temporary_numbers = itertools.count()
+REPLACE_LOCK = ".replace.lock"
+"""Held while a rejection is replaced (``.``-names are no results)."""
 
 
 class FileResultStore:
@@ -34,6 +37,12 @@ class FileResultStore:
     def put_many(self, results: Sequence[Result]) -> list[Result]:
         if not results:
             return []
+        try:
+            return self._put_many(results)
+        except OSError as exc:  # a full disk, a read-only mount, a vanished directory
+            raise classified_os_error(exc, f"write to {self.root} failed") from None
+
+    def _put_many(self, results: Sequence[Result]) -> list[Result]:
         self.root.mkdir(parents=True, exist_ok=True)
         root = str(self.root)
         staged: list[tuple[str, str]] = []
@@ -50,13 +59,30 @@ class FileResultStore:
                     os.link(tmp, final)  # unlike a rename, fails when the id has a result: the first wins
                     stored.append(result)
                 except FileExistsError:
-                    stored.append(self.get(result.id))
+                    stored.append(self._stored_or_replaced(result, tmp, final))
         finally:
             for tmp, _ in staged:
                 Path(tmp).unlink(missing_ok=True)
         if self.fsync:
             _fsync_path(self.root)  # NOTE: the new names are durable only once the directory itself is synced.
         return stored
+
+    def _stored_or_replaced(self, result: Result, tmp: str, final: str) -> Result:
+        """What is stored under ``result``'s id, once ``result`` replaced it if it may (a rejection of
+        another message). Replacing takes the store's lock file: two writers never both replace one file."""
+        earlier = self.get(result.id)
+        if not replaceable(earlier, result):
+            return earlier
+        fd = os.open(self.root / REPLACE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            earlier = self.get(result.id)  # again, under the lock: another writer may have replaced it
+            if not replaceable(earlier, result):
+                return earlier
+            os.rename(tmp, final)  # the rejection gives way at once: a reader sees one or the other
+            return result
+        finally:
+            os.close(fd)
 
     def _write_temporary(self, result: Result) -> str:
         # A name unique to this process (the pid) and call (the counter) needs no random retries.
@@ -83,7 +109,7 @@ class FileResultStore:
         except FileNotFoundError:
             raise ResultNotFound(f"no result for job {job_id!r} in {self.root}") from None
         except OSError as exc:
-            raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+            raise classified_os_error(exc, f"cannot read {path}") from None
         return Result.model_validate_json(data)
 
     def get_many(self, job_ids: Sequence[str]) -> dict[str, Result]:
@@ -95,7 +121,7 @@ class FileResultStore:
                 except FileNotFoundError:
                     continue
                 except OSError as exc:
-                    raise StoreError(f"cannot read {self._path(job_id)}: {exc.strerror}") from None
+                    raise classified_os_error(exc, f"cannot read {self._path(job_id)}") from None
         return found
 
     def exists(self, job_id: str) -> bool:

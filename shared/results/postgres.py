@@ -3,9 +3,14 @@
 One table, ``inferq_results`` (in the schema the URL's ``search_path`` names, ``public`` by default):
 ``id`` (primary key), ``model``, ``version``, ``status``, ``error_code``, ``created_at`` and the full
 result as ``jsonb`` in ``result``, indexed by id and by ``(model, created_at)``. A batch is one
-transaction: one ``INSERT … ON CONFLICT (id) DO NOTHING RETURNING id`` of the whole batch as arrays (sent
-in binary: no quoting of the JSON) and, only when some ids already had a result, one ``SELECT`` reading
-those earlier results back; it is committed when ``put_many`` returns.
+transaction: one ``INSERT … ON CONFLICT (id) DO UPDATE … WHERE`` (only over a replaceable rejection)
+``RETURNING id`` of the whole batch as arrays (sent in binary: no quoting of the JSON) and, only when some
+ids already had a result, one ``SELECT`` reading those earlier results back; it is committed when
+``put_many`` returns.
+
+NOTE: ``jsonb`` cannot hold a NUL character (``\u0000``), so a result with one in a string is refused
+(:class:`ValueRefused`; the worker stores a ``result_refused`` failure for that job instead). Keeping it
+faithfully would take a ``json`` or ``text`` column, a schema change for every installation.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from psycopg_pool import ConnectionPool
 
 from inferq.shared.config.logging import redact_text
 from inferq.shared.contract.messages import Result, is_valid_job_id
-from inferq.shared.errors import ResultNotFound, StoreError, StoreUnreachable
+from inferq.shared.errors import ResultNotFound, StoreError, StoreRefused, StoreUnreachable, ValueRefused
 
 SCHEMA_VERSION = 1
 POOL_MAX_SIZE = 4
@@ -39,9 +44,25 @@ _SCHEMA = (
 _INSERT = (
     "INSERT INTO inferq_results (id, model, version, status, error_code, result) "
     "SELECT * FROM unnest(%b::text[], %b::text[], %b::integer[], %b::text[], %b::text[], %b::text[]::jsonb[]) "
-    "ON CONFLICT (id) DO NOTHING RETURNING id"
+    # The first result of an id wins, except over a rejection of another message (base.replaceable).
+    "ON CONFLICT (id) DO UPDATE SET model = EXCLUDED.model, version = EXCLUDED.version, "
+    "status = EXCLUDED.status, error_code = EXCLUDED.error_code, created_at = now(), result = EXCLUDED.result "
+    "WHERE inferq_results.status = 'failed' AND inferq_results.error_code = 'invalid_payload' "
+    "AND inferq_results.result ->> 'job_sha256' IS DISTINCT FROM EXCLUDED.result ->> 'job_sha256' "
+    "RETURNING id"
 )
 _SELECT_MANY = "SELECT id, result::text FROM inferq_results WHERE id = ANY(%s::text[])"
+# SQLSTATE classes (and codes) by what they say about a failed statement. Worth retrying: connection
+# (08), transaction rollback (40: serialization failures, deadlocks), insufficient resources (53),
+# operator intervention (57: shutdown, statement timeout), system errors (58), lock not available.
+# One result's content: data exceptions (22: a NUL in jsonb is 22P05), integrity (23), limits (54).
+# The store refuses us: authorization (28), invalid catalog or schema (3D, 3F), and syntax or access
+# rule violations (42: no privilege, no table).
+_VALUE_REFUSED = ("22", "23", "54")
+_STORE_REFUSED = ("28", "3D", "3F", "42")
+# What libpq says when the server turns a new connection away for good (its SQLSTATE is not kept).
+# NOTE: the server's messages in English; in another lc_messages such a refusal is retried as transient.
+_REFUSED_AT_CONNECT = ("authentication failed", "does not exist", "no pg_hba.conf entry", "permission denied")
 
 
 def without_password(url: str) -> str:
@@ -131,9 +152,31 @@ class PostgresResultStore:
                     lost = [job_id for job_id in firsts if job_id not in inserted]
                     earlier = self._select(cursor, lost) if lost else {}
         except psycopg.Error as exc:
-            # Down, restarting, failing over, refusing us: the worker retries and acks nothing meanwhile.
-            raise StoreUnreachable(redact_text(f"write to {self.describe()} failed: {_reason(exc)}")) from None
+            # Down, restarting or failing over: the worker retries and acks nothing meanwhile. A refused
+            # value or a refused store: the worker finds the refused results, or stops.
+            ids = tuple(firsts) if len(firsts) == 1 else ()
+            raise self._classified(exc, "write", ids) from None
         return [earlier.get(r.id) or firsts[r.id] for r in results]
+
+    def _classified(self, exc: psycopg.Error, what: str, ids: tuple[str, ...] = ()) -> Exception:
+        """``exc`` as :class:`StoreUnreachable`, :class:`ValueRefused` (a write's ``ids``, when known) or
+        :class:`StoreRefused`, with a one-line message naming the store and never its password."""
+        text = redact_text(f"{what} {'to' if what == 'write' else 'from'} {self.describe()} failed: {_reason(exc)}")
+        state = exc.sqlstate or ""
+        if state.startswith(_STORE_REFUSED) or (not state and self._refused_at_connect()):
+            return StoreRefused(text)
+        if state.startswith(_VALUE_REFUSED):
+            return ValueRefused(text, ids) if what == "write" else StoreError(text)
+        return StoreUnreachable(text)
+
+    def _refused_at_connect(self) -> bool:
+        """Whether a new connection is turned away for good (a wrong password, an unknown role or database):
+        the pool only says it got none in time, so one connection is tried here, on a failure path only."""
+        try:
+            psycopg.connect(self.url, connect_timeout=CONNECT_TIMEOUT_S).close()
+        except psycopg.OperationalError as exc:
+            return any(marker in str(exc) for marker in _REFUSED_AT_CONNECT)
+        return False
 
     @staticmethod
     def _select(cursor: psycopg.Cursor[Any], job_ids: list[str]) -> dict[str, Result]:
@@ -151,10 +194,8 @@ class PostgresResultStore:
                 with connection.cursor() as cursor:
                     cursor.execute(sql, parameters)
                     return cursor.fetchall()
-        except psycopg.OperationalError as exc:
-            raise StoreUnreachable(redact_text(f"read from {self.describe()} failed: {_reason(exc)}")) from None
         except psycopg.Error as exc:
-            raise StoreError(redact_text(f"read from {self.describe()} failed: {_reason(exc)}")) from None
+            raise self._classified(exc, "read") from None
 
     def get(self, job_id: str) -> Result:
         rows = self._query("SELECT result::text FROM inferq_results WHERE id = %s", (job_id,))

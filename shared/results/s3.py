@@ -4,8 +4,9 @@ wins), a batch written by a bounded pool of threads."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 from typing import Any
 
@@ -13,14 +14,32 @@ import botocore.session
 from botocore.auth import S3SigV4Auth
 
 from inferq.shared.contract.messages import Result, is_valid_job_id
-from inferq.shared.errors import ResultNotFound, StoreError, StoreUnreachable
-from inferq.shared.results.base import checked_id
+from inferq.shared.errors import ResultNotFound, StoreError, StoreRefused, StoreUnreachable, ValueRefused
+from inferq.shared.results.base import checked_id, replaceable
 from inferq.shared.s3.client import is_not_found, is_precondition_failed, make_client, translate
 from inferq.shared.s3.location import S3Location
 from inferq.shared.s3.put import PutOutcome, SignedPutter, lean_putter
 
 S3_WRITE_CONCURRENCY = 16
 S3_SCAN_PAGE = 256
+VISIBLE_WAIT_S = 10.0
+"""How long a write that lost to another one waits for the winner's object to be readable."""
+VISIBLE_POLL_S = 0.05
+
+
+def _raise_worst(errors: Sequence[BaseException | None]) -> None:
+    """Raise the error that decides what the caller does with a batch whose writes failed: the store
+    refused (stop), else one worth retrying, else any other, else the refused contents (every id named)."""
+    failed = [e for e in errors if e is not None]
+    if not failed:
+        return
+    refused = [e for e in failed if isinstance(e, StoreRefused)]
+    others = [e for e in failed if not isinstance(e, ValueRefused)]
+    transient = [e for e in others if isinstance(e, OSError)]
+    if refused or transient or others:
+        raise (refused or transient or others)[0]
+    values = [e for e in failed if isinstance(e, ValueRefused)]
+    raise ValueRefused(str(values[0]), tuple(i for e in values for i in e.ids))
 
 
 class S3ResultStore:
@@ -58,25 +77,27 @@ class S3ResultStore:
         return self.location.key(f"{checked_id(job_id)}.json")
 
     def put_many(self, results: Sequence[Result]) -> list[Result]:
-        """Returns only once every result is stored; raises ``StoreUnreachable`` (an ``OSError``) if any
-        write failed, after all writes of the batch have finished (a retry finds its own earlier writes)."""
+        """Returns only once every result is stored, after all writes of the batch have finished (a retry
+        finds its own earlier writes). If any write failed, raises :class:`StoreRefused` if S3 refuses the
+        store, else ``StoreUnreachable`` (an ``OSError``) if one was worth retrying, else
+        :class:`ValueRefused` naming every result whose object S3 refused."""
         # Credentials are frozen once per batch: a refreshed role's are used from the next batch on.
         putter = self._putter
-        put = self._put if putter is None or putter.redirected else partial(self._put_lean, putter, putter.signer())
+        if putter is None or putter.redirected:
+            put: Callable[[Result], PutOutcome] = self._put
+        else:
+            put = partial(self._put_lean, putter, putter.signer())
         if len(results) <= 1:
-            return [put(result) for result in results]
+            return [self._put_first(put, result) for result in results]
         # NOTE: concurrent conditional PUTs of one key race each other: only the first result of an id in
         # the batch is written, and a later one gets whatever that write left stored.
         firsts: dict[str, Result] = {}
         for result in results:
             firsts.setdefault(result.id, result)
         pool = self._executor()
-        futures: dict[str, Future[Result]] = {job_id: pool.submit(put, first) for job_id, first in firsts.items()}
+        futures = {job_id: pool.submit(self._put_first, put, first) for job_id, first in firsts.items()}
         wait(futures.values())
-        for future in futures.values():
-            error = future.exception()
-            if error is not None:
-                raise error
+        _raise_worst([f.exception() for f in futures.values()])
         return [futures[result.id].result() for result in results]
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -85,20 +106,47 @@ class S3ResultStore:
                 self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="inferq-s3-put")
             return self._pool
 
-    def _put_lean(self, putter: SignedPutter, signer: S3SigV4Auth, result: Result) -> Result:
+    def _put_first(self, put: Callable[[Result], PutOutcome], result: Result) -> Result:
+        """Store ``result`` unless its id has a result; return what is stored under the id.
+
+        NOTE: a conditional PUT that loses (412, or 409 while the other write is still in progress) does not
+        mean the winner's object is readable yet: S3 answers 409 before the other write completes, and
+        that write may still fail. The object is read until it shows, and the PUT tried again meanwhile
+        (it stores ours if the other write failed), for up to ``VISIBLE_WAIT_S``."""
+        deadline = time.monotonic() + VISIBLE_WAIT_S
+        while True:
+            try:
+                outcome = put(result)
+            except (StoreRefused, StoreUnreachable):
+                raise
+            except StoreError as exc:  # S3 refused this object's PUT (too large, or a code not known here)
+                raise ValueRefused(str(exc), (result.id,)) from None
+            if outcome is PutOutcome.STORED:
+                return result
+            try:
+                stored, etag = self._read(result.id)
+            except ResultNotFound:
+                if time.monotonic() > deadline:
+                    raise StoreUnreachable(
+                        f"put {self.location}: {result.id!r} exists but stayed unreadable for {VISIBLE_WAIT_S:g}s"
+                    ) from None
+                time.sleep(VISIBLE_POLL_S)
+                continue
+            if not replaceable(stored, result):
+                return stored  # the first result of an id wins
+            if self._replace(result, etag):
+                return result
+            # Another writer replaced it first: read what it stored.
+
+    def _put_lean(self, putter: SignedPutter, signer: S3SigV4Auth, result: Result) -> PutOutcome:
         if putter.redirected:  # an earlier write of this batch was redirected
             return self._put(result)
-        try:
-            outcome = putter.put(self._key(result.id), result.to_json(), signer)
-        except StoreError as exc:  # refused (a wrong key, no bucket): retried by the worker, as in _put
-            raise StoreUnreachable(str(exc)) from None
-        if outcome is PutOutcome.STORED:
-            return result
-        if outcome is PutOutcome.EXISTS:
-            return self.get(result.id)  # the first result of an id wins
-        return self._put(result)  # S3 redirected: boto3 follows it (and writes every later result)
+        outcome = putter.put(self._key(result.id), result.to_json(), signer)
+        if outcome is PutOutcome.ELSEWHERE:
+            return self._put(result)  # S3 redirected: boto3 follows it (and writes every later result)
+        return outcome
 
-    def _put(self, result: Result) -> Result:
+    def _put(self, result: Result) -> PutOutcome:
         key = self._key(result.id)
         try:
             self._client.put_object(
@@ -108,15 +156,31 @@ class S3ResultStore:
                 ContentType="application/json",
                 IfNoneMatch="*",  # the first result of an id wins
             )
-            return result
         except Exception as exc:  # boto3 raises ClientError, BotoCoreError and urllib3 errors
             if is_precondition_failed(exc):
-                return self.get(result.id)
-            # Any failed write is retried by the worker (nothing is acked meanwhile): a missing bucket
-            # or a revoked key shows as a repeated warning until an operator fixes it, not as a lost job.
-            raise translate(exc, f"put s3://{self.location.bucket}/{key}", always_transient=True) from None
+                return PutOutcome.EXISTS
+            raise translate(exc, f"put s3://{self.location.bucket}/{key}") from None
+        return PutOutcome.STORED
 
-    def get(self, job_id: str) -> Result:
+    def _replace(self, result: Result, etag: str) -> bool:
+        """Write ``result`` over the object whose ETag is ``etag``; false if it changed meanwhile."""
+        key = self._key(result.id)
+        try:
+            self._client.put_object(
+                Bucket=self.location.bucket,
+                Key=key,
+                Body=result.to_json(),
+                ContentType="application/json",
+                IfMatch=etag,  # only the rejection read: a concurrent replacement wins
+            )
+        except Exception as exc:  # see _put
+            if is_precondition_failed(exc):
+                return False
+            raise translate(exc, f"put s3://{self.location.bucket}/{key}") from None
+        return True
+
+    def _read(self, job_id: str) -> tuple[Result, str]:
+        """The stored result of ``job_id`` and its object's ETag; raises :class:`ResultNotFound`."""
         key = self._key(job_id)
         try:
             response = self._client.get_object(Bucket=self.location.bucket, Key=key)
@@ -125,7 +189,10 @@ class S3ResultStore:
             if is_not_found(exc):
                 raise ResultNotFound(f"no result for job {job_id!r} in {self.location}") from None
             raise translate(exc, f"get s3://{self.location.bucket}/{key}") from None
-        return Result.model_validate_json(data)
+        return Result.model_validate_json(data), str(response["ETag"])
+
+    def get(self, job_id: str) -> Result:
+        return self._read(job_id)[0]
 
     def get_many(self, job_ids: Sequence[str]) -> dict[str, Result]:
         valid = [i for i in job_ids if is_valid_job_id(i)]

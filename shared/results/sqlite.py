@@ -20,13 +20,35 @@ from pathlib import Path
 import orjson
 
 from inferq.shared.contract.messages import Result, is_valid_job_id
-from inferq.shared.errors import ResultNotFound, StoreError, StoreUnreachable
+from inferq.shared.errors import ResultNotFound, StoreError, StoreRefused, StoreUnreachable, ValueRefused
+from inferq.shared.results.base import classified_os_error
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 10.0
 WAL_RETRY_S = 0.005
 _READ_CHUNK = 10_000  # ids per lookup query
 _SCAN_PAGE = 1_000  # results per page of a scan
+# SQLite's primary result codes by what they say about a failed statement (the rest, like a busy or
+# locked database, a full disk or an I/O error, are worth retrying).
+_STORE_REFUSED_CODES = frozenset(
+    {
+        sqlite3.SQLITE_PERM,
+        sqlite3.SQLITE_READONLY,  # the file, its directory or its file system is read-only
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_NOTADB,
+        sqlite3.SQLITE_AUTH,
+    }
+)
+_VALUE_REFUSED_CODES = frozenset({sqlite3.SQLITE_TOOBIG, sqlite3.SQLITE_CONSTRAINT})
+_INSERT = (
+    "INSERT INTO results (id, model, version, status, error_code, created_at, result) VALUES (?, ?, ?, ?, ?, ?, ?) "
+    # The first result of an id wins, except over a rejection of another message (base.replaceable).
+    "ON CONFLICT (id) DO UPDATE SET model = excluded.model, version = excluded.version, status = excluded.status, "
+    "error_code = excluded.error_code, created_at = excluded.created_at, result = excluded.result "
+    "WHERE results.status = 'failed' AND results.error_code = 'invalid_payload' "
+    "AND json_extract(results.result, '$.job_sha256') IS NOT json_extract(excluded.result, '$.job_sha256')"
+)
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS results ("
@@ -92,8 +114,10 @@ class SQLiteResultStore:
             connection = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
             )
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreUnreachable(f"cannot open {self.describe()}: {exc}") from None
+        except sqlite3.Error as exc:
+            raise self._classified(exc, f"cannot open {self.describe()}") from None
+        except OSError as exc:
+            raise classified_os_error(exc, f"cannot open {self.describe()}") from None
         try:
             _use_wal(connection)
             # FULL: the WAL is synced at every commit, so a stored result survives a power loss.
@@ -133,11 +157,24 @@ class SQLiteResultStore:
             try:
                 return self._put_locked(self._connect(), results, created_at)
             except sqlite3.Error as exc:
-                # Locked, read-only, disk full, I/O error: the worker retries with backoff and acks nothing.
-                # The next try opens a new connection: SQLite keeps a file it could only open read-only
-                # read-only for the life of the connection, even once the file is writable again.
+                # Locked, disk full, I/O error: the worker retries with backoff and acks nothing. Read-only,
+                # no table: the worker stops. The next try opens a new connection: SQLite keeps a file it
+                # could only open read-only read-only for the life of the connection.
                 self._drop_connection()
-                raise StoreUnreachable(f"write to {self.describe()} failed: {exc}") from None
+                ids = (results[0].id,) if len({r.id for r in results}) == 1 else ()
+                raise self._classified(exc, f"write to {self.describe()} failed", ids) from None
+
+    @staticmethod
+    def _classified(exc: sqlite3.Error, what: str, ids: tuple[str, ...] = ()) -> Exception:
+        """``exc`` as :class:`StoreUnreachable`, :class:`ValueRefused` (of ``ids``, when known) or
+        :class:`StoreRefused`."""
+        text = f"{what}: {exc}"
+        code = getattr(exc, "sqlite_errorcode", sqlite3.SQLITE_ERROR) & 0xFF  # the primary code
+        if code in _STORE_REFUSED_CODES or "no such table" in str(exc):  # NOTE: SQLITE_ERROR says no more
+            return StoreRefused(text)
+        if code in _VALUE_REFUSED_CODES:
+            return ValueRefused(text, ids)
+        return StoreUnreachable(text)
 
     def _drop_connection(self) -> None:
         if self._connection is not None:
@@ -152,11 +189,7 @@ class SQLiteResultStore:
         connection.execute("BEGIN IMMEDIATE")  # the write lock: nobody inserts between ours and the lookup
         try:
             before = connection.total_changes
-            connection.executemany(
-                "INSERT INTO results (id, model, version, status, error_code, created_at, result) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                [row_of(r, created_at) for r in winners.values()],
-            )
+            connection.executemany(_INSERT, [row_of(r, created_at) for r in winners.values()])
             earlier: dict[str, Result] = {}
             if connection.total_changes - before < len(winners):
                 # Some ids had a result already (rare: a job run twice): find which, in the same
@@ -189,7 +222,11 @@ class SQLiteResultStore:
             with self._lock:
                 return self._connect().execute(sql, parameters).fetchall()
         except sqlite3.Error as exc:
-            raise StoreUnreachable(f"read from {self.describe()} failed: {exc}") from None
+            raise self._read_error(exc) from None
+
+    def _read_error(self, exc: sqlite3.Error) -> Exception:
+        error = self._classified(exc, f"read from {self.describe()} failed")
+        return StoreError(str(error)) if isinstance(error, ValueRefused) else error
 
     def get(self, job_id: str) -> Result:
         rows = self._read("SELECT result FROM results WHERE id = ?", (job_id,))
@@ -202,7 +239,7 @@ class SQLiteResultStore:
             with self._lock:
                 return self._lookup(self._connect(), [i for i in job_ids if is_valid_job_id(i)])
         except sqlite3.Error as exc:
-            raise StoreUnreachable(f"read from {self.describe()} failed: {exc}") from None
+            raise self._read_error(exc) from None
 
     def exists(self, job_id: str) -> bool:
         return bool(self._read("SELECT 1 FROM results WHERE id = ?", (job_id,)))

@@ -3,7 +3,9 @@
 The client takes the standard AWS configuration (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_PROFILE``, ``~/.aws/config``); inferq adds no variables
 of its own. Every failure leaves here as one of two types: :class:`StoreUnreachable` (an ``OSError``;
-worth retrying) or :class:`StoreError` (the request itself is wrong: missing bucket, access denied).
+worth retrying), :class:`StoreRefused` (the store refuses us for good: a wrong key, no permission, a
+missing bucket or one in another region), :class:`ValueRefused` (this one object cannot be stored: too
+large) or :class:`StoreError` (any other request S3 calls wrong).
 """
 
 from __future__ import annotations
@@ -23,14 +25,47 @@ from botocore.exceptions import (
 from botocore.session import Session as BotocoreSession
 
 from inferq.shared.config.logging import redact_text
-from inferq.shared.errors import StoreError, StoreUnreachable
+from inferq.shared.errors import StoreError, StoreRefused, StoreUnreachable, ValueRefused
 
 NOT_FOUND_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 PRECONDITION_CODES = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 # Codes S3 and compatible servers answer when the request was fine but the server was not.
 TRANSIENT_CODES = frozenset(
-    {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "503", "500"}
+    {
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "ExpiredToken",  # a role's session token: refreshed credentials sign the next try
+        "TooManyRequests",
+        "503",
+        "500",
+        "502",
+        "504",
+        "429",
+    }
 )
+# Codes that refuse the store as a whole: no retry helps until an operator fixes the key, the policy or
+# the bucket. (A 403 without a body, as HEAD answers, shows as "403".)
+REFUSED_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AllAccessDisabled",
+        "AccountProblem",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidToken",
+        "NoSuchBucket",
+        "InvalidBucketName",
+        "PermanentRedirect",
+        "AuthorizationHeaderMalformed",
+        "403",
+        "301",
+    }
+)
+# Codes that refuse one object's content: the others of a batch may still be stored.
+VALUE_REFUSED_CODES = frozenset({"EntityTooLarge", "KeyTooLongError"})
 
 # Retrying cannot fix these: the configuration is wrong.
 _CONFIGURATION_ERRORS = (NoCredentialsError, PartialCredentialsError, NoRegionError, ParamValidationError)
@@ -74,7 +109,9 @@ def is_precondition_failed(exc: BaseException) -> bool:
 
 
 def translate(exc: BaseException, what: str, *, always_transient: bool = False) -> Exception:
-    """``exc`` from boto3 as :class:`StoreUnreachable` (retry) or :class:`StoreError` (give up).
+    """``exc`` from boto3 as :class:`StoreUnreachable` (retry), :class:`StoreRefused` (the store refuses
+    us), :class:`ValueRefused` (this object's content) or :class:`StoreError` (give up); with
+    ``always_transient`` every answer of the server is :class:`StoreUnreachable`.
 
     ``what`` says what was attempted, e.g. ``"put s3://b/r/x.json"``. The message carries the S3 error
     code and message, never credentials, and passes through the log redaction once more besides."""
@@ -84,11 +121,20 @@ def translate(exc: BaseException, what: str, *, always_transient: bool = False) 
         text = redact_text(f"{what}: {code} {message}".strip())
         if always_transient or code in TRANSIENT_CODES:
             return StoreUnreachable(text)
-        return StoreError(text)
+        return refusal(code, text)
     if isinstance(exc, _CONFIGURATION_ERRORS):
-        return StoreError(redact_text(f"{what}: {exc} (check the AWS_* configuration)"))
+        return StoreRefused(redact_text(f"{what}: {exc} (check the AWS_* configuration)"))
     if isinstance(exc, BotoCoreError):
         return StoreUnreachable(redact_text(f"{what}: {type(exc).__name__}: {exc}"))
     if isinstance(exc, OSError):
         return StoreUnreachable(redact_text(f"{what}: {exc}"))
     return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+
+
+def refusal(code: str, text: str) -> StoreError:
+    """The error for an S3 answer ``code`` that no retry of the same request fixes."""
+    if code in REFUSED_CODES:
+        return StoreRefused(text)
+    if code in VALUE_REFUSED_CODES:
+        return ValueRefused(text)
+    return StoreError(text)

@@ -41,8 +41,8 @@ from botocore.session import Session
 from botocore.utils import get_environ_proxies
 
 from inferq.shared.config.logging import get_logger, redact_text, register_secret
-from inferq.shared.errors import StoreError, StoreUnreachable
-from inferq.shared.s3.client import TRANSIENT_CODES, translate
+from inferq.shared.errors import StoreUnreachable
+from inferq.shared.s3.client import TRANSIENT_CODES, refusal, translate
 
 log = get_logger(__name__)
 
@@ -231,8 +231,9 @@ class SignedPutter:
 
     def put(self, key: str, body: bytes, signer: S3SigV4Auth) -> PutOutcome:
         """PUT ``body`` at ``key`` unless it exists. Raises :class:`StoreUnreachable` when the server or the
-        network failed (worth retrying) and :class:`StoreError` when S3 refused the request (a wrong key,
-        a missing bucket); neither is retried here."""
+        network failed (worth retrying), :class:`StoreRefused` when S3 refuses the store (a wrong key, a
+        missing bucket), :class:`ValueRefused` when it refuses this object (too large) and
+        :class:`StoreError` for any other refusal; none is retried here."""
         request = self.request(key, body, signer)
         where = f"put s3://{self.bucket}/{key}"
         try:
@@ -254,7 +255,7 @@ class SignedPutter:
         text = redact_text(f"{where}: HTTP {status} {code} {message}".strip())
         if status >= 500 or status in (408, 429) or code in TRANSIENT_CODES:
             raise StoreUnreachable(text)
-        raise StoreError(text)
+        raise refusal(code, text)
 
     def _send(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
         """One PUT on this thread's kept-alive connection; a connection the server closed meanwhile is

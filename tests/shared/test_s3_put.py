@@ -31,7 +31,7 @@ from seaweedfs import ACCESS_KEY, SECRET_KEY, SeaweedFS
 
 from inferq.shared.config.logging import redact_text
 from inferq.shared.contract.messages import Result, Status
-from inferq.shared.errors import StoreError, StoreUnreachable
+from inferq.shared.errors import StoreError, StoreRefused, StoreUnreachable
 from inferq.shared.results.s3 import S3ResultStore
 from inferq.shared.s3.client import make_client
 from inferq.shared.s3.location import S3Location
@@ -131,7 +131,7 @@ def test_a_wrong_secret_is_refused_at_once_with_a_clear_error_that_shows_no_secr
     started = time.monotonic()
     with pytest.raises(StoreError) as refused:
         putter.put("refused/x.json", b"{}", putter.signer())
-    with pytest.raises(StoreUnreachable) as failed_batch:  # the store's policy: the worker retries with backoff
+    with pytest.raises(StoreRefused) as failed_batch:  # no retry helps: the worker stops (exit 2)
         store.put_many([result("a"), result("b")])
     assert time.monotonic() - started < 5
     for error in (refused.value, failed_batch.value):
@@ -382,8 +382,8 @@ def test_a_redirect_hands_the_write_and_every_later_one_to_boto3(
         (400, "AuthorizationHeaderMalformed", PutOutcome.ELSEWHERE),  # signed for the wrong region
         (503, "SlowDown", StoreUnreachable),
         (403, "RequestTimeTooSkewed", StoreUnreachable),
-        (404, "NoSuchBucket", StoreError),
-        (403, "AccessDenied", StoreError),
+        (404, "NoSuchBucket", StoreRefused),
+        (403, "AccessDenied", StoreRefused),
     ],
 )
 def test_each_answer_is_classified_once(status: int, code: str, outcome: Any) -> None:
