@@ -7,7 +7,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, overload
 
@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from inferq.model_store.manifest import Manifest, TensorSpec
 from inferq.model_store.signature import Arrays, Limits, check_inputs, prepare_inputs
+from inferq.shared.config.logging import get_logger
 from inferq.shared.contract.messages import (
     DATATYPE_OF_NUMPY,
     FLOAT_DATATYPES,
@@ -28,6 +29,8 @@ from inferq.shared.contract.messages import (
     trusted,
 )
 from inferq.shared.errors import ConfigError, InferenceError, JobError
+
+log = get_logger(__name__)
 
 # The input checks live beside the manifest, where the HTTP gateway applies them too.
 __all__ = [
@@ -52,6 +55,12 @@ class LoadedModel:
     manifest: Manifest
     session: ort.InferenceSession
     output_names: list[str]
+    output_specs: list[TensorSpec | None] = field(init=False)
+    """The manifest's spec of each output, in :attr:`output_names`' order (``None``: not in the manifest)."""
+
+    def __post_init__(self) -> None:
+        specs = {spec.name: spec for spec in self.manifest.outputs}
+        self.output_specs = [specs.get(name) for name in self.output_names]
 
 
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -84,6 +93,11 @@ def load_model(
 
 class TimedOut(InferenceError):
     """The batch ran longer than the job time limit and was terminated."""
+
+
+class Unsplittable(InferenceError):
+    """An output of a batch cannot be split back per job: its rows do not match the jobs' rows, or it
+    is not the fixed size its manifest promises. Each job then runs alone and gets the whole output."""
 
 
 class Watchdog:
@@ -242,10 +256,26 @@ def run_batch(model: LoadedModel, feed: Feed, watchdog: Watchdog | None = None) 
             watchdog.disarm()
     counts = feed.counts
     per_job: list[list[OutputTensor]] = [[] for _ in counts]
-    for name, output in zip(model.output_names, outputs, strict=True):
-        for slot, tensor in zip(per_job, _split(name, np.asarray(output), counts), strict=True):
+    for name, spec, output in zip(model.output_names, model.output_specs, outputs, strict=True):
+        for slot, tensor in zip(per_job, _split(name, np.asarray(output), counts, spec), strict=True):
             slot.append(tensor)
     return per_job
+
+
+def has_batch_axis(spec: TensorSpec | None) -> bool:
+    """True when an output has a row per input row: its leading dimension is dynamic (``None``, or
+    negative) in the manifest. An output the manifest does not describe is taken to have one (it is then
+    split by rows, or each job runs alone: never copied to jobs it may not belong to)."""
+    if spec is None:
+        return True
+    return bool(spec.shape) and (spec.shape[0] is None or spec.shape[0] < 0)
+
+
+def _fixed_size(array: npt.NDArray[Any], spec: TensorSpec) -> bool:
+    """``array`` has exactly the shape ``spec`` promises (its dynamic dimensions aside)."""
+    return array.ndim == len(spec.shape) and all(
+        want is None or want < 0 or got == want for got, want in zip(array.shape, spec.shape, strict=True)
+    )
 
 
 def _output(name: str, array: npt.NDArray[Any]) -> OutputTensor:
@@ -256,12 +286,23 @@ def _output(name: str, array: npt.NDArray[Any]) -> OutputTensor:
     return trusted(OutputTensor, name=name, shape=tensor.shape, datatype=tensor.datatype, data=data)
 
 
-def _split(name: str, array: npt.NDArray[Any], counts: list[int]) -> list[OutputTensor]:
-    """One output tensor per job: rows split by ``counts`` (an output without a row axis goes to all).
-    NaN and ±Inf become the wire strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``."""
+def _split(name: str, array: npt.NDArray[Any], counts: list[int], spec: TensorSpec | None) -> list[OutputTensor]:
+    """One output tensor per job, as the manifest's ``spec`` of the output says: with a batch axis, rows
+    split by ``counts``; without one (a fixed size, such as a list of class labels), the same whole
+    output for every job. Raises :class:`Unsplittable` for a batch of several jobs whose output is
+    neither. NaN and ±Inf become the wire strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``."""
     total = sum(counts)
-    if not (array.ndim and array.shape[0] == total):
+    batched = has_batch_axis(spec)
+    rows_match = bool(array.ndim) and array.shape[0] == total
+    if len(counts) == 1 and not (batched and rows_match):
+        return [_output(name, array)]  # one job: whatever came back is its own
+    if not batched:
+        assert spec is not None
+        if not _fixed_size(array, spec):
+            raise Unsplittable(f"output {name!r} has shape {list(array.shape)}, not the {spec.shape} of its manifest")
         return [_output(name, array)] * len(counts)
+    if not rows_match:
+        raise Unsplittable(f"output {name!r} has shape {list(array.shape)}, not a row for each of {total} input rows")
     datatype = DATATYPE_OF_NUMPY.get(array.dtype)
     if datatype is None or array.size == 0:  # strings and empty outputs: the general path
         return [_output(name, part) for part in np.split(array, np.cumsum(counts)[:-1])]
@@ -280,19 +321,62 @@ def _split(name: str, array: npt.NDArray[Any], counts: list[int]) -> list[Output
     return tensors
 
 
-def run_isolating(
-    model: LoadedModel, feed: Feed, watchdog: Watchdog | None = None
-) -> list[list[OutputTensor] | JobError]:
-    """Run ``feed``'s jobs together; if the batch fails, bisect so only the offending jobs get the error.
-    A batch that ran out of time is not re-run: every job in it gets the same error."""
-    try:
-        return list(run_batch(model, feed, watchdog))
-    except TimedOut as error:
-        return [error] * len(feed)
-    except InferenceError as error:
+TIMED_OUT_RUNS_PER_BATCH = 3
+"""Runs the watchdog may terminate while one batch is isolated: the batch's own and two jobs alone. A
+batch that hits the time limit therefore holds its deliveries for at most this many time limits plus
+its own work, run job by job; past it, the jobs not yet run get the time-out too (a batch with that
+many slow jobs wants a longer ``INFERQ_JOB_TIMEOUT_S`` or smaller batches)."""
+
+JobOutcome = list[OutputTensor] | JobError
+"""A job's outputs, or the error that is its result."""
+
+
+def run_isolating(model: LoadedModel, feed: Feed, watchdog: Watchdog | None = None) -> list[JobOutcome]:
+    """Run ``feed``'s jobs together; if the batch fails, find the jobs that fail on their own so that
+    only they get an error. An error bisects the batch. A batch that ran out of time, or whose outputs
+    cannot be split per job, runs each job alone instead: bisecting it would spend a whole time limit at
+    every level (``ceil(log2(n)) + 1`` limits for one slow job among ``n``), where alone each slow job
+    spends one, and :data:`TIMED_OUT_RUNS_PER_BATCH` bounds the total."""
+    return _Isolation(model, watchdog).run(feed)
+
+
+@dataclass(slots=True)
+class _Isolation:
+    """One batch's isolation, and what is left of its budget of terminated runs."""
+
+    model: LoadedModel
+    watchdog: Watchdog | None
+    timeouts_left: int = TIMED_OUT_RUNS_PER_BATCH
+
+    def run(self, feed: Feed) -> list[JobOutcome]:
+        try:
+            return list(run_batch(self.model, feed, self.watchdog))
+        except TimedOut as error:
+            self.timeouts_left -= 1
+            return self._each_alone(feed, error)
+        except Unsplittable as error:
+            return self._each_alone(feed, error)
+        except InferenceError as error:
+            if len(feed) == 1:
+                return [error]
+        middle = len(feed) // 2
+        return self.run(feed.part(0, middle)) + self.run(feed.part(middle, len(feed)))
+
+    def _each_alone(self, feed: Feed, error: InferenceError) -> list[JobOutcome]:
         if len(feed) == 1:
             return [error]
-    middle = len(feed) // 2
-    return run_isolating(model, feed.part(0, middle), watchdog) + run_isolating(
-        model, feed.part(middle, len(feed)), watchdog
-    )
+        log.warning("batch_run_job_by_job", model=self.model.manifest.name, jobs=len(feed), reason=str(error))
+        outcomes: list[JobOutcome] = []
+        for index in range(len(feed)):
+            if self.timeouts_left > 0:
+                outcomes.extend(self.run(feed.part(index, index + 1)))
+            else:
+                outcomes.append(self._not_run())
+        return outcomes
+
+    def _not_run(self) -> TimedOut:
+        limit = f" of {self.watchdog.limit_s:g}s" if self.watchdog is not None else ""
+        return TimedOut(
+            f"not run: {TIMED_OUT_RUNS_PER_BATCH} runs of its batch exceeded the job time limit{limit} "
+            "(raise INFERQ_JOB_TIMEOUT_S or lower INFERQ_MAX_BATCH_ROWS)"
+        )

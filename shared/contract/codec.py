@@ -4,6 +4,7 @@ so it goes to the dead-letter queue with a reason)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -40,6 +41,19 @@ class Rejected:
     model: str | None
     requested_version: int | str | None
     error: JobError
+    body_sha256: str
+    """:func:`rejected_digest` of the message: the failed result's job digest, so that a corrected job sent
+    later under the same id is told apart from this one."""
+
+
+REJECTED_DIGEST_PREFIX = b"inferq rejected message\n"
+"""What a rejected message's digest hashes before its body. ``job_digest`` hashes a JSON array, which
+never starts with these bytes: the two digests cannot be equal (short of a SHA-256 collision)."""
+
+
+def rejected_digest(body: bytes) -> str:
+    """SHA-256 of a rejected message's body as it arrived, never equal to the digest of a valid job."""
+    return hashlib.sha256(REJECTED_DIGEST_PREFIX + body).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +72,7 @@ def decode_job(body: bytes, message_id: str | None, max_message_bytes: int) -> D
         error = TooLarge(f"message is {len(body)} bytes, above the limit of {max_message_bytes}")
         if is_valid_job_id(message_id):
             assert message_id is not None
-            return Rejected(message_id, None, None, error)
+            return Rejected(message_id, None, None, error, rejected_digest(body))
         return Undecodable(f"too_large: {error}")
     try:
         fast = _fast_job(_read_wire_job(body))
@@ -72,7 +86,7 @@ def decode_job(body: bytes, message_id: str | None, max_message_bytes: int) -> D
     except ValidationError as exc:
         return _reject(body, message_id, describe_validation_error(exc))
     except RecursionError:
-        return _reject(b"", message_id, "JSON nested too deeply")
+        return _reject(body, message_id, "JSON nested too deeply", readable=False)
 
 
 _DATATYPES = {d.value: d for d in Datatype}
@@ -144,8 +158,8 @@ def _fast_job(wire: _WireJob) -> Job | None:
     )
 
 
-def _reject(body: bytes, message_id: str | None, problem: str) -> Decoded:
-    fields = _loose_fields(body)
+def _reject(body: bytes, message_id: str | None, problem: str, *, readable: bool = True) -> Decoded:
+    fields = _loose_fields(body) if readable else {}
     job_id = fields.get("id")
     if not is_valid_job_id(job_id):
         job_id = message_id if is_valid_job_id(message_id) else None
@@ -153,7 +167,8 @@ def _reject(body: bytes, message_id: str | None, problem: str) -> Decoded:
         return Undecodable(f"invalid_payload: no readable job id ({problem})")
     model = fields.get("model")
     model = model if isinstance(model, str) and is_valid_name(model) else None
-    return Rejected(job_id, model, _loose_version(fields.get("version")), InvalidPayload(problem))
+    version = _loose_version(fields.get("version"))
+    return Rejected(job_id, model, version, InvalidPayload(problem), rejected_digest(body))
 
 
 def _loose_fields(body: bytes) -> dict[str, Any]:
