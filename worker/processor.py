@@ -28,8 +28,8 @@ from inferq.shared.contract.messages import (
     job_digest,
     trusted,
 )
-from inferq.shared.errors import ErrorCode, JobError, StoreError
-from inferq.shared.results.base import ResultStore
+from inferq.shared.errors import ErrorCode, JobError, ResultRefused, StoreError, StoreRefused, ValueRefused
+from inferq.shared.results.base import ResultStore, rejects_another
 from inferq.worker.batcher import Batch
 from inferq.worker.consumer import Delivery
 from inferq.worker.fetcher import ModelFetcher
@@ -152,13 +152,16 @@ class Processor:
         # With more than one processing thread, one runs onnxruntime at a time (the watchdog guards one
         # run); nothing that waits on I/O happens under this lock.
         self._compute = threading.Lock()
+        self.refused: StoreRefused | None = None
+        """Set once the result store refused us for good: no unit runs after that, the worker stops."""
 
     # -- results ----------------------------------------------------------------------------------
 
     def failed(self, delivery: Delivery, job: Job | Rejected, error: JobError) -> Outcome:
         """The one failed (or expired) result of a job that cannot run."""
         if isinstance(job, Rejected):
-            job_id, model, requested, digest = job.job_id, job.model, job.requested_version, None
+            # The digest of the message as it arrived: a corrected job sent under the same id is another job.
+            job_id, model, requested, digest = job.job_id, job.model, job.requested_version, job.body_sha256
         else:
             job_id, model, requested, digest = job.id, job.model, job.version, job_digest(job)
         status = Status.EXPIRED if error.code is ErrorCode.EXPIRED else Status.FAILED
@@ -204,11 +207,19 @@ class Processor:
     def process(self, batches: Sequence[Batch[ModelKey, Pending]], ready: list[Outcome]) -> Processed:
         """Results for every job of ``batches`` plus the ``ready`` ones, all stored when this returns;
         jobs whose model or stored result cannot be read now come back in ``held``. Drift is counted
-        afterwards, by :meth:`observe`, once the results are on their way."""
+        afterwards, by :meth:`observe`, once the results are on their way. Raises :class:`StoreRefused`
+        once the result store refused us (then at once, for every later unit)."""
+        if self.refused is not None:
+            raise self.refused
         done = Processed(outcomes=list(ready), fetched=self.models.fetched)
-        for batch in batches:
-            self._process_batch(batch, done)
-        self._store(done)
+        try:
+            for batch in batches:
+                self._process_batch(batch, done)
+            self._store(done)
+        except StoreRefused as exc:
+            log.error("result_store_refused", store=self.store.describe(), error=str(exc))
+            self.refused = exc
+            raise
         return done
 
     def _process_batch(self, batch: Batch[ModelKey, Pending], done: Processed) -> None:
@@ -235,6 +246,8 @@ class Processor:
             return items
         try:
             stored = self.store.get_many([i.job.id for i in maybe])
+        except StoreRefused:
+            raise
         except (OSError, StoreError) as exc:
             log.warning("result_store_unavailable", jobs=len(maybe), error=str(exc))
             done.held.extend(maybe)
@@ -244,6 +257,8 @@ class Processor:
         fresh = []
         for item in items:
             earlier = stored.get(item.job.id) if item.delivery.maybe_done_before else None
+            if earlier is not None and rejects_another(earlier, job_digest(item.job)):
+                earlier = None  # a rejection of another message under this id: this job runs, and replaces it
             if earlier is not None:
                 self._answer_with_stored(item, earlier, done)
             elif item not in done.held and all(r.delivery is not item.delivery for r in done.rejections):
@@ -255,6 +270,8 @@ class Processor:
         for item in items:
             try:
                 found.update(self.store.get_many([item.job.id]))
+            except StoreRefused:
+                raise
             except (OSError, StoreError):
                 done.held.append(item)
             except ValidationError as exc:  # no retry will make it readable: an operator must look
@@ -326,7 +343,8 @@ class Processor:
         fresh = [o for o in done.outcomes if o.counted]
         if not fresh:
             return
-        stored = self._put_many([o.result for o in fresh])
+        refusals: set[int] = set()
+        stored = self._put_isolating([o.result for o in fresh], refusals)
         replaced = {id(o): s for o, s in zip(fresh, stored, strict=True) if s is not o.result}
         if not replaced:
             return
@@ -335,6 +353,8 @@ class Processor:
             earlier = replaced.get(id(outcome))
             if earlier is None:
                 kept.append(outcome)
+            elif id(earlier) in refusals:  # the store refused this result: its job's result says so
+                kept.append(Outcome(outcome.delivery, earlier))
             elif earlier.job_sha256 is not None and earlier.job_sha256 != outcome.result.job_sha256:
                 log.warning("job_id_conflict", job_id=outcome.result.id)
                 done.rejections.append(Rejection(outcome.delivery, ID_CONFLICT))
@@ -357,11 +377,63 @@ class Processor:
             elif keep:
                 monitor.observe(seen.manifest, [seen.inputs[i] for i in keep], [seen.results[i] for i in keep])
 
+    def _put_isolating(self, results: list[Result], refusals: set[int]) -> list[Result]:
+        """What :meth:`_put_many` stores for ``results``, except that a result whose content the store
+        refuses is replaced by a ``result_refused`` failure of its job (added to ``refusals`` by ``id()``),
+        and the others are stored all the same. The refused ones are found by the ids the store names, or
+        by bisecting the batch, as ``run_isolating`` bisects a failing run."""
+        try:
+            return self._put_many(results)
+        except ValueRefused as exc:
+            if len(results) == 1:
+                return [self._store_refusal(results[0], exc, refusals)]
+            named = [i for i, r in enumerate(results) if r.id in exc.ids]
+            if named and len(named) < len(results):
+                others = [i for i, r in enumerate(results) if r.id not in exc.ids]
+                groups = [named, others]
+            else:
+                half = len(results) // 2
+                groups = [list(range(half)), list(range(half, len(results)))]
+        stored: list[Result | None] = [None] * len(results)
+        for group in groups:
+            for index, result in zip(group, self._put_isolating([results[i] for i in group], refusals), strict=True):
+                stored[index] = result
+        return [result for result in stored if result is not None]
+
+    def _store_refusal(self, result: Result, refused: ValueRefused, refusals: set[int]) -> Result:
+        error = ResultRefused(f"the result store refused this result: {refused}")
+        log.warning("job_result_refused", job_id=result.id, model=result.model, error=str(refused))
+        failure = Result(
+            id=result.id,
+            model=result.model,
+            requested_version=result.requested_version,
+            version=result.version,
+            model_sha256=result.model_sha256,
+            job_sha256=result.job_sha256,
+            status=Status.FAILED,
+            error=ErrorInfo(code=error.code, message=str(error)),
+            worker=self.worker_name,
+            timings=result.timings,
+        )
+        try:
+            stored = self._put_many([failure])[0]
+        except ValueRefused as again:  # not even a failure fits: the store, not this result, is at fault
+            raise StoreRefused(f"result store {self.store.describe()} refuses every result: {again}") from None
+        if stored is failure:
+            refusals.add(id(failure))
+        return stored
+
     def _put_many(self, results: list[Result]) -> list[Result]:
+        """``store.put_many``, retried with backoff while it fails in a way worth retrying, until it works
+        or the worker must stop; a refused store or refused values are raised at once."""
         backoff = Backoff(cap_s=self._retry_max_s)
         while True:
             try:
                 return self.store.put_many(results)
+            except (StoreRefused, ValueRefused):
+                raise
+            except StoreError as exc:  # a refusal the store could not place: retrying would freeze the worker
+                raise StoreRefused(f"result store {self.store.describe()}: {exc}") from None
             except OSError as exc:
                 if self._stopping.is_set():
                     raise StoreUnavailable(f"result store {self.store.describe()} unavailable: {exc}") from exc

@@ -7,8 +7,10 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from support import Models, make_job, pending_batch
@@ -17,7 +19,8 @@ from inferq.model_store.base import publish
 from inferq.model_store.local import LocalModelStore
 from inferq.model_store.registry import Registry
 from inferq.model_store.stores import open_model_store
-from inferq.shared.contract.messages import Datatype, Job, Result, Status, Tensor, job_digest
+from inferq.shared.contract.messages import Datatype, ErrorInfo, Job, Result, Status, Tensor, job_digest
+from inferq.shared.errors import ErrorCode, StoreRefused, ValueRefused
 from inferq.shared.results.base import ResultStore
 from inferq.shared.results.stores import open_result_store
 from inferq.worker.batcher import Batch
@@ -159,3 +162,81 @@ def test_the_job_digest_is_the_one_results_were_stored_with() -> None:
     plain = Job(id="job-2", model="iris", inputs=[Tensor(name="x", shape=[2], datatype=Datatype.INT64, data=[1, 2])])
     assert job_digest(with_parameters) == "48ba23decce2463b2cc65f9f173e5d4184c5ba7e92e20fcb01b18efe851315cc"
     assert job_digest(plain) == "8d6fec7b05838111cd83ade55bf459b3ec58a4beea97252c4279aac63f72fea5"
+
+
+class RefusingStore:
+    """A SQLite result store that refuses (as PostgreSQL refuses a NUL in ``jsonb``) any write holding a
+    result of the ``refused`` ids, without saying which, and whose reads may refuse the whole store."""
+
+    def __init__(self, inner: ResultStore, refused: set[str], reads_refused: bool = False) -> None:
+        self.inner = inner
+        self.refused = refused
+        self.reads_refused = reads_refused
+        self.puts = 0
+
+    def put_many(self, results: Sequence[Result]) -> list[Result]:
+        self.puts += 1
+        if any(r.id in self.refused and r.error is None for r in results):
+            raise ValueRefused("write to test failed: UntranslatableCharacter: unsupported Unicode escape sequence")
+        return self.inner.put_many(results)
+
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, Result]:
+        if self.reads_refused:
+            raise StoreRefused("read from test failed: InsufficientPrivilege: permission denied")
+        return self.inner.get_many(job_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_results_the_store_refuses_fail_alone_and_the_rest_of_the_batch_is_stored(
+    iris_models: str, store: ResultStore, models: Models
+) -> None:
+    # Given a batch of jobs two of whose results the store refuses (and does not say which)
+    jobs = [make_job(models.X[i : i + 1]) for i in range(16)]
+    refusing = RefusingStore(store, {jobs[3].id, jobs[11].id})
+    # When it is processed
+    done = process(processor(iris_models, cast(ResultStore, refusing)), batch(*jobs))
+    # Then those two jobs get one failed result each, saying so, and the others their results
+    by_id = {o.result.id: o for o in done.outcomes}
+    assert sorted(by_id) == sorted(j.id for j in jobs) and all(o.counted for o in done.outcomes)
+    for job in jobs:
+        stored = store.get(job.id)
+        assert stored == by_id[job.id].result and stored.job_sha256 == job_digest(job)
+        if job.id in refusing.refused:
+            assert stored.status is Status.FAILED and stored.error is not None
+            assert stored.error.code is ErrorCode.RESULT_REFUSED and "UntranslatableCharacter" in stored.error.message
+        else:
+            assert stored.status is Status.SUCCEEDED
+    assert refusing.puts <= 2 * 2 * 4 + 2 + 1  # bisected: about 2·log2(16) puts per refused result
+
+
+def test_a_store_refusing_us_on_read_stops_the_processor_for_good(
+    iris_models: str, store: ResultStore, models: Models
+) -> None:
+    refusing = RefusingStore(store, set(), reads_refused=True)
+    proc = processor(iris_models, cast(ResultStore, refusing))
+    with pytest.raises(StoreRefused):
+        process(proc, batch(make_job(models.X[:1]), redelivered=True))
+    assert proc.refused is not None
+    with pytest.raises(StoreRefused):  # and no later unit touches the store
+        proc.process([batch(make_job(models.X[:1]))], [])
+
+
+def test_a_corrected_job_reusing_the_id_of_a_rejected_message_runs_and_replaces_the_rejection(
+    iris_models: str, store: ResultStore, models: Models
+) -> None:
+    # Given the stored rejection of an undecodable message (its digest: of its raw bytes)
+    error = ErrorInfo(code=ErrorCode.INVALID_PAYLOAD, message="field 'inputs' required")
+    rejected = Result(
+        id="order-9", model="iris", requested_version="latest", job_sha256="r" * 64, status=Status.FAILED,
+        error=error, worker="host:1",
+    )  # fmt: skip
+    store.put_many([rejected])
+    # When a corrected job with that id arrives (redelivered, so the store is looked at first)
+    corrected = make_job(models.X[:1], id="order-9")
+    done = process(processor(iris_models, store), batch(corrected, redelivered=True))
+    # Then it runs and its own result replaces the rejection: no id conflict
+    assert done.rejections == [] and len(done.runs) == 1
+    assert store.get("order-9").status is Status.SUCCEEDED
+    assert store.get("order-9").job_sha256 == job_digest(corrected)
