@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 import pytest
 from onnx import TensorProto, helper
-from support import Env, Models
+from support import Env, Models, job_dict
 
 import inferq
 from inferq.model_store.base import publish
@@ -222,6 +222,8 @@ def test_the_core_commands_run_on_file_and_sqlite_stores_without_any_extra(iris_
         writer = csv.writer(handle)
         writer.writerow(["id", "a", "b", "c", "d"])
         writer.writerows([f"r{i}", *row] for i, row in enumerate(models.X[:4].tolist()))
+    jobs = iris_store.tmp / "jobs.jsonl"
+    jobs.write_bytes(b"".join(orjson.dumps(job_dict(id=f"job-{i}", version=2)) + b"\n" for i in range(2)))
     iris_store.publish_raw(b"not json")
     results = f"sqlite:{iris_store.tmp / 'results.db'}"
     onnx_file = iris_store.tmp / "identity.onnx"
@@ -232,8 +234,9 @@ def test_the_core_commands_run_on_file_and_sqlite_stores_without_any_extra(iris_
         ["models", "alias", "iris", "stable", "2"],
         ["submit", "--model", "iris", "--version", "stable", "--input", orjson.dumps(models.X[0].tolist()).decode()],
         ["backfill", str(rows), "--model", "iris", "--id-column", "id"],
+        ["submit", str(jobs)],
         ["worker", "--drain"],
-        ["results", "get", "iris:2:r0"],
+        ["results", "get", "job-0"],
         ["results", "export", "--model", "iris", "--out", str(iris_store.tmp / "export.csv")],
         ["results", "copy", results, str(iris_store.tmp / "copied")],
         ["status"],
@@ -252,9 +255,9 @@ def test_the_core_commands_run_on_file_and_sqlite_stores_without_any_extra(iris_
     assert "published identity version 1" in done.stdout
     assert "iris stable -> version 2" in done.stdout
     assert "published 4 jobs (4 rows) on iris version 2" in done.stdout
-    assert [r.error for r in stored_results(results)] == [None] * 5
-    assert len((iris_store.tmp / "export.csv").read_text().splitlines()) == 1 + 5
-    assert len(stored_results(str(iris_store.tmp / "copied"))) == 5
+    assert [r.error for r in stored_results(results)] == [None] * 7
+    assert len((iris_store.tmp / "export.csv").read_text().splitlines()) == 1 + 7
+    assert len(stored_results(str(iris_store.tmp / "copied"))) == 7
     assert "1 shown of 1" in done.stdout
     assert "replayed 1" in done.stderr
 
