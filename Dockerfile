@@ -2,7 +2,7 @@
 # The inferq images, each with only the extras its process imports, at the versions constraints.txt pins:
 #   docker build -t inferq:0.1.0 .                                      the worker (the last stage, the default)
 #   docker build --target api -t inferq-api:0.1.0 .                     inferq serve: the worker's + http
-#   docker build --target producer -t inferq-producer:0.1.0 .           the worker's + sklearn: publish .joblib
+#   docker build --target producer -t inferq-producer:0.1.0 .           the worker's + sklearn and tables: publish .joblib, backfill
 #   docker run --rm -e INFERQ_AMQP_URL=amqp://user:pass@broker:5672/%2F inferq:0.1.0
 # `inferq` is every image's entry point; the command is what the stage names.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -35,11 +35,12 @@ RUN pip --python /opt/inferq/bin/python install --no-compile -c constraints.txt 
     && /opt/inferq/bin/python -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/inferq \
     && /opt/inferq/bin/python -c "import inferq.gateway.server, fastapi, uvicorn"
 
-# -- build-producer: the same plus the sklearn extra (scikit-learn, skl2onnx) ------------------------
+# -- build-producer: the same plus the sklearn (scikit-learn, skl2onnx) and tables (pyarrow, pandas) extras
+# (the worker's image carries neither: workers decode JSON tensors with numpy alone)
 FROM build AS build-producer
-RUN pip --python /opt/inferq/bin/python install --no-compile -c constraints.txt '.[s3,postgres,sklearn]' \
+RUN pip --python /opt/inferq/bin/python install --no-compile -c constraints.txt '.[s3,postgres,sklearn,tables]' \
     && /opt/inferq/bin/python -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/inferq \
-    && /opt/inferq/bin/python -c "import inferq.model_store.convert, sklearn, skl2onnx"
+    && /opt/inferq/bin/python -c "import inferq.model_store.convert, inferq.shared.tables.columnar, sklearn, skl2onnx"
 
 # -- runtime: what every image shares; no compilers, no root, no pip in /opt/inferq ------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -56,7 +57,7 @@ USER 10001:10001
 WORKDIR /home/inferq
 ENTRYPOINT ["inferq"]
 
-# -- producer: publish scikit-learn models (.joblib), submit, backfill; one-shot commands --------------
+# -- producer: publish scikit-learn models (.joblib), submit, backfill (CSV, Parquet, JSONL); one-shot commands --------------
 FROM runtime AS producer
 COPY --from=build-producer /opt/inferq /opt/inferq
 CMD ["--help"]

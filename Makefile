@@ -10,7 +10,7 @@ DURATION ?= 10m
 SEED ?= 7
 
 # The tests need PostgreSQL too (the PostgreSQL result store); `make test` starts or installs it.
-.PHONY: help env lock broker postgres demo test test-fast lint format bench chaos clean
+.PHONY: help env lock broker postgres demo test test-fast lint format bench bench-backfill chaos clean
 
 help:
 	@echo "make demo   run the end-to-end demo (RabbitMQ, a model directory, SQLite results)"
@@ -19,6 +19,7 @@ help:
 	@echo "make lint   ruff + mypy --strict"
 	@echo "make lock   re-resolve every dependency and rewrite constraints.txt (the versions env and images install)"
 	@echo "make bench  inferq vs the ideal pipeline, a naive worker and Celery (BENCH_ARGS='--jobs 20000' for a shorter run)"
+	@echo "make bench-backfill  inferq backfill --out vs a pandas script on 2,000,000 rows (BENCH_BACKFILL_ARGS='--rows 200000' for less)"
 	@echo "make chaos DURATION=10m [SEED=7]  soak on a private 3-node RabbitMQ cluster under random faults, then the audit"
 
 # The package folders: a module added or removed there changes its folder, and the link tree is rebuilt.
@@ -82,6 +83,11 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml $(CONSTRAINTS)
 
 bench: $(BENCH_STAMP) broker
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# inferq backfill --out against the pandas script on one generated file (kept in var/bench-backfill/).
+BENCH_BACKFILL_ARGS ?=
+bench-backfill: env broker
+	$(BIN)/python -m bench.backfill $(BENCH_BACKFILL_ARGS)
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -30,7 +30,7 @@ from inferq.shared.broker.connection import Link, Session
 from inferq.shared.broker.topology import RESENT_HEADER, all_queues
 from inferq.shared.config.logging import get_logger
 from inferq.shared.config.settings import ProducerSettings
-from inferq.shared.contract.messages import Job, Result, Status, job_digest
+from inferq.shared.contract.messages import Job, Result, Status, VersionRef, job_digest
 from inferq.shared.errors import IdConflict, InferqError, PublishError, ResultNotFound
 from inferq.shared.results.base import ResultStore
 from inferq.shared.results.stores import open_result_store
@@ -50,6 +50,14 @@ class Outgoing:
     job: Job
     reply_to: str | None = None
     correlation_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A job already in its wire form (a backfill encodes its column arrays straight to JSON, once)."""
+
+    job_id: str
+    body: bytes
 
 
 @dataclass(slots=True)
@@ -75,7 +83,9 @@ class _Message:
         )
 
 
-def _message(item: Job | Outgoing) -> _Message:
+def _message(item: Job | Outgoing | Encoded) -> _Message:
+    if isinstance(item, Encoded):
+        return _Message(item.job_id, item.body, None, None)
     out = item if isinstance(item, Outgoing) else Outgoing(item)
     body = out.job.model_dump_json(exclude_none=True).encode()
     return _Message(out.job.id, body, out.reply_to, out.correlation_id)
@@ -149,7 +159,9 @@ class Producer:
         self.publish_many([Outgoing(job, reply_to, correlation_id)])
         return job.id
 
-    def publish_many(self, jobs: Iterable[Job | Outgoing], on_confirmed: Callable[[str], None] | None = None) -> int:
+    def publish_many(
+        self, jobs: Iterable[Job | Outgoing | Encoded], on_confirmed: Callable[[str], None] | None = None
+    ) -> int:
         """Publish ``jobs`` with up to ``confirm_window`` unconfirmed at once; ``on_confirmed(id)`` runs
         for each job as the broker confirms it. Returns how many were confirmed, which is every job
         taken from ``jobs``; raises :class:`PublishError` or :class:`BrokerUnavailable` after reporting
@@ -167,6 +179,27 @@ class Producer:
             # every job was confirmed".
             raise PublishError(f"{run.taken - run.confirmed} of {run.taken} jobs were not confirmed by the broker")
         return run.confirmed
+
+    def score_frame(
+        self,
+        frame: Any,
+        model: str,
+        version: VersionRef = "latest",
+        *,
+        batch_rows: int | None = None,
+        timeout_s: float = 600.0,
+    ) -> Any:
+        """Score every row of ``frame`` (a pandas DataFrame or a pyarrow table, columns by the names the
+        model records) with ``model`` at ``version`` through the workers, and return the predictions as a
+        pandas DataFrame in the frame's order and index: ``error_code`` (``None`` where the row succeeded),
+        then one column per output value. Needs the tables extra (``pip install 'inferq[tables]'``).
+
+        Jobs of many rows, ids from their content (as ``inferq backfill``): scoring the same rows again
+        publishes nothing and reads the stored results. Raises :class:`TimeoutError` when results are
+        still missing after ``timeout_s`` (the jobs stay queued; call again to wait for them)."""
+        from inferq.producer.frames import score_frame  # noqa: PLC0415  (pandas and pyarrow: an extra)
+
+        return score_frame(self, frame, model, version, batch_rows=batch_rows, timeout_s=timeout_s)
 
     def request(self, job: Job, timeout_s: float = 30.0) -> Result:
         """Publish ``job`` with this producer's ``reply_to`` queue and wait for its result.

@@ -23,6 +23,9 @@ from inferq.shared.results.base import ResultStore
 COPY_BATCH = 1000
 READ_CHUNK = 1000
 FORMATS = ("csv", "jsonl")
+OUT_FORMATS = ("csv", "jsonl", "parquet")
+"""Formats of ``backfill --out`` (written from column arrays by :mod:`inferq.producer.output`)."""
+_OUT_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 Cell = str | int | float | bool | None
 
@@ -40,6 +43,16 @@ def output_format(out: Path | None, given: str | None) -> str:
     if out is None or out.suffix.lower() == ".csv":
         return "csv"
     raise ExportError(f"{out}: name a .csv or .jsonl file, or give --format")
+
+
+def out_format(out: Path, given: str | None) -> str:
+    """``given``, or the format the suffix of ``out`` names: ``.csv``, ``.parquet`` or ``.jsonl``."""
+    if given is not None:
+        return given
+    fmt = _OUT_SUFFIXES.get(out.suffix.lower())
+    if fmt is None:
+        raise ExportError(f"{out}: name a .csv, .parquet or .jsonl file, or give --format")
+    return fmt
 
 
 def row_outputs(outputs: Sequence[Tensor], rows: int, row: int) -> dict[str, Cell]:

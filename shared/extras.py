@@ -19,6 +19,7 @@ POSTGRES = "postgres"
 HTTP = "http"
 SKLEARN = "sklearn"
 MONITOR = "monitor"
+TABLES = "tables"
 
 EXTRA_OF_MODULE: Mapping[str, str] = MappingProxyType(
     {
@@ -40,6 +41,8 @@ EXTRA_OF_MODULE: Mapping[str, str] = MappingProxyType(
         "joblib": SKLEARN,
         "scipy": MONITOR,
         "matplotlib": MONITOR,
+        "pyarrow": TABLES,
+        "pandas": TABLES,
     }
 )
 """Third-party top-level module → the extra that installs it."""

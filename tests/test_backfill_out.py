@@ -83,7 +83,9 @@ def test_backfill_out_waits_for_every_row_and_writes_them_in_input_order(sqlite_
     # Given 600 rows with an id column, and no worker running yet
     data, out = sqlite_env.tmp / "rows.csv", sqlite_env.tmp / "predictions.csv"
     _write_csv(data, models, 600, ids=True)
-    running = _backfill(sqlite_env, str(data), "--model", "iris", "--id-column", "key", "--out", str(out))
+    running = _backfill(
+        sqlite_env, str(data), "--model", "iris", "--id-column", "key", "--batch-rows", "1", "--out", str(out)
+    )
     # When it has published and a worker drains the queue
     wait_for(lambda: sqlite_env.depth(sqlite_env.jobs_queue) == 600, timeout_s=60)
     assert running.poll() is None, "it waits for the results"
@@ -101,7 +103,9 @@ def test_backfill_out_waits_for_every_row_and_writes_them_in_input_order(sqlite_
     first = out.read_bytes()
     # And a rerun finds everything finished: it publishes nothing and only writes the file again
     out.unlink()
-    again = sqlite_env.inferq("backfill", str(data), "--model", "iris", "--id-column", "key", "--out", str(out))
+    again = sqlite_env.inferq(
+        "backfill", str(data), "--model", "iris", "--id-column", "key", "--batch-rows", "1", "--out", str(out)
+    )
     assert again.returncode == 0, again.stderr
     assert "published 0 jobs (0 rows) on iris version 2, skipped 600 already finished" in again.stdout
     assert out.read_bytes() == first
@@ -130,7 +134,7 @@ def test_rows_whose_job_failed_get_the_error_code_and_empty_outputs(sqlite_env: 
 def test_ctrl_c_while_waiting_leaves_the_jobs_queued_and_says_how_to_resume(sqlite_env: Env, models: Models) -> None:
     data, out = sqlite_env.tmp / "rows.csv", sqlite_env.tmp / "predictions.csv"
     _write_csv(data, models, 50, ids=False)
-    running = _backfill(sqlite_env, str(data), "--model", "iris", "--out", str(out))
+    running = _backfill(sqlite_env, str(data), "--model", "iris", "--batch-rows", "1", "--out", str(out))
     wait_for(lambda: sqlite_env.depth(sqlite_env.jobs_queue) == 50, timeout_s=60)
     time.sleep(0.5)
     stderr = _interrupt(running)
@@ -140,7 +144,7 @@ def test_ctrl_c_while_waiting_leaves_the_jobs_queued_and_says_how_to_resume(sqli
     assert not out.exists() and not list(sqlite_env.tmp.glob(".predictions.csv*"))
     # Resuming publishes nothing new and finishes once a worker has run
     sqlite_env.drain()
-    again = sqlite_env.inferq("backfill", str(data), "--model", "iris", "--out", str(out))
+    again = sqlite_env.inferq("backfill", str(data), "--model", "iris", "--batch-rows", "1", "--out", str(out))
     assert again.returncode == 0 and "skipped 50 already finished" in again.stdout, again.stderr
     assert len(out.read_text().splitlines()) == 51
 
@@ -149,7 +153,8 @@ def test_results_export_and_copy(sqlite_env: Env, models: Models, tmp_path: Path
     # Given 40 results in the SQLite store
     data = sqlite_env.tmp / "rows.csv"
     _write_csv(data, models, 40, ids=True)
-    assert sqlite_env.inferq("backfill", str(data), "--model", "iris", "--id-column", "key").returncode == 0
+    backfilled = sqlite_env.inferq("backfill", str(data), "--model", "iris", "--id-column", "key", "--batch-rows", "1")
+    assert backfilled.returncode == 0, backfilled.stderr
     sqlite_env.drain()
     # When exported as CSV, by ids (one unknown; a backfill's job id is <model>:<version>:<row id>:<digest>)
     # and as JSON lines by model

@@ -124,7 +124,7 @@ def test_backfill_with_an_id_column_uses_those_ids(iris_store: Env, models: Mode
     )
     nested = iris_store.inferq("backfill", str(data), "--model", "iris", "--id-column", "key")
     assert nested.returncode == 1 and f"{data}:1: 1 value, model 'iris' version 2 takes 4" in nested.stderr
-    done = iris_store.inferq("backfill", str(flattened), "--model", "iris", "--id-column", "key")
+    done = iris_store.inferq("backfill", str(flattened), "--model", "iris", "--id-column", "key", "--batch-rows", "1")
     assert done.returncode == 0, done.stderr
     iris_store.drain()
     assert {k.rsplit(":", 1)[0]: r.status for k, r in iris_store.stored().items()} == {

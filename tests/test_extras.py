@@ -4,7 +4,6 @@ ImportError traceback. ``import inferq`` itself stays light: the public API load
 
 from __future__ import annotations
 
-import csv
 import subprocess
 import sys
 import tomllib
@@ -117,6 +116,8 @@ def identity_onnx() -> bytes:
         ("joblib", "sklearn"),
         ("scipy.stats", "monitor"),
         ("matplotlib", "monitor"),
+        ("pyarrow.csv", "tables"),
+        ("pandas", "tables"),
     ],
 )
 def test_a_missing_optional_module_is_blamed_on_the_extra_that_installs_it(module: str, extra: str) -> None:
@@ -216,14 +217,9 @@ for args in orjson.loads(sys.argv[1]):
 
 @pytest.mark.broker
 def test_the_core_commands_run_on_file_and_sqlite_stores_without_any_extra(iris_store: Env, models: Models) -> None:
-    # Given the iris model in a model directory, rows to backfill, and a message no worker can read
-    rows = iris_store.tmp / "rows.csv"
-    with rows.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "a", "b", "c", "d"])
-        writer.writerows([f"r{i}", *row] for i, row in enumerate(models.X[:4].tolist()))
-    jobs = iris_store.tmp / "jobs.jsonl"
-    jobs.write_bytes(b"".join(orjson.dumps(job_dict(id=f"job-{i}", version=2)) + b"\n" for i in range(2)))
+    # Given the iris model in a model directory, jobs to submit, and a message no worker can read
+    rows = iris_store.tmp / "jobs.jsonl"
+    rows.write_bytes(b"".join(orjson.dumps(job_dict(id=f"r{i}", version=2)) + b"\n" for i in range(4)))
     iris_store.publish_raw(b"not json")
     results = f"sqlite:{iris_store.tmp / 'results.db'}"
     onnx_file = iris_store.tmp / "identity.onnx"
@@ -233,10 +229,9 @@ def test_the_core_commands_run_on_file_and_sqlite_stores_without_any_extra(iris_
         ["models", "list"],
         ["models", "alias", "iris", "stable", "2"],
         ["submit", "--model", "iris", "--version", "stable", "--input", orjson.dumps(models.X[0].tolist()).decode()],
-        ["backfill", str(rows), "--model", "iris", "--id-column", "id"],
-        ["submit", str(jobs)],
+        ["submit", str(rows)],
         ["worker", "--drain"],
-        ["results", "get", "job-0"],
+        ["results", "get", "r0"],
         ["results", "export", "--model", "iris", "--out", str(iris_store.tmp / "export.csv")],
         ["results", "copy", results, str(iris_store.tmp / "copied")],
         ["status"],
@@ -254,10 +249,9 @@ def test_the_core_commands_run_on_file_and_sqlite_stores_without_any_extra(iris_
     assert done.returncode == 0, done.stderr[-3000:]
     assert "published identity version 1" in done.stdout
     assert "iris stable -> version 2" in done.stdout
-    assert "published 4 jobs (4 rows) on iris version 2" in done.stdout
-    assert [r.error for r in stored_results(results)] == [None] * 7
-    assert len((iris_store.tmp / "export.csv").read_text().splitlines()) == 1 + 7
-    assert len(stored_results(str(iris_store.tmp / "copied"))) == 7
+    assert [r.error for r in stored_results(results)] == [None] * 5
+    assert len((iris_store.tmp / "export.csv").read_text().splitlines()) == 1 + 5
+    assert len(stored_results(str(iris_store.tmp / "copied"))) == 5
     assert "1 shown of 1" in done.stdout
     assert "replayed 1" in done.stderr
 
@@ -268,6 +262,7 @@ def test_the_core_commands_run_on_file_and_sqlite_stores_without_any_extra(iris_
 MISSING_EXTRA_CASES: dict[str, tuple[list[str], dict[str, str], str, str]] = {
     # name: (arguments, store settings, the command as the message names it, the extra)
     "serve": (["serve"], {}, "serve", "http"),
+    "backfill": (["backfill", "{tmp}/rows.csv", "--model", "m"], {}, "backfill", "tables"),
     "publish joblib": (["models", "publish", "m", "{tmp}/model.joblib"], {}, "models publish", "sklearn"),
     "publish pkl": (["models", "publish", "m", "{tmp}/model.pkl"], {}, "models publish", "sklearn"),
     "publish pickle": (["models", "publish", "m", "{tmp}/model.pickle"], {}, "models publish", "sklearn"),

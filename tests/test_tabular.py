@@ -116,7 +116,7 @@ def test_a_mixed_pipeline_answers_as_scikit_learn_for_rows_from_every_producer(e
     )
     done = env.inferq("backfill", str(data), "--model", "mixed", "--id-column", "id", "--version", "champion")
     assert done.returncode == 1 and "no alias 'champion'" in done.stderr
-    done = env.inferq("backfill", str(data), "--model", "mixed", "--id-column", "id")
+    done = env.inferq("backfill", str(data), "--model", "mixed", "--id-column", "id", "--batch-rows", "1")
     assert done.returncode == 0, done.stderr
     assert "published 11 jobs (11 rows) on mixed version 1" in done.stdout
     expected.update({f"mixed:1:row-{i}": [r] for i, r in enumerate(rows[13:], start=13)})

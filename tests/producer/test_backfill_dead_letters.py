@@ -93,7 +93,19 @@ def _poison_and_vanish(env: Env) -> None:
 
 
 def _backfill(env: Env, data: Path, out: Path) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "inferq", "backfill", str(data), "--model", "iris", "--id-column", "key"]
+    command = [
+        sys.executable,
+        "-m",
+        "inferq",
+        "backfill",
+        str(data),
+        "--model",
+        "iris",
+        "--id-column",
+        "key",
+        "--batch-rows",
+        "1",
+    ]
     return subprocess.Popen(
         [*command, "--out", str(out)], env=env.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -46,7 +46,19 @@ def _write(path: Path, values: np.ndarray) -> Path:
 def _backfill(env: Env, data: Path, out: Path, publishes: int) -> tuple[subprocess.CompletedProcess[str], int]:
     """``backfill --out`` in the background; once ``publishes`` jobs are queued (or it ended), a draining
     worker. Returns its outcome and the jobs the worker received."""
-    args = [sys.executable, "-m", "inferq", "backfill", str(data), "--model", "iris", "--id-column", "customer_id"]
+    args = [
+        sys.executable,
+        "-m",
+        "inferq",
+        "backfill",
+        str(data),
+        "--model",
+        "iris",
+        "--id-column",
+        "customer_id",
+        "--batch-rows",
+        "1",
+    ]
     process = subprocess.Popen(
         [*args, "--out", str(out)], env=env.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -70,10 +82,11 @@ def _predictions(models: Models, values: np.ndarray) -> list[int]:
 
 def _jobs(env: Env, data: Path) -> dict[str, Job]:
     """The jobs a backfill of ``data`` publishes, derived the way the command derives them."""
-    from inferq.producer.backfill import backfill_job, chunks, read_rows  # noqa: PLC0415
+    from inferq.producer.backfill import planned_jobs  # noqa: PLC0415
+    from inferq.shared.tables.columnar import read_blocks  # noqa: PLC0415
 
     table = read_table(env.store, "iris", 2)
-    jobs = [backfill_job(table, chunk, 1).job for chunk in chunks(read_rows(data, table, "customer_id"), 1)]
+    jobs = [Job.model_validate_json(p.body) for p in planned_jobs(read_blocks(data, table, "customer_id"), table, 1)]
     return {job.id: job for job in jobs}
 
 

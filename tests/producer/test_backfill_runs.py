@@ -29,7 +29,7 @@ def test_a_rerun_skips_finished_rows_and_another_model_or_version_runs_every_row
     publish(iris_store.store, "flower", models.logistic_onnx)
 
     def backfill(*args: str) -> str:
-        done = iris_store.inferq("backfill", str(data), "--id-column", "id", *args)
+        done = iris_store.inferq("backfill", str(data), "--id-column", "id", "--batch-rows", "1", *args)
         assert done.returncode == 0, done.stderr
         iris_store.drain()
         return done.stdout.strip()
