@@ -19,6 +19,7 @@ from typing import TypeVar
 from inferq.shared.contract.messages import Job, Result, Tensor, is_valid_job_id, job_digest
 from inferq.shared.errors import InferqError, InvalidPayload
 from inferq.shared.results.base import ResultStore
+from inferq.shared.results.labels import RowId
 from inferq.shared.tables.rowfile import RowFileError, csv_header, kind_of, read_records
 from inferq.shared.tables.table import Cell, RowError, Table
 
@@ -153,6 +154,19 @@ class BackfillJob:
     job: Job
     digest: str
     keys: list[Cell]
+    row_ids: list[str | None] | None = None
+    """The rows' ids as text (``None`` for a row without one)."""
+
+
+def _record_row_ids(results: ResultStore, model: str, group: list[BackfillJob]) -> None:
+    rows = [
+        RowId(row_id, planned.job.id, index)
+        for planned in group
+        for index, row_id in enumerate(planned.row_ids or [])
+        if row_id is not None
+    ]
+    if rows:
+        results.labels().put_row_ids(model, rows)
 
 
 def backfill_job(table: Table, rows: list[Row], batch_rows: int) -> BackfillJob:
@@ -160,7 +174,7 @@ def backfill_job(table: Table, rows: list[Row], batch_rows: int) -> BackfillJob:
     inputs, digest = _content(table, rows)
     job_id = derive_job_id(table.model, table.version, rows, batch_rows, digest)
     job = Job(id=job_id, model=table.model, version=table.version, inputs=inputs)
-    return BackfillJob(job, digest, [row.key for row in rows])
+    return BackfillJob(job, digest, [row.key for row in rows], [row.row_id for row in rows])
 
 
 def job_identity(table: Table, rows: list[Row], batch_rows: int) -> tuple[str, str]:
@@ -215,8 +229,11 @@ def backfill_jobs(
     on_skip: Callable[[int], None] = lambda _rows: None,
 ) -> Iterator[Job]:
     """Jobs of ``batch_rows`` rows each for the table's model version, skipping those already finished
-    (a stored result that answers the job) and those waiting in the dead-letter queue (``dead_lettered``)."""
+    (a stored result that answers the job) and those waiting in the dead-letter queue (``dead_lettered``).
+    Rows with an id are recorded in the result store's label side first (row id -> job and row), so a
+    label given by row id finds its prediction."""
     for group in chunks(backfill_plan(rows, table, batch_rows), SKIP_CHECK_JOBS):
+        _record_row_ids(results, table.model, group)
         stored = results.get_many([planned.job.id for planned in group])
         for planned in group:
             earlier = stored.get(planned.job.id)
