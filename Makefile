@@ -9,8 +9,9 @@ BENCH_ARGS ?=
 DURATION ?= 10m
 SEED ?= 7
 
-# The tests need PostgreSQL too (the PostgreSQL result store); `make test` starts or installs it.
-.PHONY: help env lock broker postgres demo test test-fast lint format bench bench-backfill chaos clean
+# The tests need PostgreSQL too (the PostgreSQL result store) and promtool (the alert rules' tests);
+# `make test` starts or installs them.
+.PHONY: help env lock broker postgres promtool demo test test-fast lint format bench bench-backfill chaos clean
 
 help:
 	@echo "make demo   run the end-to-end demo (RabbitMQ, a model directory, SQLite results)"
@@ -56,10 +57,13 @@ broker:
 postgres:
 	scripts/ensure-postgres.sh
 
+promtool:
+	scripts/ensure-promtool.sh
+
 demo: env broker
 	$(BIN)/python scripts/demo.py --store $(STORE)
 
-test: env broker postgres
+test: env broker postgres promtool
 	$(BIN)/python -m pytest
 
 # Not part of `make test`: minutes of random node, worker and store faults on a private cluster.

@@ -1,5 +1,5 @@
 """The ``inferq`` command: a thin layer that wires settings, stores, producer and worker, one module per
-command group (models, submit, backfill, results, worker, serve, status, dlq, monitor).
+command group (models, submit, backfill, results, worker, serve, status, dlq, monitor, labels).
 
 Every failure the user can cause or meet prints one line, ``inferq: error: …``, and exits non-zero;
 ``--debug`` shows the traceback instead.
@@ -16,6 +16,7 @@ import click
 from inferq.cli.backfill import backfill
 from inferq.cli.common import EXIT_CONFIG, EXIT_FAILURE, Group
 from inferq.cli.dlq import dlq
+from inferq.cli.labels import labels
 from inferq.cli.models import models
 from inferq.cli.monitor import monitor
 from inferq.cli.results import results
@@ -39,7 +40,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-for _command in (models, worker, serve, submit, backfill, results, status, dlq, monitor):
+for _command in (models, worker, serve, submit, backfill, results, status, dlq, monitor, labels):
     cli.add_command(_command)
 
 

@@ -1,4 +1,4 @@
-"""``inferq models``: publish, list, alias and shadow model versions in the model store."""
+"""``inferq models``: publish, list, alias (guarded, with a history) and shadow model versions in the model store."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import click
 import orjson
 
 from inferq.cli.common import Group, settings, version_ref
-from inferq.model_store.base import publish, resolve_version, set_alias
+from inferq.model_store.base import ModelStore, publish, resolve_version, set_alias
+from inferq.model_store.guard import GuardRecord, GuardState, read_guards
+from inferq.model_store.history import AliasMove, GuardSpec, read_history
 from inferq.model_store.manifest import Manifest
 from inferq.model_store.stores import open_model_store
+from inferq.monitoring.performance import prediction_rule
 from inferq.shared.config.settings import InferqSettings
+from inferq.shared.errors import NotGuardable
 
 
 @click.group(cls=Group)
@@ -122,11 +126,100 @@ def _echo_table(rows: list[tuple[Manifest, list[str]]]) -> None:
 @click.argument("name")
 @click.argument("alias")
 @click.argument("version", type=click.IntRange(min=1))
-def models_alias(name: str, alias: str, version: int) -> None:
-    """Point ALIAS of model NAME at VERSION (workers pick it up within INFERQ_ALIAS_REFRESH_S)."""
+@click.option(
+    "--guard-error-rate",
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    help="Move the alias back by itself if more than this share (0 <= R < 1) of the jobs it sends to VERSION fail.",
+)
+@click.option(
+    "--guard-min-accuracy",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    help="Move the alias back by itself if VERSION's labeled predictions are less accurate than this (0 < A <= 1).",
+)
+@click.option(
+    "--guard-window",
+    type=click.IntRange(min=1),
+    help="How many jobs with results (error rate) or labeled predictions (accuracy), from jobs resolved through "
+    "ALIAS to VERSION, the guard waits for before it judges.",
+)
+@click.option("--reason", default="", help="Why: kept in the alias history.")
+def models_alias(
+    name: str,
+    alias: str,
+    version: int,
+    guard_error_rate: float | None,
+    guard_min_accuracy: float | None,
+    guard_window: int | None,
+    reason: str,
+) -> None:
+    """Point ALIAS of model NAME at VERSION (workers pick it up within INFERQ_ALIAS_REFRESH_S). With
+    --guard-error-rate and/or --guard-min-accuracy, and --guard-window, the workers watch the move and undo
+    it if too many jobs fail or too many labeled predictions are wrong."""
+    watches = guard_error_rate is not None or guard_min_accuracy is not None
+    if watches != (guard_window is not None):
+        raise click.UsageError("give --guard-window with --guard-error-rate and/or --guard-min-accuracy")
     store = open_model_store(settings(InferqSettings).model_store)
-    set_alias(store, name, alias, version)
-    click.echo(f"{name} {alias} -> version {version}")
+    guard = None
+    if guard_window is not None:
+        guard = GuardSpec(error_rate=guard_error_rate, min_accuracy=guard_min_accuracy, window=guard_window)
+    if guard_min_accuracy is not None:
+        _check_classifier(store, name, version)
+    move = set_alias(store, name, alias, version, guard=guard, reason=reason)
+    was = "" if move.from_version is None else f" (was {move.from_version})"
+    watched = "" if guard is None else f"; guarded: back to {move.from_version} if {guard.describe()}"
+    click.echo(f"{name} {alias} -> version {version}{was}{watched}")
+
+
+def _check_classifier(store: ModelStore, name: str, version: int) -> None:
+    """A guard on accuracy needs a version whose prediction is a class (see inferq monitor performance)."""
+    rule = prediction_rule(store.read_manifest(name, resolve_version(store, name, version)))
+    if not rule.classifier:
+        raise NotGuardable(
+            f"version {version} of {name!r} predicts numbers ({rule.output!r}): accuracy needs a classifier"
+        )
+
+
+@models.command("history")
+@click.argument("name")
+@click.option("--alias", "only", help="Only this alias's moves.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per move.")
+def models_history(name: str, only: str | None, as_json: bool) -> None:
+    """Every move of NAME's aliases, oldest first: when, from, to, by whom (user@host, or a guard), why; and
+    where each guard stands now."""
+    store = open_model_store(settings(InferqSettings).model_store)
+    if not store.list_versions(name):
+        resolve_version(store, name, "latest")  # raises a clear unknown-model error
+    moves = [m for m in read_history(store, name) if only is None or m.alias == only]
+    guards = {g.id: g for g in read_guards(store, name).values()}
+    if as_json:
+        for move in moves:
+            guard = guards.get(move.id)
+            status = None if guard is None else guard.model_dump(mode="json", include=_GUARD_STATUS)
+            click.echo(orjson.dumps({**move.model_dump(mode="json"), "guard_status": status}).decode())
+        return
+    click.echo(f"{'WHEN (UTC)':<20} {'ALIAS':<12} {'FROM':>5} {'TO':>5}  {'BY':<24} WHY")
+    for move in moves:
+        when = move.at.strftime("%Y-%m-%d %H:%M:%S")
+        was = "-" if move.from_version is None else str(move.from_version)
+        why = "; ".join(part for part in (move.reason, _guard_note(move, guards.get(move.id))) if part)
+        click.echo(f"{when:<20} {move.alias:<12} {was:>5} {move.to_version:>5}  {move.by:<24} {why}")
+
+
+_GUARD_STATUS = {"state", "succeeded", "failed", "labeled", "correct", "reason"}
+
+
+def _guard_note(move: AliasMove, guard: GuardRecord | None) -> str:
+    if move.guard is None:
+        return ""
+    note = f"guarded: {move.guard.describe()}"
+    if guard is not None and guard.state is GuardState.WATCHING:
+        so_far = []
+        if move.guard.error_rate is not None:
+            so_far.append(f"{guard.failed} of {guard.counted} failed")
+        if move.guard.min_accuracy is not None:
+            so_far.append(f"{guard.correct} of {guard.labeled} labeled right")
+        note += f" (watching: {', '.join(so_far)} so far)"
+    return note
 
 
 @models.command("shadow")

@@ -1,8 +1,10 @@
-"""``inferq monitor``: drift of live inputs and outputs against each version's reference, and the agreement
-of shadow versions (drift statistics and plots need the monitor extra: scipy, matplotlib)."""
+"""``inferq monitor``: drift of live inputs and outputs against each version's reference, the agreement
+of shadow versions (drift statistics and plots need the monitor extra: scipy, matplotlib), and live
+performance from labels."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -78,3 +80,31 @@ def monitor_shadow(model: str, as_json: bool) -> None:
     finally:
         monitor_store.close()
     click.echo(orjson.dumps(report.to_dict()).decode() if as_json else "\n".join(render_shadow(report)))
+
+
+@monitor.command("performance")
+@click.argument("model")
+@click.option("--version", "version", help="Only this version (a number or alias; default: every version).")
+@click.option("--since", help="Only predictions stored this long ago or later: 30m, 1h, 7d (default: all).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
+def monitor_performance(model: str, version: str | None, since: str | None, as_json: bool) -> None:
+    """Predictions, labeled predictions and how right they were, per version of MODEL: accuracy,
+    per-class precision and recall and log loss for a classifier, MAE and RMSE for a regressor; and the
+    labels that match no prediction (unmatched). Labels come from inferq labels submit."""
+    from inferq.model_store.base import resolve_version  # noqa: PLC0415
+    from inferq.monitoring.performance import parse_duration, performance_report, render_performance  # noqa: PLC0415
+    from inferq.shared.results.stores import open_result_store  # noqa: PLC0415
+
+    try:
+        since_s = time.time() - parse_duration(since) if since is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    loaded = settings(InferqSettings)
+    models = open_model_store(loaded.model_store)
+    number = resolve_version(models, model, version_ref(version)) if version is not None else None
+    store = open_result_store(loaded.result_store)
+    try:
+        report = performance_report(models, store.labels(), model, number, since_s)
+    finally:
+        store.close()
+    click.echo(orjson.dumps(report.to_dict()).decode() if as_json else "\n".join(render_performance(report)))

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from inferq.model_store.guard import GUARDS_FILE, GuardRecord, new_guard_id, replace_guard
+from inferq.model_store.history import HISTORY_FILE, AliasMove, GuardSpec, actor, now, record_move
 from inferq.model_store.manifest import Manifest, build_manifest
 from inferq.monitoring.reference import Reference, ReferenceTable, build_reference, build_table_reference
 from inferq.shared.contract.messages import LATEST, VersionRef, is_valid_alias, is_valid_name
-from inferq.shared.errors import InvalidName, InvalidPayload, UnknownModel, UnknownVersion, VersionExists
+from inferq.shared.errors import InvalidName, InvalidPayload, NotGuardable, UnknownModel, UnknownVersion, VersionExists
 from inferq.shared.tables.table import Column, Table
 
 MODEL_FILE = "model.onnx"
@@ -16,6 +18,7 @@ MANIFEST_FILE = "manifest.json"
 ALIASES_FILE = "aliases.json"
 SHADOW_FILE = "shadow.json"
 MAX_PUBLISH_ATTEMPTS = 20
+DOCUMENTS = frozenset({GUARDS_FILE, HISTORY_FILE})
 
 
 class ModelStore(Protocol):
@@ -54,6 +57,14 @@ class ModelStore(Protocol):
     def write_shadow(self, name: str, data: bytes | None) -> None:
         """Replace the shadow-traffic setting of ``name`` (atomically); ``None`` removes it."""
 
+    def read_document(self, name: str, document: str) -> bytes | None:
+        """The small JSON document ``<model>/<document>`` (guards, history) as stored, or ``None``."""
+
+    def update_document(self, name: str, document: str, change: Callable[[bytes | None], bytes | None]) -> None:
+        """Replace ``<model>/<document>`` with ``change(current)`` by compare-and-swap: written only over the
+        exact content ``change`` saw, so two concurrent updates never lose one another (``change`` may run
+        more than once, and returns ``None`` to leave the document as it is)."""
+
 
 def check_name(name: str) -> str:
     """``name`` if it can name a model, else :class:`InvalidName`."""
@@ -63,6 +74,14 @@ def check_name(name: str) -> str:
             "digit, no '..', at most 128 characters"
         )
     return name
+
+
+def check_document(document: str) -> str:
+    """``document`` if it names one of the small JSON documents a model keeps (guards, history), else
+    :class:`InvalidName` (it is joined to a path or key)."""
+    if document not in DOCUMENTS:
+        raise InvalidName(f"no model document named {document!r}")
+    return document
 
 
 def check_alias(alias: str) -> str:
@@ -140,16 +159,70 @@ def publish(
     else:
         raise VersionExists(f"could not find a free version number for {name!r}; retry")
     if alias is not None:
-        set_alias(store, name, alias, manifest.version)
+        set_alias(store, name, alias, manifest.version, reason=f"published version {manifest.version}")
     return manifest
 
 
-def set_alias(store: ModelStore, name: str, alias: str, version: int) -> None:
-    """Point ``alias`` of model ``name`` at an existing ``version``."""
+def set_alias(
+    store: ModelStore,
+    name: str,
+    alias: str,
+    version: int,
+    *,
+    guard: GuardSpec | None = None,
+    by: str | None = None,
+    reason: str = "",
+) -> AliasMove:
+    """Point ``alias`` of model ``name`` at an existing ``version`` and record the move in the history.
+    With ``guard``, workers watch the jobs that resolve the alias to ``version`` and move it back by
+    themselves when too many fail (:mod:`inferq.model_store.guard`); any move replaces the alias's guard."""
     check_name(name)
     check_alias(alias)
     resolve_version(store, name, version)  # the version must exist
-    store.update_aliases(name, lambda aliases: {**aliases, alias: version})
+    if guard is not None:
+        _check_guardable(store, name, alias, version)
+    before: list[int | None] = []
+
+    def move(aliases: dict[str, int]) -> dict[str, int]:
+        before[:] = [aliases.get(alias)]
+        return {**aliases, alias: version}
+
+    store.update_aliases(name, move)
+    entry = AliasMove(
+        id=new_guard_id(),
+        at=now(),
+        alias=alias,
+        from_version=before[0],
+        to_version=version,
+        by=by or actor(),
+        reason=reason,
+        guard=guard,
+    )
+    record = None
+    if guard is not None and entry.from_version is not None and entry.from_version != version:
+        record = GuardRecord(
+            id=entry.id,
+            alias=alias,
+            from_version=entry.from_version,
+            to_version=version,
+            spec=guard,
+            by=entry.by,
+            started_at=entry.at,
+        )
+    # NOTE: the guard is written after the alias moved: jobs resolved in between are not counted, which
+    # only lengthens the window a little; written before, it could outlive a move that never happened.
+    replace_guard(store, name, alias, record)
+    record_move(store, name, entry)
+    return entry
+
+
+def _check_guardable(store: ModelStore, name: str, alias: str, version: int) -> None:
+    """A guard needs a version to return to: the alias must exist and point elsewhere."""
+    current = store.read_aliases(name).get(alias)
+    if current is None:
+        raise NotGuardable(f"alias {alias!r} of {name!r} does not exist yet: a guard needs a version to return to")
+    if current == version:
+        raise NotGuardable(f"alias {alias!r} of {name!r} already points at version {version}: nothing to guard")
 
 
 def _reference(manifest: Manifest, model_bytes: bytes, reference: tuple[Any, list[str]] | ReferenceTable) -> Reference:

@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 from pydantic import ValidationError
 
-from inferq.model_store.base import ALIASES_FILE, MANIFEST_FILE, MODEL_FILE, SHADOW_FILE, check_name
+from inferq.model_store.base import ALIASES_FILE, MANIFEST_FILE, MODEL_FILE, SHADOW_FILE, check_document, check_name
 from inferq.model_store.manifest import Manifest
 from inferq.shared.errors import ModelLoadError, StoreError, UnknownModel, UnknownVersion, VersionExists
 
@@ -106,6 +106,20 @@ class LocalModelStore:
                 (model_dir / SHADOW_FILE).unlink(missing_ok=True)
             else:
                 _write_atomic(model_dir / SHADOW_FILE, data)
+
+    def read_document(self, name: str, document: str) -> bytes | None:
+        try:
+            return (self._model_dir(name) / check_document(document)).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def update_document(self, name: str, document: str, change: Callable[[bytes | None], bytes | None]) -> None:
+        model_dir = self._model_dir(name)
+        path = model_dir / check_document(document)
+        with self._locked(model_dir):  # the model's lock: read and write as one step for every process
+            updated = change(self.read_document(name, document))
+            if updated is not None:
+                _write_atomic(path, updated)
 
     def put_version(self, manifest: Manifest, model_bytes: bytes) -> None:
         model_dir = self._model_dir(manifest.name)

@@ -13,11 +13,12 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from inferq.model_store.base import ModelStore
 from inferq.model_store.cache import ModelCache
+from inferq.model_store.guard import GuardRecord, GuardState, read_guards
 from inferq.model_store.manifest import Manifest
 from inferq.shared.broker.amqp import Backoff
 from inferq.shared.config.logging import get_logger
@@ -37,6 +38,8 @@ class _Catalog:
     latest: int | None
     aliases: dict[str, int]
     fetched_at: float
+    guards: dict[str, GuardRecord] = field(default_factory=dict)
+    """Guards not finished yet (watching, or rolling back), by alias."""
 
 
 class Registry(Generic[M]):
@@ -124,11 +127,38 @@ class Registry(Generic[M]):
         try:
             versions = self.store.list_versions(name)
             aliases = self.store.read_aliases(name) if versions else {}
+            guards = self._open_guards(name) if aliases else {}
         except (StoreUnreachable, StoreError) as exc:
             return self._stale(name, cached, now, exc)
-        catalog = _Catalog(frozenset(versions), versions[-1] if versions else None, aliases, now)
+        catalog = _Catalog(frozenset(versions), versions[-1] if versions else None, aliases, now, guards)
         self._catalogs[name] = catalog
         return catalog
+
+    def _open_guards(self, name: str) -> dict[str, GuardRecord]:
+        try:
+            guards = read_guards(self.store, name)
+        except StoreError as exc:  # a damaged guard file must not stop jobs: those aliases go unguarded
+            log.error("alias_guards_unreadable", model=name, error=str(exc))
+            return {}
+        done = (GuardState.PASSED, GuardState.ROLLED_BACK)
+        return {alias: g for alias, g in guards.items() if g.state not in done}
+
+    def guard(self, name: str, alias: str) -> GuardRecord | None:
+        """The unfinished guard of ``alias`` in the last view of the store (no store access), if any."""
+        cached = self._catalogs.get(name)
+        return None if cached is None else cached.guards.get(alias)
+
+    def guards(self) -> list[tuple[str, GuardRecord]]:
+        """Every unfinished guard in the last views of the store, with its model (no store access)."""
+        return [(name, g) for name, catalog in list(self._catalogs.items()) for g in catalog.guards.values()]
+
+    def forget(self, name: str) -> None:
+        """Drop the view of ``name``: the next resolution reads the store (after an alias moved from here)."""
+        self._catalogs.pop(name, None)
+
+    def alias_rolled_back(self, name: str, alias: str) -> None:
+        """A guard of this process moved ``alias`` back: resolve from the store again at once."""
+        self.forget(name)
 
     def _stale(self, name: str, cached: _Catalog | None, now: float, exc: OSError | StoreError) -> _Catalog:
         """The last view of ``name`` when the store failed; it is looked at again after ``refresh_s``,
@@ -138,7 +168,7 @@ class Registry(Generic[M]):
                 raise ModelLoadError(f"cannot read model {name!r} from {self.store.describe()}: {exc}") from None
             raise exc
         log.warning("model_store_unreachable", model=name, error=str(exc), serving="last known versions and aliases")
-        stale = _Catalog(cached.versions, cached.latest, cached.aliases, now)
+        stale = _Catalog(cached.versions, cached.latest, cached.aliases, now, cached.guards)
         self._catalogs[name] = stale
         return stale
 

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from inferq.model_store.base import ALIASES_FILE, MANIFEST_FILE, MODEL_FILE, SHADOW_FILE, check_name
+from inferq.model_store.base import ALIASES_FILE, MANIFEST_FILE, MODEL_FILE, SHADOW_FILE, check_document, check_name
 from inferq.model_store.manifest import Manifest
 from inferq.shared.contract.messages import is_valid_name
 from inferq.shared.errors import ModelLoadError, StoreError, UnknownModel, UnknownVersion, VersionExists
@@ -155,6 +155,31 @@ class S3ModelStore:
             if self._put(key, body, if_absent=etag is None, if_match=etag, content_type="application/json"):
                 return
         raise StoreError(f"aliases of {name!r} kept changing under {ALIAS_UPDATE_ATTEMPTS} attempts; retry")
+
+    def read_document(self, name: str, document: str) -> bytes | None:
+        return self._read_document(self._key(name, check_document(document)))[0]
+
+    def _read_document(self, key: str) -> tuple[bytes | None, str | None]:
+        """The object's bytes and ETag, or ``(None, None)`` when it does not exist."""
+        try:
+            response = self._client.get_object(Bucket=self.location.bucket, Key=key)
+            return response["Body"].read(), str(response["ETag"])
+        except Exception as exc:  # see _list
+            if is_not_found(exc):
+                return None, None
+            raise translate(exc, f"get s3://{self.location.bucket}/{key}") from None
+
+    def update_document(self, name: str, document: str, change: Callable[[bytes | None], bytes | None]) -> None:
+        # As update_aliases: written If-Match the ETag read (If-None-Match when absent), read again on a loss.
+        key = self._key(name, check_document(document))
+        for _ in range(ALIAS_UPDATE_ATTEMPTS):
+            current, etag = self._read_document(key)
+            updated = change(current)
+            if updated is None:
+                return
+            if self._put(key, updated, if_absent=etag is None, if_match=etag, content_type="application/json"):
+                return
+        raise StoreError(f"{document} of {name!r} kept changing under {ALIAS_UPDATE_ATTEMPTS} attempts; retry")
 
     def read_shadow(self, name: str) -> bytes | None:
         return self._get(self._key(name, SHADOW_FILE))

@@ -25,6 +25,7 @@ from inferq.producer.client import Encoded
 from inferq.shared.contract.messages import Datatype, Result, is_valid_job_id
 from inferq.shared.errors import InferqError
 from inferq.shared.results.base import ResultStore
+from inferq.shared.results.labels import RowId
 from inferq.shared.tables.block import Block, Cell, ColumnData, reblock
 from inferq.shared.tables.table import Table
 
@@ -154,6 +155,18 @@ class PlannedJob:
     digest: str
     rows: int
     body: bytes
+    row_ids: list[str] | None = None
+    """The rows' ids as text, in order (``None`` without an id column)."""
+
+
+def _record_row_ids(results: ResultStore, model: str, group: list[PlannedJob]) -> None:
+    rows = [
+        RowId(row_id, planned.job_id, index)
+        for planned in group
+        for index, row_id in enumerate(planned.row_ids or [])
+    ]
+    if rows:
+        results.labels().put_row_ids(model, rows)
 
 
 def derive_job_id(model: str, version: int, ids: Sequence[str], start: int, batch_rows: int, content: str) -> str:
@@ -188,12 +201,13 @@ def plan_job(table: Table, block: Block, batch_rows: int) -> PlannedJob:
     # NOTE: the bytes job_digest hashes for the job a worker decodes from this body (same tensors, same
     # encoder, no parameters): a stored result's job_sha256 must equal this digest.
     content = hashlib.sha256(orjson.dumps(material)).hexdigest()
-    job_id = derive_job_id(table.model, table.version, block.id_texts(), block.start, batch_rows, content)
+    ids = block.id_texts()
+    job_id = derive_job_id(table.model, table.version, ids, block.start, batch_rows, content)
     tensors = [{"name": n, "shape": s, "datatype": d, "data": f} for n, s, d, f in inputs]
     body = orjson.dumps(
         {"id": job_id, "model": table.model, "version": table.version, "inputs": tensors, "parameters": {}}
     )
-    return PlannedJob(job_id, content, block.rows, body)
+    return PlannedJob(job_id, content, block.rows, body, ids or None)
 
 
 def _inputs(table: Table, block: Block) -> Iterator[tuple[str, int, Datatype, bytes]]:
@@ -261,9 +275,12 @@ def backfill_jobs(
 ) -> Iterator[Encoded]:
     """Jobs of ``batch_rows`` rows each for the table's model version, skipping those already finished
     (a stored result that answers the job) and those waiting in the dead-letter queue (``dead_lettered``).
-    ``on_publish(job id, rows)`` runs as each job is handed to the publisher."""
+    ``on_publish(job id, rows)`` runs as each job is handed to the publisher. Rows with an id are recorded
+    in the result store's label side first (row id -> job and row), so a label given by row id finds its
+    prediction."""
     group_jobs = max(1, min(SKIP_CHECK_JOBS, SKIP_CHECK_ROWS // batch_rows))
     for group in chunks(planned_jobs(blocks, table, batch_rows), group_jobs):
+        _record_row_ids(results, table.model, group)
         stored = results.get_many([planned.job_id for planned in group])
         for planned in group:
             earlier = stored.get(planned.job_id)

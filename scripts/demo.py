@@ -162,12 +162,27 @@ def main() -> None:
         run_demo(env)
 
 
-def watch_models(env: dict[str, str]) -> None:
+def watch_models(env: dict[str, str], truth: np.ndarray) -> None:
     step("drift of the champion's inputs and outputs against its reference (plot in var/demo/drift.png)")
     inferq("monitor", "drift", "churn", "--version", "champion", "--plot", str(WORK / "drift.png"), env=env)
 
     step("the shadow version against the champion, on the same jobs")
     inferq("monitor", "shadow", "churn", env=env)
+
+    submit_labels(env, truth, "late", 1)  # the other half, after the predictions
+    step("live performance per version: predictions joined with their labels")
+    inferq("monitor", "performance", "churn", env=env)
+
+
+def submit_labels(env: dict[str, str], truth: np.ndarray, name: str, first: int) -> None:
+    """The true class of every other backfilled row (from row ``first``), by its id column."""
+    path = WORK / f"labels-{name}.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "label"])
+        writer.writerows([f"a-{number:05d}", int(truth[number])] for number in range(first, len(truth), 2))
+    step(f"labels: the true class of every other champion row ({name}), by the backfill's id column")
+    inferq("labels", "submit", str(path), "--model", "churn", env=env)
 
 
 def rerun_with_out(env: dict[str, str]) -> None:
@@ -176,6 +191,24 @@ def rerun_with_out(env: dict[str, str]) -> None:
     v1 = str(WORK / "v1.csv")
     inferq("backfill", v1, "--model", "churn", "--version", "champion", "--id-column", "id", "--out", str(out), env=env)
     print("".join(out.read_text().splitlines(keepends=True)[:3]), end="")
+
+
+def backfill(env: dict[str, str], X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Backfill live rows on 'champion' (half of them labeled before their predictions exist) and random
+    rows on 'latest'; returns the champion rows' true classes."""
+    step(
+        f"backfill {ROWS_V1} rows on 'champion' (1 row/job, f{DRIFTED} shifted by 3 sd) and {ROWS_V2} rows on 'latest'"
+    )
+    rng = np.random.default_rng(7)
+    live = X[picks := rng.integers(0, len(X), ROWS_V1)] + rng.normal(scale=0.05, size=(ROWS_V1, FEATURES))
+    live[:, DRIFTED] += 3 * X[:, DRIFTED].std()
+    write_data(WORK / "v1.csv", live, "a")
+    write_data(WORK / "v2.csv", rng.normal(size=(ROWS_V2, FEATURES)), None)
+    truth: np.ndarray = y[picks]
+    submit_labels(env, truth, "early", 0)  # before the predictions exist
+    inferq("backfill", str(WORK / "v1.csv"), "--model", "churn", "--version", "champion", "--id-column", "id", env=env)
+    inferq("backfill", str(WORK / "v2.csv"), "--model", "churn", "--batch-rows", "10", env=env)
+    return truth
 
 
 def run_demo(env: dict[str, str]) -> None:
@@ -196,16 +229,7 @@ def run_demo(env: dict[str, str]) -> None:
     step("shadow: half of the jobs on 'champion' also run on version 2 (never answered with)")
     inferq("models", "shadow", "churn", "--target", "2", "--fraction", "0.5", env=env)
 
-    step(
-        f"backfill {ROWS_V1} rows on 'champion' (1 row/job, f{DRIFTED} shifted by 3 sd) and {ROWS_V2} rows on 'latest'"
-    )
-    rng = np.random.default_rng(7)
-    live = X[rng.integers(0, len(X), ROWS_V1)] + rng.normal(scale=0.05, size=(ROWS_V1, FEATURES))
-    live[:, DRIFTED] += 3 * X[:, DRIFTED].std()
-    write_data(WORK / "v1.csv", live, "a")
-    write_data(WORK / "v2.csv", rng.normal(size=(ROWS_V2, FEATURES)), None)
-    inferq("backfill", str(WORK / "v1.csv"), "--model", "churn", "--version", "champion", "--id-column", "id", env=env)
-    inferq("backfill", str(WORK / "v2.csv"), "--model", "churn", "--batch-rows", "10", env=env)
+    truth = backfill(env, X, y)
     jobs = ROWS_V1 + ROWS_V2 // 10
 
     step("a pipeline over named columns of mixed types: publish it, submit one row by name")
@@ -229,7 +253,7 @@ def run_demo(env: dict[str, str]) -> None:
     print(f"plans {row}: p={[round(p, 4) for p in result['outputs'][1]['data']]} (scikit-learn: {expected})")
     stored = count_results(env)
 
-    watch_models(env)
+    watch_models(env, truth)
     rerun_with_out(env)
 
     step("throughput")

@@ -135,6 +135,11 @@ class ResultNotFound(StoreError):
     """No stored result for that job id."""
 
 
+class NotGuardable(StoreError):
+    """A guarded alias move with nothing to return to (the alias does not exist yet, or already points
+    there), or one on accuracy for a version that predicts numbers."""
+
+
 class IdConflict(InferqError):
     """A job id already belongs to another job (another model, inputs or parameters): its result is not
     this job's answer."""

@@ -26,7 +26,9 @@ ERROR_KEPT_S = 1.0
 """How long a permanent error (unknown model, bad version) answers jobs before the store is asked again."""
 REFRESH_WAIT_S = 1.0
 """How long jobs wait for a due refresh of ``latest`` and aliases (so a moved alias is seen within the
-refresh interval) before the last view serves them anyway (the store is slow or silent)."""
+refresh interval) before the last view serves them anyway (the store is slow or silent). A refresh that
+finished after they started waiting serves them at once, even if the view is due again already (a
+refresh interval of 0 makes every view due)."""
 REFRESH_AHEAD = 0.2
 """A view of ``latest`` and aliases is renewed in the background once it is this share of the refresh
 interval from due, and serves jobs meanwhile: with a store that answers in time, no job ever waits for a
@@ -45,6 +47,8 @@ class ModelFetcher:
         self._wanted: queue.SimpleQueue[Key] = queue.SimpleQueue()
         self._fetching: dict[Key, float] = {}  # key → when its fetch was asked for
         self._errors: dict[Key, tuple[JobError, float]] = {}
+        self._held: dict[Key, float] = {}  # key → since when its jobs wait for a refresh
+        self._refreshed: dict[str, float] = {}  # model → when its last fetch finished
         self._lock = threading.Lock()
         self._ahead_s = registry.refresh_s * REFRESH_AHEAD
         self.fetched = 0
@@ -59,9 +63,11 @@ class ModelFetcher:
         if failed is not None and time.monotonic() - failed[1] < ERROR_KEPT_S:
             raise failed[0]
         if self.registry.needs_refresh(name, ahead_s=self._ahead_s):
-            asked_s = self._fetch((name, ref))
-            if self.registry.needs_refresh(name) and asked_s < REFRESH_WAIT_S:
+            self._fetch((name, ref))
+            if self.registry.needs_refresh(name) and self._waits_for_refresh((name, ref)):
                 return None  # a refresh is due: wait for it a little (bounded staleness), not for ever
+        with self._lock:
+            self._held.pop((name, ref), None)
         version = self.registry.known_version(name, ref)
         loaded = self.registry.loaded_model(name, version) if version is not None else None
         if version is None or loaded is None:
@@ -69,6 +75,29 @@ class ModelFetcher:
             return None
         manifest, model = loaded
         return version, manifest, model
+
+    def _waits_for_refresh(self, key: Key) -> bool:
+        """Whether jobs of ``key`` wait for a due refresh: until one finished after they began waiting,
+        for at most ``REFRESH_WAIT_S``. (Without any view of the model they wait for it anyway.)
+
+        NOTE: measured from when the jobs were first held, not from when the current fetch was asked for:
+        each finished fetch asks for the next while a view is due, so with a refresh interval of 0 the
+        latter would restart at every fetch and hold the jobs for ever. The mark is dropped when the jobs
+        are served, so the next due refresh is waited for afresh."""
+        if self.resolved(*key) is None:
+            return False  # nothing to serve from yet: the jobs wait for the model to be fetched
+        now = time.monotonic()
+        with self._lock:
+            held = self._held.setdefault(key, now)
+            refreshed = self._refreshed.get(key[0], float("-inf")) >= held
+        return not refreshed and now - held < REFRESH_WAIT_S
+
+    def resolved(self, name: str, ref: VersionRef) -> int | None:
+        """The version ``ref`` names in the last view of the store (no I/O), or ``None`` when unknown."""
+        try:
+            return self.registry.known_version(name, ref)
+        except JobError:
+            return None
 
     def _fetch(self, key: Key) -> float:
         """Ask for ``key`` to be fetched (once at a time); returns for how long it has been asked."""
@@ -89,6 +118,7 @@ class ModelFetcher:
             finally:
                 with self._lock:
                     self._fetching.pop(key, None)
+                    self._refreshed[key[0]] = time.monotonic()
                     self.fetched += 1
                 self.on_fetched()
 

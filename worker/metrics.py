@@ -26,8 +26,10 @@ from inferq.model_store.cache import ModelCache
 from inferq.model_store.manifest import Manifest
 from inferq.model_store.registry import Registry
 from inferq.shared.config.logging import get_logger
+from inferq.shared.config.settings import WorkerSettings
 from inferq.shared.contract.messages import Status
 from inferq.shared.errors import ErrorCode
+from inferq.worker.live_performance import LivePerformance
 from inferq.worker.processor import BatchRun, Outcome
 from inferq.worker.runner import LoadedModel
 
@@ -96,6 +98,51 @@ def _bound(upper: float) -> str:
     return text
 
 
+# -- the age of the backlog ------------------------------------------------------------------------
+# RabbitMQ does not tell the age of a quorum queue's oldest message, so the worker tells how long the jobs
+# it takes had waited: a FIFO queue hands out its head, so that wait is the head's age when it was taken.
+
+
+class QueueWait:
+    """How long the newest job a worker finished had waited in the jobs queue, and when it was delivered.
+
+    Only first deliveries from the jobs queue say how old the queue's head is: a redelivered job or one
+    from the retry queue carries its first publish time, so its wait includes time it was not queued."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.wait_seconds = Gauge(
+            "inferq_job_queue_wait_seconds",
+            "Publish to delivery of the newest first delivery from the jobs queue this worker finished.",
+            registry=registry,
+        )
+        self.received_timestamp = Gauge(
+            "inferq_job_received_timestamp_seconds",
+            "When (Unix time) the newest job this worker finished was delivered to it (its start until then).",
+            registry=registry,
+        )
+        # A worker that has finished nothing yet reads as one that last made progress when it started, so
+        # "nothing finished for N minutes" also holds for workers that never finish their first job.
+        self.received_timestamp.set(time.time())
+
+    def observe(self, outcomes: Sequence[Outcome]) -> None:
+        """Record the newest delivery among ``outcomes``, and the wait of the newest first delivery."""
+        newest_received_ms: float | None = None
+        newest_wait: tuple[float, float] | None = None  # (received_ms, waited_ms)
+        for outcome in outcomes:
+            delivery = outcome.delivery
+            received = delivery.received_ms
+            if newest_received_ms is None or received > newest_received_ms:
+                newest_received_ms = received
+            published = delivery.published_ms
+            first = not (delivery.redelivered or delivery.suspect)
+            if first and published is not None and (newest_wait is None or received > newest_wait[0]):
+                newest_wait = (received, max(received - published, 0.0))
+        if newest_received_ms is not None:
+            self.received_timestamp.set(newest_received_ms / 1000)
+        if newest_wait is not None:
+            self.wait_seconds.set(newest_wait[1] / 1000)
+
+
 class WorkerState(Protocol):
     """What the probes and gauges read from a running worker."""
 
@@ -110,6 +157,12 @@ class WorkerState(Protocol):
     @property
     def in_flight(self) -> int:
         """Deliveries received and not yet acked."""
+
+
+class WatchedWorker(WorkerState, Protocol):
+    """A running worker whose settings name its stores (for the live performance gauges)."""
+
+    settings: WorkerSettings
 
 
 class WorkerMetrics:
@@ -168,11 +221,14 @@ class WorkerMetrics:
         self.draining = Gauge(
             "inferq_worker_draining", "1 while the worker finishes its in-flight work before exiting.", registry=r
         )
+        self.queue_wait = QueueWait(r)
 
-    def watch(self, worker: WorkerState) -> None:
-        """Read the in-flight and draining gauges from ``worker`` at every scrape."""
+    def watch(self, worker: WatchedWorker) -> None:
+        """Read the in-flight and draining gauges from ``worker`` at every scrape, and serve live
+        performance (labeled predictions, accuracy) from its result store."""
         self.in_flight.set_function(lambda: worker.in_flight)
         self.draining.set_function(lambda: 1.0 if worker.stopping else 0.0)
+        self.registry.register(LivePerformance(worker.settings.result_store, worker.settings.model_store))
 
     # -- recording --------------------------------------------------------------------------------
 
@@ -209,6 +265,7 @@ class WorkerMetrics:
         for run in runs:
             self.batch_rows.labels(run.model).observe(run.rows)
             self.inference_seconds.labels(run.model).observe(run.seconds)
+        self.queue_wait.observe(outcomes)
 
     def dead_lettered(self) -> None:
         """A message without a usable job id went to the dead-letter queue."""
@@ -244,6 +301,17 @@ class MeteredRegistry(Registry[LoadedModel]):
             store, loader, max_loaded=max_loaded, refresh_s=refresh_s, cache=cache, load_retry_s=load_retry_s
         )
         self._metrics = metrics
+        # -- alias guards: each rollback counted once, by the worker that carried it out (sum over workers)
+        self.alias_rollbacks = Counter(
+            "inferq_alias_rollbacks",
+            "Guarded alias moves this worker rolled back (too many of the new version's jobs failed).",
+            ["model", "alias"],
+            registry=metrics.registry,
+        )
+
+    def alias_rolled_back(self, name: str, alias: str) -> None:
+        super().alias_rolled_back(name, alias)
+        self.alias_rollbacks.labels(name, alias).inc()
 
     def loaded_model(self, name: str, version: int) -> tuple[Manifest, LoadedModel] | None:
         loaded = super().loaded_model(name, version)

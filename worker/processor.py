@@ -30,6 +30,7 @@ from inferq.shared.contract.messages import (
 )
 from inferq.shared.errors import ErrorCode, JobError, ResultRefused, StoreError, StoreRefused, ValueRefused
 from inferq.shared.results.base import ResultStore, rejects_another
+from inferq.worker.alias_guard import AliasGuards
 from inferq.worker.batcher import Batch
 from inferq.worker.consumer import Delivery
 from inferq.worker.fetcher import ModelFetcher
@@ -149,6 +150,7 @@ class Processor:
         self.watchdog = watchdog
         self.monitor = monitor
         self.shadow = shadow
+        self.guards = AliasGuards(models.registry, worker_name, labels=store.labels)
         # With more than one processing thread, one runs onnxruntime at a time (the watchdog guards one
         # run); nothing that waits on I/O happens under this lock.
         self._compute = threading.Lock()
@@ -157,19 +159,30 @@ class Processor:
 
     # -- results ----------------------------------------------------------------------------------
 
-    def failed(self, delivery: Delivery, job: Job | Rejected, error: JobError) -> Outcome:
-        """The one failed (or expired) result of a job that cannot run."""
+    def failed(
+        self,
+        delivery: Delivery,
+        job: Job | Rejected,
+        error: JobError,
+        *,
+        version: int | None = None,
+        sha256: str | None = None,
+    ) -> Outcome:
+        """The one failed (or expired) result of a job that cannot run; ``version`` is the version its
+        request resolved to, when it got that far (the alias guards and the reports count it there)."""
         if isinstance(job, Rejected):
             # The digest of the message as it arrived: a corrected job sent under the same id is another job.
             job_id, model, requested, digest = job.job_id, job.model, job.requested_version, job.body_sha256
         else:
             job_id, model, requested, digest = job.id, job.model, job.version, job_digest(job)
         status = Status.EXPIRED if error.code is ErrorCode.EXPIRED else Status.FAILED
-        log.info("job_failed", job_id=job_id, model=model, code=str(error.code), error=str(error))
+        log.info("job_failed", job_id=job_id, model=model, version=version, code=str(error.code), error=str(error))
         result = Result(
             id=job_id,
             model=model,
             requested_version=requested,
+            version=version,
+            model_sha256=sha256,
             job_sha256=digest,
             status=status,
             error=ErrorInfo(code=error.code, message=str(error)),
@@ -220,6 +233,8 @@ class Processor:
             log.error("result_store_refused", store=self.store.describe(), error=str(exc))
             self.refused = exc
             raise
+        # Alias guards seam: stored results of jobs resolved through a guarded alias count towards its guard.
+        self.guards.tally(o.result for o in done.outcomes if o.counted)
         return done
 
     def _process_batch(self, batch: Batch[ModelKey, Pending], done: Processed) -> None:
@@ -227,7 +242,8 @@ class Processor:
         try:
             ready = self.models.lookup(name, ref)
         except JobError as error:
-            done.outcomes.extend(self.failed(i.delivery, i.job, error) for i in batch.items)
+            version = self.models.resolved(name, ref)  # a version that fails to load, say
+            done.outcomes.extend(self.failed(i.delivery, i.job, error, version=version) for i in batch.items)
             return
         if ready is None:  # being fetched from the model store: these jobs wait, the others go on
             done.held.extend(batch.items)
@@ -296,11 +312,12 @@ class Processor:
                 tensors.append(check_inputs(item.job, model.manifest, self.limits))
                 checked.append(item)
             except JobError as error:
-                done.outcomes.append(self.failed(item.delivery, item.job, error))
+                done.outcomes.append(self.failed(item.delivery, item.job, error, version=version, sha256=sha256))
                 refused.append((item.job, error))
         feeds, unconvertible = stack_inputs(tensors, model.manifest.inputs) if checked else ([], {})
         for index, problem in unconvertible.items():
-            done.outcomes.append(self.failed(checked[index].delivery, checked[index].job, problem))
+            bad = checked[index]
+            done.outcomes.append(self.failed(bad.delivery, bad.job, problem, version=version, sha256=sha256))
             refused.append((checked[index].job, problem))
         if refused and self.shadow is not None:  # shadow seam: the shadow version may take what this one refused
             self.shadow.offer_refused(model.manifest, refused)
@@ -317,7 +334,7 @@ class Processor:
         now_ms = time.time() * 1000  # the batch's jobs finish together
         for item, result in zip(items, results, strict=True):
             if isinstance(result, JobError):
-                done.outcomes.append(self.failed(item.delivery, item.job, result))
+                done.outcomes.append(self.failed(item.delivery, item.job, result, version=version, sha256=sha256))
             else:
                 done.outcomes.append(self._succeeded(item, version, sha256, result, seconds * 1000, now_ms))
         # Monitoring seam: drift counts (monitoring/counting.py, once the results are stored) and shadow

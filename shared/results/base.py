@@ -23,6 +23,7 @@ from typing import Protocol
 
 from inferq.shared.contract.messages import Result, Status, is_valid_job_id
 from inferq.shared.errors import ErrorCode, ResultNotFound, StoreRefused, StoreUnreachable
+from inferq.shared.results.labels import LabelStore
 
 # File-system errors that refuse the store as a whole: a retry finds the same permissions and mounts.
 _REFUSING_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
@@ -55,6 +56,9 @@ class ResultStore(Protocol):
 
     def describe(self) -> str:
         """Where the store lives, for logs and messages (never with a password)."""
+
+    def labels(self) -> LabelStore:
+        """The labels and backfill row ids kept beside these results (:mod:`inferq.shared.results.labels`)."""
 
     def close(self) -> None:
         """Release connections and threads; the store may not be used afterwards."""

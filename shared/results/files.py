@@ -12,9 +12,21 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import orjson
+
 from inferq.shared.contract.messages import Result, is_valid_job_id
 from inferq.shared.errors import ResultNotFound
 from inferq.shared.results.base import checked_id, classified_os_error, replaceable
+from inferq.shared.results.labels import (
+    LABELS_PREFIX,
+    ROWS_PREFIX,
+    LabelStore,
+    LabelValue,
+    RowId,
+    StoredResult,
+    id_key,
+    label_json,
+)
 
 _temporary_numbers = itertools.count()
 REPLACE_LOCK = ".replace.lock"
@@ -146,8 +158,112 @@ class FileResultStore:
             return sum(1 for _ in self._names())
         return sum(1 for _ in self.scan(model))
 
+    def labels(self) -> LabelStore:
+        """Labels as ``_labels/<model>/`` files, backfill row ids as ``_rows/<model>/<job id>.json``."""
+        return FileLabelStore(self)
+
     def close(self) -> None:
         """Nothing to release: every call opens and closes its own files."""
+
+
+class FileLabelStore:
+    """One file per label, ``<dir>/_labels/<model>/<digest of the id>.json`` (linked into place: the first
+    wins), and one file per backfill job, ``<dir>/_rows/<model>/<job id>.json``, listing its rows' ids."""
+
+    def __init__(self, results: FileResultStore) -> None:
+        self._results = results
+        self.root = results.root
+
+    def _write_new(self, directory: Path, name: str, data: bytes) -> bool:
+        """``data`` as ``directory/name`` unless that file exists; True when written."""
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{name}.{os.getpid()}.{next(_temporary_numbers)}.partial"
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, directory / name)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def put_labels(self, model: str, labels: Sequence[tuple[str, LabelValue]]) -> int:
+        directory = self.root / LABELS_PREFIX / model
+        try:
+            new = 0
+            for label_id, value in labels:
+                document = f'{{"id": {label_json(label_id)}, "label": {label_json(value)}}}'.encode()
+                new += self._write_new(directory, f"{id_key(label_id)}.json", document)
+        except OSError as exc:
+            raise classified_os_error(exc, f"write to {directory} failed") from None
+        return new
+
+    def labels(self, model: str) -> dict[str, LabelValue]:
+        found: dict[str, LabelValue] = {}
+        for data in _documents(self.root / LABELS_PREFIX / model):
+            document = orjson.loads(data)
+            found[document["id"]] = document["label"]
+        return found
+
+    def labeled_models(self) -> list[str]:
+        directory = self.root / LABELS_PREFIX
+        return sorted(p.name for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []
+
+    def put_row_ids(self, model: str, rows: Sequence[RowId]) -> None:
+        by_job: dict[str, list[tuple[str, int]]] = {}
+        for row in rows:
+            by_job.setdefault(row.job_id, []).append((row.row_id, row.index))
+        directory = self.root / ROWS_PREFIX / model
+        try:
+            for job_id, pairs in by_job.items():
+                self._write_new(directory, f"{checked_id(job_id)}.json", orjson.dumps(pairs))
+        except OSError as exc:
+            raise classified_os_error(exc, f"write to {directory} failed") from None
+
+    def row_ids(self, model: str, row_ids: Sequence[str]) -> dict[str, list[tuple[str, int]]]:
+        wanted = set(row_ids)
+        found: dict[str, list[tuple[str, int]]] = {}
+        directory = self.root / ROWS_PREFIX / model
+        if not directory.is_dir():
+            return found
+        for path in sorted(directory.glob("*.json")):
+            for row_id, index in orjson.loads(path.read_bytes()):
+                if row_id in wanted:
+                    found.setdefault(row_id, []).append((path.name[: -len(".json")], index))
+        return found
+
+    def stored_results(self, job_ids: Sequence[str]) -> dict[str, StoredResult]:
+        found: dict[str, StoredResult] = {}
+        for job_id in job_ids:
+            if is_valid_job_id(job_id):
+                stored = self._stored(self.root / f"{job_id}.json")
+                if stored is not None:
+                    found[job_id] = stored
+        return found
+
+    @staticmethod
+    def _stored(path: Path) -> StoredResult | None:
+        try:
+            return StoredResult(Result.model_validate_json(path.read_bytes()), path.stat().st_mtime)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise classified_os_error(exc, f"cannot read {path}") from None
+
+    def scan_results(self, model: str, since_s: float | None = None) -> Iterator[StoredResult]:
+        for name in sorted(self._results._names()):
+            stored = self._stored(self.root / name)
+            if stored is not None and stored.result.model == model and stored.stored_at_s >= (since_s or 0):
+                yield stored
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _documents(directory: Path) -> Iterator[bytes]:
+    if directory.is_dir():
+        for path in sorted(directory.glob("*.json")):
+            yield path.read_bytes()
 
 
 def _fsync_path(path: str | Path) -> None:

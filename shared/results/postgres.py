@@ -27,6 +27,7 @@ from psycopg_pool import ConnectionPool
 from inferq.shared.config.logging import redact_text
 from inferq.shared.contract.messages import Result, is_valid_job_id
 from inferq.shared.errors import ResultNotFound, StoreError, StoreRefused, StoreUnreachable, ValueRefused
+from inferq.shared.results.labels import LabelStore, LabelValue, RowId, StoredResult, label_json, label_of
 
 SCHEMA_VERSION = 1
 POOL_MAX_SIZE = 4
@@ -233,11 +234,109 @@ class PostgresResultStore:
             return int(self._query("SELECT count(*) FROM inferq_results", ())[0][0])
         return int(self._query("SELECT count(*) FROM inferq_results WHERE model = %s", (model,))[0][0])
 
+    def labels(self) -> LabelStore:
+        """Labels and backfill row ids in tables beside ``inferq_results``, through this store's pool."""
+        return PostgresLabelStore(self)
+
     def close(self) -> None:
         with self._lock:
             if self._pool is not None:
                 self._pool.close()
                 self._pool = None
+
+
+_LABEL_SCHEMA_LOCK = 0x1F3E_9A7E
+_LABEL_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS inferq_labels (model text NOT NULL, id text NOT NULL, label jsonb NOT NULL,"
+    " created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (model, id))",
+    "CREATE TABLE IF NOT EXISTS inferq_row_ids (model text NOT NULL, row_id text NOT NULL, job_id text NOT NULL,"
+    " row_index integer NOT NULL, PRIMARY KEY (model, row_id, job_id, row_index))",
+)
+_STORED = "SELECT id, result::text, extract(epoch FROM created_at)::float8 FROM inferq_results"
+
+
+class PostgresLabelStore:
+    """Labels (``inferq_labels``) and backfill row ids (``inferq_row_ids``) beside ``inferq_results``."""
+
+    def __init__(self, results: PostgresResultStore) -> None:
+        self._results = results
+        self._schema_ready = False
+
+    def _run(self, what: str, sql: str, parameters: Sequence[object]) -> list[tuple[Any, ...]]:
+        """``sql`` in one transaction (the label tables created first, once); its rows, if any."""
+        try:
+            with self._results._connections().connection() as connection:
+                self._results._ensure_schema(connection)
+                with connection.transaction(), connection.cursor() as cursor:
+                    if not self._schema_ready:
+                        cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_LABEL_SCHEMA_LOCK,))
+                        for statement in _LABEL_SCHEMA:
+                            cursor.execute(statement)
+                    cursor.execute(sql, parameters)
+                    rows = cursor.fetchall() if cursor.description else []
+                self._schema_ready = True
+                return rows
+        except psycopg.Error as exc:
+            raise self._results._classified(exc, what) from None
+
+    def put_labels(self, model: str, labels: Sequence[tuple[str, LabelValue]]) -> int:
+        rows = self._run(
+            "write",
+            "INSERT INTO inferq_labels (model, id, label) SELECT %s, * FROM unnest(%s::text[], %s::text[]::jsonb[])"
+            " ON CONFLICT (model, id) DO NOTHING RETURNING id",
+            (model, [i for i, _ in labels], [label_json(v) for _, v in labels]),
+        )
+        return len(rows)
+
+    def labels(self, model: str) -> dict[str, LabelValue]:
+        rows = self._run("read", "SELECT id, label::text FROM inferq_labels WHERE model = %s", (model,))
+        return {i: label_of(v) for i, v in rows}
+
+    def labeled_models(self) -> list[str]:
+        return [row[0] for row in self._run("read", "SELECT DISTINCT model FROM inferq_labels ORDER BY 1", ())]
+
+    def put_row_ids(self, model: str, rows: Sequence[RowId]) -> None:
+        self._run(
+            "write",
+            "INSERT INTO inferq_row_ids SELECT %s, * FROM unnest(%s::text[], %s::text[], %s::integer[])"
+            " ON CONFLICT DO NOTHING",
+            (model, [r.row_id for r in rows], [r.job_id for r in rows], [r.index for r in rows]),
+        )
+
+    def row_ids(self, model: str, row_ids: Sequence[str]) -> dict[str, list[tuple[str, int]]]:
+        found: dict[str, list[tuple[str, int]]] = {}
+        for start in range(0, len(row_ids), _READ_CHUNK):
+            rows = self._run(
+                "read",
+                "SELECT row_id, job_id, row_index FROM inferq_row_ids WHERE model = %s AND row_id = ANY(%s::text[])",
+                (model, list(row_ids[start : start + _READ_CHUNK])),
+            )
+            for row_id, job_id, index in rows:
+                found.setdefault(row_id, []).append((job_id, index))
+        return found
+
+    def stored_results(self, job_ids: Sequence[str]) -> dict[str, StoredResult]:
+        valid = [i for i in job_ids if is_valid_job_id(i)]
+        found: dict[str, StoredResult] = {}
+        for start in range(0, len(valid), _READ_CHUNK):
+            sql = f"{_STORED} WHERE id = ANY(%s::text[])"
+            for job_id, text, at in self._run("read", sql, (valid[start : start + _READ_CHUNK],)):
+                found[job_id] = StoredResult(Result.model_validate_json(text), float(at))
+        return found
+
+    def scan_results(self, model: str, since_s: float | None = None) -> Iterator[StoredResult]:
+        after = ""
+        while True:
+            sql = f"{_STORED} WHERE id > %s AND model = %s AND created_at >= to_timestamp(%s) ORDER BY id LIMIT 1000"
+            rows = self._run("read", sql, (after, model, since_s or 0))
+            for job_id, text, at in rows:
+                after = job_id
+                yield StoredResult(Result.model_validate_json(text), float(at))
+            if len(rows) < 1000:
+                return
+
+    def close(self) -> None:
+        """The pool is the result store's: it closes it."""
 
 
 def _columns(results: list[Result]) -> tuple[list[Any], ...]:

@@ -1,8 +1,10 @@
 """Results as ``s3://bucket/prefix/<job id>.json`` objects: conditional PUTs (the first result of an id
-wins), a batch written by a bounded pool of threads."""
+wins), a batch written by a bounded pool of threads. Labels and backfill row ids live beside them, under
+``_labels/`` and ``_rows/`` (:class:`S3LabelStore`)."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -11,11 +13,21 @@ from functools import partial
 from typing import Any
 
 import botocore.session
+import orjson
 from botocore.auth import S3SigV4Auth
 
 from inferq.shared.contract.messages import Result, is_valid_job_id
 from inferq.shared.errors import ResultNotFound, StoreError, StoreRefused, StoreUnreachable, ValueRefused
 from inferq.shared.results.base import checked_id, replaceable
+from inferq.shared.results.labels import (
+    LABELS_PREFIX,
+    ROWS_PREFIX,
+    LabelStore,
+    LabelValue,
+    RowId,
+    StoredResult,
+    id_key,
+)
 from inferq.shared.s3.client import is_not_found, is_precondition_failed, make_client, translate
 from inferq.shared.s3.location import S3Location
 from inferq.shared.s3.put import PutOutcome, SignedPutter, lean_putter
@@ -253,6 +265,23 @@ class S3ResultStore:
             raise translate(exc, f"head s3://{self.location.bucket}/{key}") from None
         return True
 
+    def labels(self) -> LabelStore:
+        """Labels as ``_labels/<model>/`` objects, backfill row ids as ``_rows/<model>/`` objects, beside the
+        results (:class:`S3LabelStore`)."""
+        return S3LabelStore(self)
+
+    def _stored(self, job_id: str) -> StoredResult | None:
+        """The stored result of ``job_id`` with its object's time, or ``None``."""
+        key = self._key(job_id)
+        try:
+            response = self._client.get_object(Bucket=self.location.bucket, Key=key)
+            data = response["Body"].read()
+        except Exception as exc:  # see _put
+            if is_not_found(exc):
+                return None
+            raise translate(exc, f"get s3://{self.location.bucket}/{key}") from None
+        return StoredResult(Result.model_validate_json(data), response["LastModified"].timestamp())
+
     def close(self) -> None:
         """Stop the write threads (idle ones; a running put_many finishes first)."""
         with self._pool_lock:
@@ -261,3 +290,163 @@ class S3ResultStore:
                 self._pool = None
             if self._putter is not None:
                 self._putter.close()
+
+
+class S3LabelStore:
+    """Labels and backfill row ids as objects beside an S3 result store's results.
+
+    A label is ``<prefix>_labels/<model>/<digest of its id>``, written ``If-None-Match: *``: the first label
+    of an id wins, as the first result of a job id does, across any number of writers. The row ids a
+    backfill records in one call are one object, ``<prefix>_rows/<model>/<digest of its content>`` (the
+    same call repeated writes the same object). Neither ends in ``.json``, so nothing that lists the results
+    (``<prefix><job id>.json``) ever mistakes them for results. Unlike SQLite and PostgreSQL, a set of
+    labels is not stored atomically: a submit cut short stores the rest when it is run again.
+    """
+
+    def __init__(self, results: S3ResultStore) -> None:
+        self._results = results
+        self._client = results._client
+        self.location = results.location
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def put_labels(self, model: str, labels: Sequence[tuple[str, LabelValue]]) -> int:
+        documents = {
+            self.location.key(LABELS_PREFIX, model, id_key(label_id)): orjson.dumps({"id": label_id, "label": value})
+            for label_id, value in labels
+        }
+        pool = self._results._executor()
+        futures = [pool.submit(self._put_new, key, body) for key, body in documents.items()]
+        wait(futures)
+        _raise_worst([f.exception() for f in futures])
+        return sum(f.result() for f in futures)
+
+    def put_row_ids(self, model: str, rows: Sequence[RowId]) -> None:
+        if not rows:
+            return
+        body = orjson.dumps([[r.row_id, r.job_id, r.index] for r in rows])
+        self._put_new(self.location.key(ROWS_PREFIX, model, hashlib.sha256(body).hexdigest()[:40]), body)
+
+    def _put_new(self, key: str, body: bytes) -> bool:
+        """Write ``body`` as ``key`` unless it exists; True when this call wrote it.
+
+        NOTE: as for results (``S3ResultStore._put_first``), losing a conditional PUT (409 while another
+        write is under way) does not prove the other write will succeed: the object is looked for until it
+        shows, and the PUT tried again meanwhile, for up to ``VISIBLE_WAIT_S``."""
+        deadline = time.monotonic() + VISIBLE_WAIT_S
+        what = f"put s3://{self.location.bucket}/{key}"
+        while True:
+            try:
+                self._client.put_object(
+                    Bucket=self.location.bucket,
+                    Key=key,
+                    Body=body,
+                    ContentType="application/json",
+                    IfNoneMatch="*",  # the first label of an id wins
+                )
+            except Exception as exc:  # boto3 raises ClientError, BotoCoreError and urllib3 errors
+                if not is_precondition_failed(exc):
+                    raise translate(exc, what) from None
+            else:
+                return True
+            if self._exists(key):
+                return False
+            if time.monotonic() > deadline:
+                raise StoreUnreachable(f"{what}: exists but stayed unreadable for {VISIBLE_WAIT_S:g}s")
+            time.sleep(VISIBLE_POLL_S)
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self.location.bucket, Key=key)
+        except Exception as exc:  # see _put_new
+            if is_not_found(exc):
+                return False
+            raise translate(exc, f"head s3://{self.location.bucket}/{key}") from None
+        return True
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def labels(self, model: str) -> dict[str, LabelValue]:
+        found: dict[str, LabelValue] = {}
+        for body in self._bodies(self.location.key(LABELS_PREFIX, model, "")):
+            document = orjson.loads(body)
+            found[document["id"]] = document["label"]
+        return found
+
+    def labeled_models(self) -> list[str]:
+        prefix = self.location.key(LABELS_PREFIX, "")
+        models: list[str] = []
+        try:
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix, Delimiter="/"):
+                models.extend(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
+        except Exception as exc:  # see _put_new
+            raise translate(exc, f"list s3://{self.location.bucket}/{prefix}") from None
+        return sorted(models)
+
+    def row_ids(self, model: str, row_ids: Sequence[str]) -> dict[str, list[tuple[str, int]]]:
+        wanted = set(row_ids)
+        found: dict[str, set[tuple[str, int]]] = {}
+        for body in self._bodies(self.location.key(ROWS_PREFIX, model, "")):
+            for row_id, job_id, index in orjson.loads(body):
+                if row_id in wanted:
+                    found.setdefault(row_id, set()).add((job_id, index))
+        return {row_id: sorted(pairs) for row_id, pairs in found.items()}
+
+    def stored_results(self, job_ids: Sequence[str]) -> dict[str, StoredResult]:
+        valid = sorted({i for i in job_ids if is_valid_job_id(i)})
+        futures = [self._results._executor().submit(self._results._stored, job_id) for job_id in valid]
+        found = (future.result() for future in futures)
+        return {stored.result.id: stored for stored in found if stored is not None}
+
+    def scan_results(self, model: str, since_s: float | None = None) -> Iterator[StoredResult]:
+        # The listing carries each object's time: only those stored since ``since_s`` are read.
+        page: list[str] = []
+        for job_id, modified_s in self._listed_results():
+            if since_s is None or modified_s >= since_s:
+                page.append(job_id)
+            if len(page) == S3_SCAN_PAGE:
+                yield from self._of_model(page, model)
+                page = []
+        yield from self._of_model(page, model)
+
+    def _of_model(self, job_ids: list[str], model: str) -> Iterator[StoredResult]:
+        found = self.stored_results(job_ids)
+        for job_id in job_ids:
+            stored = found.get(job_id)
+            if stored is not None and stored.result.model == model:
+                yield stored
+
+    def _listed_results(self) -> Iterator[tuple[str, float]]:
+        """Each result's job id and object time, from the listing of the results prefix."""
+        prefix = self.location.prefix
+        try:
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    name = item["Key"][len(prefix) :]
+                    if name.endswith(".json") and "/" not in name:
+                        yield name[: -len(".json")], item["LastModified"].timestamp()
+        except Exception as exc:  # see _put_new
+            raise translate(exc, f"list {self.location}") from None
+
+    def _bodies(self, prefix: str) -> list[bytes]:
+        """The contents of every object under ``prefix``, read a page of the listing at a time, concurrently."""
+        bodies: list[bytes] = []
+        pool = self._results._executor()
+        try:
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix):
+                keys = [item["Key"] for item in page.get("Contents", [])]
+                bodies.extend(pool.map(self._body, keys))
+        except Exception as exc:  # see _put_new
+            raise translate(exc, f"list s3://{self.location.bucket}/{prefix}") from None
+        return bodies
+
+    def _body(self, key: str) -> bytes:
+        response = self._client.get_object(Bucket=self.location.bucket, Key=key)
+        data: bytes = response["Body"].read()
+        return data
+
+    def close(self) -> None:
+        """The client and threads are the result store's: it closes them."""

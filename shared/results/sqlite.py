@@ -22,6 +22,7 @@ import orjson
 from inferq.shared.contract.messages import Result, is_valid_job_id
 from inferq.shared.errors import ResultNotFound, StoreError, StoreRefused, StoreUnreachable, ValueRefused
 from inferq.shared.results.base import classified_os_error
+from inferq.shared.results.labels import LabelStore, LabelValue, RowId, StoredResult, label_json, label_of
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 10.0
@@ -267,6 +268,128 @@ class SQLiteResultStore:
             rows = self._read("SELECT count(*) FROM results WHERE model = ?", (model,))
         return int(str(rows[0][0]))
 
+    def labels(self) -> LabelStore:
+        """Labels and backfill row ids in tables beside ``results``, on this store's connection."""
+        return SQLiteLabelStore(self)
+
     def close(self) -> None:
         with self._lock:
             self._drop_connection()
+
+
+_LABEL_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS labels (model TEXT NOT NULL, id TEXT NOT NULL, label TEXT NOT NULL,"
+    " created_at TEXT NOT NULL, PRIMARY KEY (model, id))",
+    "CREATE TABLE IF NOT EXISTS row_ids (model TEXT NOT NULL, row_id TEXT NOT NULL, job_id TEXT NOT NULL,"
+    " row_index INTEGER NOT NULL, PRIMARY KEY (model, row_id, job_id, row_index))",
+)
+
+
+def _unix_s(created_at: str) -> float:
+    return datetime.fromisoformat(created_at.replace("Z", "+00:00")).timestamp()
+
+
+def _since_text(since_s: float | None) -> str:
+    """``since_s`` in the ``created_at`` format (text that sorts as time)."""
+    moment = datetime.fromtimestamp(since_s or 0, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class SQLiteLabelStore:
+    """Labels (table ``labels``) and backfill row ids (``row_ids``) in the results database file."""
+
+    def __init__(self, results: SQLiteResultStore) -> None:
+        self._results = results
+        self._schema_ready = False
+
+    def _connection(self) -> sqlite3.Connection:
+        """The result store's connection (called with its lock held), with the label tables created."""
+        connection = self._results._connect()
+        if not self._schema_ready:
+            for statement in _LABEL_SCHEMA:
+                connection.execute(statement)
+            self._schema_ready = True
+        return connection
+
+    def _write(self, sql: str, rows: list[tuple[object, ...]]) -> int:
+        with self._results._lock:
+            try:
+                connection = self._connection()
+                connection.execute("BEGIN IMMEDIATE")
+                try:
+                    before = connection.total_changes
+                    connection.executemany(sql, rows)
+                    connection.execute("COMMIT")
+                except BaseException:
+                    if connection.in_transaction:
+                        connection.execute("ROLLBACK")
+                    raise
+                return connection.total_changes - before
+            except sqlite3.Error as exc:
+                self._results._drop_connection()
+                raise self._results._read_error(exc) from None
+
+    def _read(self, sql: str, parameters: tuple[object, ...]) -> list[tuple[object, ...]]:
+        with self._results._lock:
+            try:
+                return self._connection().execute(sql, parameters).fetchall()
+            except sqlite3.Error as exc:
+                raise self._results._read_error(exc) from None
+
+    def put_labels(self, model: str, labels: Sequence[tuple[str, LabelValue]]) -> int:
+        now = utc_now_text()
+        rows: list[tuple[object, ...]] = [(model, i, label_json(v), now) for i, v in labels]
+        return self._write("INSERT OR IGNORE INTO labels VALUES (?, ?, ?, ?)", rows)
+
+    def labels(self, model: str) -> dict[str, LabelValue]:
+        rows = self._read("SELECT id, label FROM labels WHERE model = ?", (model,))
+        return {str(i): label_of(str(v)) for i, v in rows}
+
+    def labeled_models(self) -> list[str]:
+        return [str(row[0]) for row in self._read("SELECT DISTINCT model FROM labels ORDER BY 1", ())]
+
+    def put_row_ids(self, model: str, rows: Sequence[RowId]) -> None:
+        values: list[tuple[object, ...]] = [(model, r.row_id, r.job_id, r.index) for r in rows]
+        self._write("INSERT OR IGNORE INTO row_ids VALUES (?, ?, ?, ?)", values)
+
+    def row_ids(self, model: str, row_ids: Sequence[str]) -> dict[str, list[tuple[str, int]]]:
+        found: dict[str, list[tuple[str, int]]] = {}
+        for start in range(0, len(row_ids), _READ_CHUNK):
+            chunk = orjson.dumps(list(row_ids[start : start + _READ_CHUNK])).decode()
+            rows = self._read(
+                "SELECT row_id, job_id, row_index FROM row_ids WHERE model = ?"
+                " AND row_id IN (SELECT value FROM json_each(?))",
+                (model, chunk),
+            )
+            for row_id, job_id, index in rows:
+                found.setdefault(str(row_id), []).append((str(job_id), int(str(index))))
+        return found
+
+    def stored_results(self, job_ids: Sequence[str]) -> dict[str, StoredResult]:
+        found: dict[str, StoredResult] = {}
+        valid = [i for i in job_ids if is_valid_job_id(i)]
+        for start in range(0, len(valid), _READ_CHUNK):
+            chunk = orjson.dumps(valid[start : start + _READ_CHUNK]).decode()
+            rows = self._read(
+                "SELECT id, result, created_at FROM results WHERE id IN (SELECT value FROM json_each(?))", (chunk,)
+            )
+            for job_id, text, created_at in rows:
+                found[str(job_id)] = StoredResult(Result.model_validate_json(str(text)), _unix_s(str(created_at)))
+        return found
+
+    def scan_results(self, model: str, since_s: float | None = None) -> Iterator[StoredResult]:
+        after, since = 0, _since_text(since_s)
+        while True:
+            rows = self._read(
+                "SELECT rowid, result, created_at FROM results WHERE rowid > ? AND model = ? AND created_at >= ?"
+                f" ORDER BY rowid LIMIT {_SCAN_PAGE}",
+                (after, model, since),
+            )
+            for rowid, text, created_at in rows:
+                after = int(str(rowid))
+                yield StoredResult(Result.model_validate_json(str(text)), _unix_s(str(created_at)))
+            if len(rows) < _SCAN_PAGE:
+                return
+
+    def close(self) -> None:
+        """The connection is the result store's: it closes it."""

@@ -21,6 +21,7 @@ from inferq.monitoring.store import FileMonitorStore
 from inferq.shared.broker.topology import all_queues
 from inferq.shared.config.settings import InferqSettings, WorkerSettings
 from inferq.shared.contract.messages import Datatype, OutputTensor
+from inferq.worker.live_performance import LivePerformance
 from inferq.worker.metrics import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,7 +186,7 @@ def test_definitions_declare_the_queues_exactly_as_the_topology_does(services: d
 
 
 def test_prometheus_scrapes_every_worker_replica_on_the_metrics_port(services: dict[str, dict[str, Any]]) -> None:
-    (config_file,) = mounted_files(services["prometheus"])
+    (config_file,) = [f for f in mounted_files(services["prometheus"]) if f.name == "prometheus.yml"]
     config = yaml.safe_load(config_file.read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     dns = jobs["inferq-worker"]["dns_sd_configs"][0]
@@ -219,8 +220,10 @@ def exported_names(tmp: Path) -> set[str]:
     metrics.model_cache_hits.labels("m").inc()
     metrics.model_cache_misses.labels("m").inc()
     _count_a_monitored_batch(metrics, tmp)
-    text = metrics.render().decode()
-    return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    # The live performance gauges (no labels here, so no samples: a gauge's family name is its sample name).
+    metrics.registry.register(LivePerformance(str(tmp / "results"), str(tmp / "models")))
+    families = list(text_string_to_metric_families(metrics.render().decode()))
+    return {s.name for family in families for s in family.samples} | {f.name for f in families if f.type == "gauge"}
 
 
 def test_grafana_dashboard_is_provisioned_and_queries_only_metrics_that_exist(

@@ -68,6 +68,10 @@ def test_the_rendered_set_is_a_worker_deployment_with_config_scaling_budget_and_
         "ScaledObject/inferq-worker",
         "Deployment/inferq-api",
         "Service/inferq-api",
+        "PrometheusRule/inferq",
+        "PodMonitor/inferq-worker",
+        "PodMonitor/inferq-api",
+        "PodMonitor/inferq-rabbitmq",
     }
     assert all(obj["metadata"]["namespace"] == "inferq" for obj in rendered.values())
     assert "Secret" not in {obj["kind"] for obj in rendered.values()}  # created out of band, never committed

@@ -83,3 +83,30 @@ def test_a_refresh_past_due_holds_jobs_until_the_new_view_is_read(tmp_path: Path
     # Then the new version answers
     after = fetcher.lookup("iris", "latest")
     assert after is not None and after[0] == 2
+
+
+def test_with_a_refresh_interval_of_zero_jobs_wait_for_one_fresh_view_not_for_ever(
+    tmp_path: Path, models: Models
+) -> None:
+    # Given a registry whose views are always due (INFERQ_ALIAS_REFRESH_S=0: read the store for every batch)
+    store = LocalModelStore(tmp_path)
+    publish(store, "iris", models.forest_onnx, alias="champion")
+    registry: Registry[LoadedModel] = Registry(store, load_model, refresh_s=0)
+    fetched = Fetched()
+    fetcher = ModelFetcher(registry, on_fetched=fetched)
+    assert fetcher.lookup("iris", "champion") is None
+    fetched.wait_for(1)
+
+    # When the alias moves and a job for it is looked up, as the worker does after every finished fetch
+    set_alias(store, "iris", "champion", publish(store, "iris", models.logistic_onnx).version)
+    answers = []
+    for _ in range(5):
+        answers.append(fetcher.lookup("iris", "champion"))
+        if answers[-1] is not None:
+            break
+        fetched.wait_for(fetched.count + 1)
+
+    # Then it is answered once a view read after it was held is there: the moved alias, version 2
+    ready = answers[-1]
+    assert ready is not None and ready[0] == 2, f"held for {len(answers)} lookups"
+    assert len(answers) <= 3  # held for the fresh view (and the new version's load), no longer

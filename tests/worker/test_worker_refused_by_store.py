@@ -102,8 +102,10 @@ def run_worker_cli(env: Env, timeout_s: float = 90) -> subprocess.CompletedProce
             timeout=timeout_s,
             check=False,
         )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the worker was still running after {timeout_s:g} s (retrying a refused store)")
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else str(exc.stderr or "")
+        tail = "\n".join(stderr.splitlines()[-15:])
+        pytest.fail(f"the worker was still running after {timeout_s:g} s (retrying a refused store?):\n{tail}")
 
 
 def assert_refused_and_nothing_acked(env: Env, done: subprocess.CompletedProcess[str], jobs: list[Job]) -> str:
