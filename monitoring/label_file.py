@@ -20,7 +20,6 @@ from inferq.shared.tables.rowfile import RowFileError, csv_header, kind_of, read
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
-
 class LabelFileError(InferqError):
     """A label file that cannot be stored as it is; names the file, the line and what is wrong."""
 

@@ -161,9 +161,7 @@ class PlannedJob:
 
 def _record_row_ids(results: ResultStore, model: str, group: list[PlannedJob]) -> None:
     rows = [
-        RowId(row_id, planned.job_id, index)
-        for planned in group
-        for index, row_id in enumerate(planned.row_ids or [])
+        RowId(row_id, planned.job_id, index) for planned in group for index, row_id in enumerate(planned.row_ids or [])
     ]
     if rows:
         results.labels().put_row_ids(model, rows)
