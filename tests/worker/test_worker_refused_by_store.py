@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from onnx import TensorProto, helper
 from postgres_support import SHARED_URL, schema_url
+from seaweedfs import SeaweedFS
 from support import S3_BUCKET, Env, audit, wait_for
 
 from inferq.model_store.base import publish
@@ -91,12 +92,12 @@ def test_results_postgresql_refuses_fail_only_their_jobs_and_thousands_of_others
     assert report.stored == JOBS
 
 
-def run_worker_cli(env: Env, timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
+def run_worker_cli(env: Env, timeout_s: float = 90, **extra: str) -> subprocess.CompletedProcess[str]:
     """``inferq worker`` (not draining: it must stop by itself), failing the test if it does not."""
     try:
         return subprocess.run(
             [sys.executable, "-m", "inferq", "worker"],
-            env=env.environ(INFERQ_STORE_RETRY_MAX_S="0.5", INFERQ_METRICS_PORT="0"),
+            env=env.environ(INFERQ_STORE_RETRY_MAX_S="0.5", INFERQ_METRICS_PORT="0", **extra),
             text=True,
             capture_output=True,
             timeout=timeout_s,
@@ -170,8 +171,10 @@ def test_a_missing_s3_bucket_stops_the_worker_with_exit_2_and_nothing_acked(echo
     echo_env.result_location = f"s3://no-bucket-{uuid.uuid4().hex[:8]}/results"
     jobs = [echo_job(f"row {i}") for i in range(200)]
     echo_env.submit(jobs)
-    # When a worker starts on it
-    done = run_worker_cli(echo_env)
+    # When a worker starts on it. NOTE: on a server of its own: the session's SeaweedFS, after the other S3
+    # tests, was seen to leave such a PUT unanswered instead of refusing it.
+    with SeaweedFS() as fresh:
+        done = run_worker_cli(echo_env, AWS_ENDPOINT_URL=fresh.endpoint)
     # Then it exits 2 with one line naming the bucket, and every job is still queued
     line = assert_refused_and_nothing_acked(echo_env, done, jobs)
     assert echo_env.result_location.split("/")[2] in line
