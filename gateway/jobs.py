@@ -5,18 +5,27 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
+from dataclasses import dataclass
 
 import orjson
 from pydantic import ValidationError
 
 from inferq.gateway.errors import ApiCode, ApiError, bad_request
-from inferq.gateway.protocol import ErrorDetail, InferenceRequest, InferenceResponse, Operation, OperationStatus
+from inferq.gateway.protocol import (
+    BinaryOutputTensor,
+    ErrorDetail,
+    InferenceRequest,
+    InferenceResponse,
+    Operation,
+    OperationStatus,
+)
 from inferq.gateway.records import OperationRecord
 from inferq.model_store.manifest import Manifest
 from inferq.model_store.signature import Limits, prepare_inputs
 from inferq.shared.contract.codec import describe_validation_error
 from inferq.shared.contract.messages import (
     Job,
+    OutputTensor,
     Result,
     Status,
     VersionRef,
@@ -26,7 +35,7 @@ from inferq.shared.contract.messages import (
 )
 from inferq.shared.errors import ErrorCode
 
-_PREFER_WAIT = re.compile(r"(?:^|[,;])\s*wait\s*=\s*\"?(\d{1,9}(?:\.\d{1,9})?)\"?\s*(?:$|[,;])", re.IGNORECASE)
+_WAIT_VALUE = re.compile(r"\"?(\d{1,9}(?:\.\d{1,9})?)\"?")
 
 
 def version_ref(raw: str) -> VersionRef:
@@ -48,7 +57,8 @@ def job_id_for(request: InferenceRequest, idempotency_key: str | None) -> str:
 def build_job(model: str, ref: VersionRef, request: InferenceRequest, job_id: str, max_message_bytes: int) -> Job:
     """The job the request asks for, held to the wire contract (the size limit included)."""
     try:
-        job = Job(id=job_id, model=model, version=ref, inputs=request.inputs, parameters=request.parameters)
+        inputs = [tensor.tensor() for tensor in request.inputs]
+        job = Job(id=job_id, model=model, version=ref, inputs=inputs, parameters=request.parameters)
     except ValidationError as exc:
         raise bad_request(describe_validation_error(exc)) from None
     size = len(job.model_dump_json(exclude_none=True))
@@ -152,14 +162,16 @@ def finished(result: Result, record: OperationRecord) -> Operation:
         error=None,
     )
     if result.status is Status.SUCCEEDED:
-        outputs = result.outputs or []
-        if record.outputs is not None:
-            wanted = set(record.outputs)
-            outputs = [t for t in outputs if t.name in wanted]
+        wanted = None if record.outputs is None else set(record.outputs)
+        outputs: list[OutputTensor | BinaryOutputTensor] = [
+            t for t in result.outputs or [] if wanted is None or t.name in wanted
+        ]
+        timings = result.timings.model_dump(exclude_none=True)
         response = InferenceResponse.model_construct(
             model_name=result.model or "",
             model_version=None if result.version is None else str(result.version),
             id=result.id,
+            parameters=timings,
             outputs=outputs,
         )
         return operation.model_copy(update={"result": response})
@@ -168,11 +180,33 @@ def finished(result: Result, record: OperationRecord) -> Operation:
     return operation.model_copy(update={"error": detail})
 
 
-def prefer_wait_s(prefer: str | None, max_wait_s: float) -> float:
-    """Seconds asked for by ``Prefer: wait=N`` (RFC 7240), at most ``max_wait_s``; 0 when absent."""
-    if not prefer:
-        return 0.0
-    match = _PREFER_WAIT.search(prefer)
-    if match is None:
-        return 0.0
-    return min(float(match.group(1)), max_wait_s)
+@dataclass(frozen=True, slots=True)
+class Preference:
+    """What a request's ``Prefer`` header (RFC 7240) asks: an operation at once (``respond-async``),
+    and how long to wait for the result (``wait=N``, seconds; ``None`` when not said)."""
+
+    respond_async: bool = False
+    wait_s: float | None = None
+
+    def wait(self, default_s: float, max_s: float) -> float:
+        """Seconds to wait for the result: ``wait=N`` if given, else none with ``respond-async`` and
+        ``default_s`` without; never above ``max_s``."""
+        if self.wait_s is not None:
+            return min(self.wait_s, max_s)
+        return 0.0 if self.respond_async else min(default_s, max_s)
+
+
+def preference(headers: list[str]) -> Preference:
+    """The preferences of every ``Prefer`` header of a request; the ones not understood are ignored,
+    as RFC 7240 asks."""
+    respond_async = False
+    wait_s: float | None = None
+    for header in headers:
+        for item in header.split(","):
+            token, _, value = item.partition(";")[0].partition("=")
+            name = token.strip().lower()
+            if name == "respond-async":
+                respond_async = True
+            elif name == "wait" and (match := _WAIT_VALUE.fullmatch(value.strip())) is not None:
+                wait_s = float(match.group(1))
+    return Preference(respond_async, wait_s)
