@@ -233,7 +233,9 @@ def test_sigterm_under_load_finishes_in_flight_work_within_the_grace_time(iris_s
 
 
 def test_a_second_signal_exits_at_once_and_nothing_is_lost(iris_store: Env, models: Models) -> None:
-    jobs = backlog(iris_store, models, 3000)
+    # NOTE: a backlog of 20,000 keeps the I/O thread busy when the signals come (the forced exit used to
+    # wait for the main thread to run Python code, sometimes for more than 30 s).
+    jobs = backlog(iris_store, models, 20_000)
     worker = start_worker(iris_store, INFERQ_STORE_RETRY_MAX_S="0.5")
     wait_for(lambda: len(list(iris_store.result_dir.glob("*.json"))) >= 100, timeout_s=60)
     # The result store goes away, so the graceful stop cannot finish: only the second signal ends it.

@@ -17,15 +17,23 @@ from pika.adapters.select_connection import IOLoop
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
-from inferq.shared.broker.amqp import PUBLISHED_MS_HEADER, ConfirmCallback, ConfirmTracker, forwarded_properties
+from inferq.shared.broker.amqp import (
+    PERSISTENT,
+    PUBLISHED_MS_HEADER,
+    ConfirmCallback,
+    ConfirmTracker,
+    forwarded_properties,
+)
 from inferq.shared.broker.connection import Link, Session
 from inferq.shared.broker.topology import (
+    COPY_HEADER,
     REASON_HEADER,
     RESENT_HEADER,
     all_queues,
     dead_letters_exchange,
     jobs_queue,
     retry_queue,
+    returns_exchange,
 )
 from inferq.shared.config.logging import get_logger
 from inferq.shared.config.settings import WorkerSettings
@@ -62,6 +70,13 @@ class Delivery:
         return count if isinstance(count, int) else (1 if self.redelivered else 0)
 
     @property
+    def copies(self) -> int:
+        """How many times a worker copied this job back to a queue (``x-inferq-copy``): each copy is a new
+        message whose delivery count starts over."""
+        copies = (self.properties.headers or {}).get(COPY_HEADER)
+        return copies if isinstance(copies, int) else 0
+
+    @property
     def maybe_done_before(self) -> bool:
         """The job may already have a stored result: redelivered, a suspect, or resent by its producer."""
         return self.redelivered or self.suspect or bool((self.properties.headers or {}).get(RESENT_HEADER))
@@ -79,6 +94,16 @@ class DeliveryHandler(Protocol):
     def on_connection_lost(self) -> None:
         """The connection dropped: every unacked delivery will be redelivered by the broker."""
 
+    def on_cancelled(self, queue: str) -> None:
+        """The broker cancelled the consumer of ``queue`` (deleted, or lost): it is declared and consumed
+        again; deliveries already taken from it finish as usual."""
+
+    def on_listening(self) -> None:
+        """A new session listens to the announcements of returned deliveries (and may send its own)."""
+
+    def on_returns(self, body: bytes) -> None:
+        """A worker announced deliveries it lost (:mod:`inferq.worker.absolution`)."""
+
 
 def _published_ms(properties: BasicProperties) -> float | None:
     headers = properties.headers or {}
@@ -88,6 +113,26 @@ def _published_ms(properties: BasicProperties) -> float | None:
     if properties.timestamp:
         return float(properties.timestamp) * 1000
     return None
+
+
+def _copied_properties(original: BasicProperties, headers: dict[str, Any]) -> BasicProperties:
+    """Every property of ``original`` (persistent) with ``headers``, for a copy of a job put back in a
+    queue. NOTE: not ``user_id``: the broker refuses a publish whose user_id is not the publishing user's."""
+    return BasicProperties(
+        content_type=original.content_type,
+        content_encoding=original.content_encoding,
+        headers=headers,
+        delivery_mode=PERSISTENT,
+        priority=original.priority,
+        correlation_id=original.correlation_id,
+        reply_to=original.reply_to,
+        expiration=original.expiration,
+        message_id=original.message_id,
+        timestamp=original.timestamp,
+        type=original.type,
+        app_id=original.app_id,
+        cluster_id=original.cluster_id,
+    )
 
 
 def _count_returns(channel: Channel, on_return: Callable[[], None]) -> None:
@@ -119,6 +164,8 @@ class Consumer:
         self._channel: Channel | None = None
         self._confirms: ConfirmTracker | None = None
         self._consumer_tags: list[str] = []
+        self._queue_of: dict[str, str] = {}  # consumer tag -> its queue, for a cancel sent by the broker
+        self._lost: list[str] = []  # queues whose consumer the broker cancelled, to consume again
         self._epoch = 0
         self._stopping = False
         self._wanted = True  # consume whenever a channel is up; false after cancel() until resume()
@@ -141,6 +188,8 @@ class Consumer:
 
     def stop(self) -> None:
         """Close the connection (unacked deliveries return to the queue) and leave the I/O loop."""
+        if self._stopping:
+            return
         self._stopping = True
         channel = self._channel
         if channel is not None and channel.is_open:
@@ -150,6 +199,17 @@ class Consumer:
         else:
             self._link.close()
 
+    def abort(self) -> None:
+        """Leave the I/O loop now, without waiting for the broker to answer a close (a stop's time is up).
+        The socket goes with the process; the broker returns every unacked delivery to its queue."""
+        self._stopping = True
+        self._ioloop.stop()
+
+    @property
+    def connected(self) -> bool:
+        """True while a channel is open (consuming or not)."""
+        return self._channel is not None and self._channel.is_open
+
     @property
     def epoch(self) -> int:
         """Generation of the current connection; tags of older epochs are dead."""
@@ -157,8 +217,9 @@ class Consumer:
 
     @property
     def ready(self) -> bool:
-        """True while a channel is open and consuming."""
-        return self._channel is not None and self._channel.is_open and bool(self._consumer_tags)
+        """True while a channel is open and consuming (not while a queue whose consumer the broker
+        cancelled is declared and consumed again)."""
+        return self._channel is not None and self._channel.is_open and bool(self._consumer_tags) and not self._lost
 
     # Link handler: the connection layer's events.
 
@@ -167,20 +228,23 @@ class Consumer:
         self._epoch = session.epoch
         self._channel, self._confirms = session.channel, session.confirms
         _count_returns(session.channel, self._count_handed_back)
+        self._watch_cancels(session.channel)
         if self._stopping:
             self._link.close()
             return
-        self._on_queues_declared()
+        self._listen(session.channel)
 
     def on_lost(self, reason: str) -> bool:
-        """Every unacked delivery will be redelivered; reconnect unless stopping."""
+        """Every unacked delivery will be redelivered; reconnect unless stopping (the handler may decide
+        to stop on hearing of the loss: a stopping worker has nothing left to wait for)."""
         # Tags of the lost session are dead: its channel is gone, and the next session has a new epoch.
         self._channel = self._confirms = None
         self._consumer_tags = []
+        if not self._stopping:
+            self._handler.on_connection_lost()
         if self._stopping:
             self._ioloop.stop()
             return False
-        self._handler.on_connection_lost()
         return True
 
     def on_failed(self, error: InferqError) -> None:
@@ -194,6 +258,36 @@ class Consumer:
         self._channel = self._confirms = None
         self._consumer_tags = []
         self._ioloop.stop()
+
+    def _listen(self, channel: Channel) -> None:
+        """Listen to the announcements of returned deliveries on a private queue (deleted with the
+        connection), then consume jobs."""
+        exchange = returns_exchange(self.settings)
+
+        def consume(frame: Any) -> None:
+            queue = frame.method.queue
+            channel.queue_bind(queue, exchange, callback=lambda _f: started(queue))
+
+        def started(queue: str) -> None:
+            channel.basic_consume(queue, self._on_returns, auto_ack=True)
+            self._handler.on_listening()
+            self._on_queues_declared()
+
+        def declared(_frame: Any) -> None:
+            channel.queue_declare("", exclusive=True, auto_delete=True, callback=consume)
+
+        channel.exchange_declare(exchange, exchange_type="fanout", durable=True, callback=declared)
+
+    def _on_returns(self, _channel: Channel, _method: Basic.Deliver, _props: BasicProperties, body: bytes) -> None:
+        self._handler.on_returns(body)
+
+    def announce(self, body: bytes, on_confirm: ConfirmCallback) -> None:
+        """Tell every worker (this one included) of deliveries this one lost, with a confirm."""
+        if self._channel is None or not self._channel.is_open or self._confirms is None:
+            on_confirm(False)
+            return
+        props = BasicProperties(content_type="application/json", delivery_mode=PERSISTENT)
+        self._confirms.publish("", body, props, on_confirm, mandatory=False, exchange=returns_exchange(self.settings))
 
     def _on_queues_declared(self) -> None:
         # NOTE: after a reconnect, consume again only if the worker still wants jobs: a stop (or a
@@ -214,12 +308,13 @@ class Consumer:
 
         def consume_retry(_frame: Any) -> None:
             tag = channel.basic_consume(retry_queue(self.settings).name, self._on_suspect)
-            self._consumer_tags.append(tag)
+            self._subscribed(tag, retry_queue(self.settings).name)
             log.info("consuming", queue=self.settings.jobs_queue, prefetch=self.settings.prefetch)
             self._handler.on_consuming()
 
         def consume_jobs(_frame: Any) -> None:
-            self._consumer_tags.append(channel.basic_consume(self.settings.jobs_queue, self._on_message))
+            tag = channel.basic_consume(self.settings.jobs_queue, self._on_message)
+            self._subscribed(tag, self.settings.jobs_queue)
             channel.basic_qos(prefetch_count=1, callback=consume_retry)
 
         channel.basic_qos(prefetch_count=self.settings.prefetch, callback=consume_jobs)
@@ -241,6 +336,60 @@ class Consumer:
 
         for tag in tags:
             self._channel.basic_cancel(tag, callback=one_done)
+
+    # -- a consumer the broker cancelled ----------------------------------------------------------
+
+    def _watch_cancels(self, channel: Channel) -> None:
+        """Hear of the consumers the broker cancels on a new channel: RabbitMQ sends ``basic.cancel`` when a
+        consumed queue is deleted (pika advertises the ``consumer_cancel_notify`` capability it needs)."""
+        self._queue_of, self._lost = {}, []
+        channel.add_on_cancel_callback(self._on_cancelled_by_broker)
+
+    def _subscribed(self, tag: str, queue: str) -> None:
+        self._queue_of = {t: q for t, q in self._queue_of.items() if t in self._consumer_tags}
+        self._consumer_tags.append(tag)
+        self._queue_of[tag] = queue
+
+    def _on_cancelled_by_broker(self, frame: Any) -> None:
+        """The broker cancelled a consumer (its queue was deleted, say): not ready until the queues are
+        declared again and that one is consumed again. A refused declaration fails the link: the worker
+        exits with it."""
+        tag = frame.method.consumer_tag
+        queue = self._queue_of.pop(tag, None)
+        if queue is None or tag not in self._consumer_tags:
+            return  # one this worker was cancelling itself (a stop's or a drain's cancel crossed it)
+        self._consumer_tags.remove(tag)
+        self._lost.append(queue)
+        self._handler.on_cancelled(queue)
+        if len(self._lost) == 1:  # else a resubscription is under way, and it takes this queue too
+            self._link.redeclare(self._resubscribe)
+
+    def _resubscribe(self) -> None:
+        """Consume again the first queue that lost its consumer, then the next, one at a time (``basic_qos``
+        applies to the consumer created next: two at once could swap their prefetch)."""
+        channel = self._channel
+        if channel is None or not self._lost:
+            return
+        queue = self._lost[0]
+        prefetch = 1 if queue == retry_queue(self.settings).name else self.settings.prefetch
+        channel.basic_qos(prefetch_count=prefetch, callback=lambda _frame: self._consume_again(channel, queue))
+
+    def _consume_again(self, channel: Channel, queue: str) -> None:
+        if id(channel) != id(self._channel) or not self._lost:  # (ids: `is not` would widen `channel`)
+            return  # the session changed meanwhile: the new one consumes afresh
+        self._lost.pop(0)
+        # NOTE: a stop or a drain's cancel that came meanwhile holds (resume() consumes every queue).
+        if not self._wanted or self._stopping:
+            self._lost = []
+            return
+        if queue not in (self._queue_of.get(t) for t in self._consumer_tags):
+            on_message = self._on_suspect if queue == retry_queue(self.settings).name else self._on_message
+            self._subscribed(channel.basic_consume(queue, on_message), queue)
+            log.info("consuming_again", queue=queue)
+        if self._lost:
+            self._link.redeclare(self._resubscribe)
+        elif self._consumer_tags:
+            self._handler.on_consuming()
 
     # -- deliveries ------------------------------------------------------------------------------
 
@@ -297,13 +446,28 @@ class Consumer:
     def dead_letter(self, delivery: Delivery, reason: str, on_confirm: ConfirmCallback) -> None:
         """Copy the message, body unchanged, through the dead-letters exchange (to the dead-letter queue and
         any listener) with ``reason`` in a header."""
+        # NOTE: the routing key is the jobs queue's name, as in the broker's own dead letters: a reason may be
+        # longer than the 255 bytes a routing key can hold.
         exchange = dead_letters_exchange(self.settings)
-        self._forward(delivery, reason, {REASON_HEADER: reason}, on_confirm, exchange=exchange)
+        self._forward(delivery, self.settings.jobs_queue, {REASON_HEADER: reason}, on_confirm, exchange=exchange)
 
     def quarantine(self, delivery: Delivery, on_confirm: ConfirmCallback) -> None:
         """Move a redelivered job, unchanged, to the retry queue, where it runs alone."""
         self._count_handed_back()
-        self._forward(delivery, retry_queue(self.settings).name, {}, on_confirm)
+        self._copy(delivery, retry_queue(self.settings).name, {}, on_confirm)
+
+    def resend(self, delivery: Delivery, on_confirm: ConfirmCallback) -> None:
+        """Put a copy of the job back in the queue it came from, every property and header kept, marked
+        resent (whoever takes it looks for a stored result first). Its delivery count starts over: handing
+        a job back this way spends none of its delivery attempts, where a nack would."""
+        self._count_handed_back()
+        queue = retry_queue(self.settings).name if delivery.suspect else self.settings.jobs_queue
+        self._copy(delivery, queue, {RESENT_HEADER: True}, on_confirm)
+
+    def _copy(self, delivery: Delivery, queue: str, headers: dict[str, Any], on_confirm: ConfirmCallback) -> None:
+        # Each copy is numbered: the returns of one copy are told apart from those of the message it copies.
+        headers = {**headers, COPY_HEADER: delivery.copies + 1}
+        self._forward(delivery, queue, headers, on_confirm, whole=True)
 
     def _forward(
         self,
@@ -313,13 +477,17 @@ class Consumer:
         on_confirm: ConfirmCallback,
         *,
         exchange: str = "",
+        whole: bool = False,
     ) -> None:
         if not self.is_current(delivery) or self._confirms is None:
             on_confirm(False)
             return
         original = delivery.properties
         kept = {k: v for k, v in (original.headers or {}).items() if k != DELIVERY_COUNT_HEADER}
-        props = forwarded_properties(original, {**kept, **headers})
+        if whole:
+            props = _copied_properties(original, {**kept, **headers})
+        else:
+            props = forwarded_properties(original, {**kept, **headers})
         self._confirms.publish(routing_key, delivery.body, props, on_confirm, exchange=exchange)
 
     def ack(self, epoch: int, through: int | None, singles: list[int]) -> None:

@@ -6,7 +6,7 @@ queue would spend one of its delivery attempts per refusal, and a few refusals i
 dead-letter a job whose result is stored. So the delivery is *held* (the deliveries after it are still
 acked) and only the publish is repeated, with capped backoff, until the broker confirms it, the
 connection is lost (the broker redelivers the job, and its stored result goes out then) or the worker
-stops (the job is handed back).
+stops (the job is handed back as a copy, which spends none of its delivery attempts either).
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ class ResultPublisher:
     def __init__(
         self,
         consumer: Consumer,
-        acks: AckWindow,
+        acks: AckWindow[Delivery],
         finished: Callable[[Delivery, bool], None],
+        hand_back: Callable[[Delivery], None],
         stopping: Callable[[], bool],
         on_refused: Callable[[], None],
     ) -> None:
@@ -54,7 +55,7 @@ class ResultPublisher:
         self._on_refused = on_refused
         self._backoff = Backoff(base_s=0.2, cap_s=REPUBLISH_MAX_S)
         self._refused: Waiting[ResultMessage] = Waiting(
-            consumer, acks, self.publish, self._next_try_s, finished, stopping
+            consumer, acks, self.publish, self._next_try_s, hand_back, stopping
         )
 
     def publish(self, message: ResultMessage) -> None:

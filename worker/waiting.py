@@ -3,8 +3,10 @@
 A job whose model or stored result cannot be read now, and a result the broker refused to take, wait
 the same way. The delivery is *held* in the ack window, so the deliveries after it are still acked; what
 was being done for it is tried again after a delay (or at once, when what it waits for is back); a stop
-hands it back to the queue; a lost connection forgets it, because the broker redelivers every unacked
-delivery. Holding spends none of the job's delivery attempts, where handing it back would.
+hands it back to the queue (as a copy, which spends none of its delivery attempts); a lost connection
+forgets it, because the broker redelivers every unacked delivery. One held longer than the broker lets a
+delivery go unacked is handed back by the worker (see ``Worker._hand_back_overdue``), and is dropped
+here when its turn comes.
 """
 
 from __future__ import annotations
@@ -33,17 +35,17 @@ class Waiting(Generic[T]):
     def __init__(
         self,
         loop: Loop,
-        acks: AckWindow,
+        acks: AckWindow[Delivery],
         retry: Callable[[T], None],
         delay_s: Callable[[], float],
-        finished: Callable[[Delivery, bool], None],
+        hand_back: Callable[[Delivery], None],
         stopping: Callable[[], bool],
     ) -> None:
         self._loop = loop
         self._acks = acks
         self._retry = retry
         self._delay_s = delay_s
-        self._finished = finished
+        self._hand_back = hand_back
         self._stopping = stopping
         self._items: list[tuple[Delivery, T]] = []
         self._timer: object | None = None
@@ -58,7 +60,7 @@ class Waiting(Generic[T]):
         if not self._loop.is_current(delivery):
             return False
         if self._stopping():
-            self._finished(delivery, False)
+            self._hand_back(delivery)
             return False
         self._acks.hold(delivery.epoch, delivery.tag)
         self._items.append((delivery, item))
@@ -68,13 +70,15 @@ class Waiting(Generic[T]):
 
     def retry_now(self) -> None:
         """Try every held item again (what they wait for is back, or the delay passed); while
-        stopping, hand them back instead."""
+        stopping, hand them back instead. One handed back meanwhile (held too long) is dropped."""
         self._cancel_timer()
         items, self._items = self._items, []
         for delivery, item in items:
+            if not self._loop.is_current(delivery) or not self._acks.working(delivery.epoch, delivery.tag):
+                continue
             if self._stopping():
-                self._finished(delivery, False)
-            elif self._loop.is_current(delivery):
+                self._hand_back(delivery)
+            else:
                 self._acks.release(delivery.epoch, delivery.tag)
                 self._retry(item)
 
@@ -83,7 +87,7 @@ class Waiting(Generic[T]):
         self._cancel_timer()
         items, self._items = self._items, []
         for delivery, _item in items:
-            self._finished(delivery, False)
+            self._hand_back(delivery)
 
     def forget(self) -> None:
         """The connection was lost: the broker redelivers every unacked delivery, these included."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -235,16 +236,44 @@ def forwarded_properties(original: pika.BasicProperties, headers: dict[str, Any]
     )
 
 
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<argument>[^']+)' for queue '(?P<queue>[^']+)' in vhost '(?P<vhost>[^']*)': (?P<detail>.*)"
+)
+DEAD_LETTERING_ARGUMENTS = frozenset(
+    {"x-dead-letter-exchange", "x-dead-letter-routing-key", "x-dead-letter-strategy", "x-overflow"}
+)
+"""The arguments that changed when the jobs and retry queues moved to at-least-once dead-lettering through
+the dead-letters exchange (they used to dead-letter to exchange ``""`` with a routing key, without a
+strategy, and the retry queue had no ``x-overflow``)."""
+RETRY_SUFFIX = ".retry"
+
+
 def topology_error(reason: BaseException) -> BrokerRefused | None:
     """A channel closed because a queue exists with other arguments: a configuration error that no
-    retry will fix (returns ``None`` for any other reason)."""
-    if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and reason.reply_code == PRECONDITION_FAILED:
+    retry will fix, told with the way out (returns ``None`` for any other reason)."""
+    if not (isinstance(reason, pika.exceptions.ChannelClosedByBroker) and reason.reply_code == PRECONDITION_FAILED):
+        return None
+    found = _INEQUIVALENT.search(reason.reply_text)
+    if found is None:
+        return BrokerRefused(f"the broker refused our declaration of the topology ({reason.reply_text})")
+    queue, argument, detail = found["queue"], found["argument"], found["detail"]
+    where = f"queue {queue!r} exists with another {argument} ({detail})"
+    vhost = "" if found["vhost"] == "/" else f" -p {found['vhost']}"
+    if argument in DEAD_LETTERING_ARGUMENTS:
+        jobs = queue.removesuffix(RETRY_SUFFIX)
         return BrokerRefused(
-            f"the broker refused our queue declaration ({reason.reply_text}); delete the queue or set the "
-            "INFERQ_* settings it was declared with (e.g. INFERQ_MAX_DELIVERIES, INFERQ_MAX_QUEUE_LENGTH, "
-            "INFERQ_RESULTS_MAX_LENGTH)"
+            f"{where}: it was declared by an earlier inferq, and the jobs and retry queues now dead-letter "
+            "at least once through the dead-letters exchange (new x-dead-letter-exchange, "
+            "x-dead-letter-strategy and x-overflow; no x-dead-letter-routing-key); let the earlier version's "
+            f"workers empty both (inferq worker --drain), check with rabbitmqctl{vhost} list_queues name "
+            f"messages, delete them (rabbitmqctl{vhost} delete_queue {jobs}; rabbitmqctl{vhost} delete_queue "
+            f"{jobs}{RETRY_SUFFIX}) and start the workers: they declare them anew"
         )
-    return None
+    return BrokerRefused(
+        f"{where}: set the INFERQ_* settings it was declared with (INFERQ_MAX_DELIVERIES, "
+        "INFERQ_MAX_QUEUE_LENGTH, INFERQ_RESULTS_MAX_LENGTH, INFERQ_RESULTS_MAX_AGE_S), or, once it is "
+        f"empty, delete it (rabbitmqctl{vhost} delete_queue {queue}) so that it is declared anew"
+    )
 
 
 def declare_queues(channel: Channel, specs: list[QueueSpec], on_done: Callable[[], None]) -> None:
@@ -278,11 +307,18 @@ def _bind(channel: Channel, queue: str, exchanges: list[str], on_done: Callable[
 
 def declare_topology(channel: BlockingChannel, settings: InferqSettings) -> None:
     """Declare every queue and exchange inferq owns on a blocking channel, exactly as the worker and the
-    producer do (for operator commands, tools and tests)."""
+    producer do (for operator commands, tools and tests); a queue that exists with other arguments raises
+    :class:`BrokerRefused`, saying what to do (:func:`topology_error`)."""
     for spec in all_queues(settings):
         for exchange in spec.bound_to:
             channel.exchange_declare(exchange, exchange_type="topic", durable=True)
-        channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+        try:
+            channel.queue_declare(spec.name, durable=True, arguments=spec.arguments)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            refused = topology_error(exc)
+            if refused is None:
+                raise
+            raise refused from None
         for exchange in spec.bound_to:
             channel.queue_bind(spec.name, exchange, ALL_RESULTS)
 

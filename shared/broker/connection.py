@@ -32,7 +32,7 @@ from __future__ import annotations
 import random
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -416,6 +416,22 @@ class Link:
             self._handler.on_closed()
         elif not connection.is_closing:
             connection.close()
+
+    def redeclare(self, on_done: Callable[[], None]) -> None:
+        """Declare the queues again on the open session (the broker cancelled a consumer: its queue was
+        deleted, or lost), then call ``on_done``. A refusal fails the link as it would at connect
+        (:meth:`LinkHandler.on_failed`); without an open session, nothing: the next one declares them."""
+        session = self.session
+        if session is None:
+            return
+        self._declaring = True
+
+        def declared() -> None:
+            if self._session is session:
+                self._declaring = False
+                on_done()
+
+        declare_queues(session.channel, self._queues, declared)
 
     # -- connecting -------------------------------------------------------------------------------
 

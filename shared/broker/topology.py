@@ -29,7 +29,11 @@ REASON_HEADER = "x-inferq-reason"
 """Header naming why a message was dead-lettered by inferq itself."""
 RESENT_HEADER = "x-inferq-resent"
 """Set by a producer on a job it publishes again because the first publish was never confirmed: the
-job may already be queued, so the worker looks for a stored result first."""
+job may already be queued, so the worker looks for a stored result first. A worker sets it too on a job it
+hands back as a copy (see ``COPY_HEADER``)."""
+COPY_HEADER = "x-inferq-copy"
+"""How many times a worker put a copy of this job back in a queue instead of returning the delivery (a
+copy's delivery count starts over, so handing a job back spends none of its delivery attempts)."""
 
 
 ALL_RESULTS = "#"
@@ -118,6 +122,13 @@ def results_queue(settings: InferqSettings) -> QueueSpec:
     )
 
 
+def returns_exchange(settings: InferqSettings) -> str:
+    """The fanout exchange on which workers tell each other of deliveries returned to the queue through no
+    fault of the job (a lost connection, a channel the broker closed): ``<jobs>.returns``. Each worker
+    listens on a private queue of its own, deleted with its connection."""
+    return f"{settings.jobs_queue}.returns"
+
+
 def all_queues(settings: InferqSettings) -> list[QueueSpec]:
     """Every queue inferq owns, in declaration order (the dead-letter queue first: declaring it declares
     the exchange the others dead-letter to)."""
@@ -125,5 +136,6 @@ def all_queues(settings: InferqSettings) -> list[QueueSpec]:
 
 
 def all_exchanges(settings: InferqSettings) -> list[str]:
-    """Every exchange inferq owns (declared with the queues bound to them)."""
-    return [dead_letters_exchange(settings), settings.results_exchange_name]
+    """Every exchange inferq owns (declared with the queues bound to them; the returns exchange by the
+    workers)."""
+    return [dead_letters_exchange(settings), settings.results_exchange_name, returns_exchange(settings)]

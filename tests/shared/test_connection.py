@@ -7,6 +7,7 @@ import pytest
 from private_broker import free_port
 from support import Env, dumps, job_dict
 
+from inferq.shared.broker.amqp import declare_topology
 from inferq.shared.broker.connection import open_blocking
 from inferq.shared.config.settings import OperatorSettings
 from inferq.shared.errors import BrokerRefused, BrokerUnavailable
@@ -83,3 +84,58 @@ def test_the_blocking_connection_of_the_operator_commands_classifies_failures_th
     nowhere = OperatorSettings(amqp_url="amqp://guest:guest@no-such-host.invalid:5672/%2F", connect_timeout_s=0.5)
     with pytest.raises(BrokerUnavailable, match=r"unknown host \(no-such-host.invalid:5672\)"):
         open_blocking(nowhere, "test")
+
+
+def test_every_client_advertises_that_it_hears_consumer_cancels(env: Env) -> None:
+    # RabbitMQ tells a consumer of its deleted queue only a client that advertises this capability.
+    connection = open_blocking(env.worker_settings(), "capabilities")
+    try:
+        capabilities = connection._impl._client_properties["capabilities"]
+        assert capabilities["consumer_cancel_notify"] is True
+    finally:
+        connection.close()
+
+
+OLD_DEAD_LETTERING = {"x-dead-letter-exchange": "", "x-queue-type": "quorum", "x-quorum-initial-group-size": 3}
+
+
+def declare_old_queues(env: Env) -> None:
+    """The jobs and retry queues as an earlier inferq declared them: dead-lettering to exchange ``""`` with a
+    routing key, without a strategy, and the retry queue without ``x-overflow``."""
+    settings = env.worker_settings()
+    old = {**OLD_DEAD_LETTERING, "x-delivery-limit": 5, "x-dead-letter-routing-key": settings.dlq_queue}
+    connection = open_blocking(settings, "old-topology")
+    try:
+        channel = connection.channel()
+        channel.queue_declare(
+            env.jobs_queue, durable=True, arguments={**old, "x-max-length": 1_000_000, "x-overflow": "reject-publish"}
+        )
+        channel.queue_declare(f"{env.jobs_queue}.retry", durable=True, arguments=old)
+    finally:
+        connection.close()
+
+
+def test_a_worker_on_queues_of_an_earlier_version_exits_with_one_line_saying_how_to_migrate(env: Env) -> None:
+    # Given the jobs and retry queues as an earlier inferq declared them
+    declare_old_queues(env)
+
+    # When a worker starts on them
+    done = env.inferq("worker", "--drain", INFERQ_METRICS_PORT="0")
+
+    # Then it exits 2 with one line naming the change and the commands that migrate
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith(f"inferq: error: queue '{env.jobs_queue}' exists with another x-dead-letter-exchange")
+    assert "x-dead-letter-strategy" in last and "inferq worker --drain" in last
+    assert f"rabbitmqctl delete_queue {env.jobs_queue}; rabbitmqctl delete_queue {env.jobs_queue}.retry" in last
+
+
+def test_the_blocking_declaration_of_the_tools_tells_the_same_way_out(env: Env) -> None:
+    declare_old_queues(env)
+    connection = open_blocking(env.worker_settings(), "declare")
+    try:
+        with pytest.raises(BrokerRefused, match="declared by an earlier inferq") as refused:
+            declare_topology(connection.channel(), env.worker_settings())
+    finally:
+        connection.close()
+    assert "\n" not in str(refused.value) and "x-overflow" in str(refused.value)

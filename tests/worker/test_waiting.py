@@ -1,5 +1,6 @@
 """Waiting deliveries: held without stalling the acks, tried again, handed back on stop, forgotten with
-their channel (pure logic: a fake loop whose timers fire when the test says)."""
+their channel, dropped once handed back for being held too long (pure logic: a fake loop whose timers
+fire when the test says)."""
 
 from __future__ import annotations
 
@@ -45,21 +46,23 @@ class World:
 
     def __init__(self) -> None:
         self.loop = FakeLoop()
-        self.acks = AckWindow()
+        self.acks: AckWindow[Delivery] = AckWindow()
         self.acks.reset(1)
         self.deliveries = [delivery() for _ in range(4)]
         for d in self.deliveries:
-            self.acks.received(1, d.tag)
+            self.acks.received(1, d.tag, d)
         self.retried: list[str] = []
         self.handed_back: list[int] = []
         self.stopping = False
         self.waiting: Waiting[str] = Waiting(
-            self.loop, self.acks, self.retried.append, lambda: DELAY_S, self.finished, lambda: self.stopping
+            self.loop, self.acks, self.retried.append, lambda: DELAY_S, self.hand_back, lambda: self.stopping
         )
 
     def finished(self, d: Delivery, ok: bool) -> None:
         self.acks.finished(d.epoch, d.tag, ok)
-        if not ok:
+
+    def hand_back(self, d: Delivery) -> None:
+        if self.acks.hand_over(d.epoch, d.tag):
             self.handed_back.append(d.tag)
 
     def finish(self, *indices: int) -> None:
@@ -125,3 +128,14 @@ def test_a_lost_connection_forgets_held_deliveries_and_an_old_channel_s_delivery
     assert not world.waiting.add(world.deliveries[1], "b")
     world.waiting.retry_now()
     assert world.retried == [] and world.handed_back == [] and len(world.waiting) == 0
+
+
+def test_a_held_delivery_handed_back_meanwhile_is_not_tried_again() -> None:
+    # Given two held deliveries, one of which is handed back (held longer than the broker allows)
+    world = World()
+    world.waiting.add(world.deliveries[0], "a")
+    world.waiting.add(world.deliveries[1], "b")
+    world.hand_back(world.deliveries[0])
+    # When the delay passes, only the other one is tried again
+    world.loop.fire()
+    assert world.retried == ["b"] and world.handed_back == [world.deliveries[0].tag]
