@@ -11,8 +11,6 @@ server to it.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -29,16 +27,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from inferq.gateway.binary import BINARY_MEDIA_TYPE, HEADER_LENGTH, OutputEncoding, encode_response, read_request
-from inferq.gateway.errors import (
-    ApiCode,
-    ApiError,
-    describe_validation,
-    failed_job_status,
-    from_job_error,
-    store_unavailable,
+from inferq.gateway import hot_path
+from inferq.gateway.binary import BINARY_MEDIA_TYPE, HEADER_LENGTH
+from inferq.gateway.errors import ApiCode, ApiError, describe_validation, from_job_error, store_unavailable
+from inferq.gateway.hot_path import (
+    JSON,
+    BearerToken,
+    HotPath,
+    InferHeaders,
+    Reply,
+    error_reply,
+    json_reply,
+    too_large,
 )
-from inferq.gateway.jobs import preference, version_ref
+from inferq.gateway.jobs import version_ref
 from inferq.gateway.metrics import UNMATCHED_ROUTE
 from inferq.gateway.probe import model_not_ready
 from inferq.gateway.protocol import (
@@ -49,18 +51,16 @@ from inferq.gateway.protocol import (
     ModelMetadata,
     ModelReadiness,
     Operation,
-    OperationStatus,
     Readiness,
     ServerMetadata,
 )
-from inferq.gateway.service import Answer, Gateway
-from inferq.shared.config.logging import get_logger, redact_text
+from inferq.gateway.service import Gateway
+from inferq.shared.config.logging import get_logger
 from inferq.shared.contract.messages import JOB_ID_PATTERN, LATEST, VersionRef
 from inferq.shared.errors import JobError, StoreError
 
 log = get_logger(__name__)
 
-JSON = "application/json"
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before asking again.", "schema": {"type": "integer"}}}
 _OPERATION_HEADERS = {
     "Operation-Location": {"description": "Where to read the operation.", "schema": {"type": "string"}},
@@ -76,48 +76,17 @@ def _error(description: str, *, retry: bool = False) -> dict[str, Any]:
     return doc
 
 
-def _json(status: int, body: BaseModel, headers: dict[str, str] | None = None) -> Response:
-    return Response(body.model_dump_json(exclude_none=True), status_code=status, media_type=JSON, headers=headers)
+def _json(status: int, body: BaseModel) -> Response:
+    return _response(json_reply(status, body))
+
+
+def _response(reply: Reply) -> Response:
+    return Response(reply.body, status_code=reply.status, media_type=reply.media_type, headers=dict(reply.headers))
 
 
 def error_response(error: ApiError) -> Response:
     """The JSON answer of an :class:`ApiError` (messages are redacted: a store URL may carry a password)."""
-    headers: dict[str, str] = {}
-    if error.retry_after_s is not None:
-        headers["Retry-After"] = str(error.retry_after_s)
-    if error.status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="inferq"'
-    return _json(error.status, ErrorBody(error=redact_text(error.message), code=error.code), headers)
-
-
-def _operation_response(answer: Answer, root_path: str, headers: dict[str, str] | None = None) -> Response:
-    location = f"{root_path}/v2/operations/{answer.operation.id}"
-    headers = {"Operation-Location": location, "Location": location, **(headers or {})}
-    if answer.operation.status == "queued":
-        headers["Retry-After"] = "1"
-    return _json(answer.status, answer.operation, headers)
-
-
-def _inference_response(answer: Answer, encoding: OutputEncoding, root_path: str) -> Response:
-    """The synchronous answer: the inference response, the job's error, or (not finished in time) 202
-    with the operation."""
-    operation = answer.operation
-    if operation.status is OperationStatus.SUCCEEDED and operation.result is not None:
-        body, header_length = encode_response(operation.result, encoding)
-        if header_length is None:
-            return Response(body, status_code=200, media_type=JSON)
-        return Response(
-            body, status_code=200, media_type=BINARY_MEDIA_TYPE, headers={HEADER_LENGTH: str(header_length)}
-        )
-    if operation.status is OperationStatus.QUEUED or operation.error is None:
-        return _operation_response(Answer(202, operation), root_path)
-    error = operation.error
-    location = f"{root_path}/v2/operations/{operation.id}"
-    return _json(
-        failed_job_status(error.code),
-        ErrorBody(error=redact_text(error.message), code=error.code),
-        {"Operation-Location": location, "Location": location},
-    )
+    return _response(error_reply(error))
 
 
 # -- middleware ------------------------------------------------------------------------------------
@@ -165,8 +134,7 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = f"the request body is above the limit of {self.max_bytes} bytes"
-        await error_response(ApiError(400, ApiCode.TOO_LARGE, message))(scope, receive, send)
+        await error_response(too_large(self.max_bytes))(scope, receive, send)
 
 
 class RequestMetrics:
@@ -206,22 +174,24 @@ def _token_check(gateway: Gateway) -> list[Any]:
     token = gateway.settings.api_token
     if token is None:
         return []
-    # Both sides hashed first: the comparison takes the same time whatever the length of the guess.
-    expected = hashlib.sha256(token.get_secret_value().encode()).digest()
+    bearer_token = BearerToken(token)
     bearer = HTTPBearer(auto_error=False, description="INFERQ_API_TOKEN")
 
     def check(request: Request) -> None:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        digest = hashlib.sha256(given.strip().encode()).digest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, expected):
-            raise ApiError(401, ApiCode.UNAUTHORIZED, "missing or wrong bearer token (Authorization: Bearer …)")
+        bearer_token.check(request.headers.get("authorization", ""))
 
     # The HTTPBearer dependency only documents the scheme in the OpenAPI schema; ``check`` decides.
     return [Depends(bearer), Depends(check)]
 
 
-def create_app(gateway: Gateway) -> FastAPI:
-    """The ASGI app over a built :class:`Gateway`; stopping the app stops the gateway, in order."""
+def create_app(gateway: Gateway) -> ASGIApp:
+    """The ASGI app over a built :class:`Gateway`: the hot routes answered straight from ASGI
+    (:class:`HotPath`), the rest by FastAPI; stopping the app stops the gateway, in order."""
+    return HotPath(create_fastapi_app(gateway), gateway)
+
+
+def create_fastapi_app(gateway: Gateway) -> FastAPI:
+    """The FastAPI app: every route and the OpenAPI schema (the hot routes' included)."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -275,9 +245,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
 
 
-# The headers are read straight from the request (FastAPI's header parameters cost more per request than
-# the rest of the routing), and so is the body (JSON whatever its content type, or JSON then binary
-# tensors): they are documented here for the schema.
+# The infer routes and the operation read are answered by :class:`HotPath` before FastAPI sees them; their
+# FastAPI routes describe them in the schema (and answer the same way, through the same functions). The
+# headers and the body (JSON whatever its content type, or JSON then binary tensors) are read by hand, so
+# they are documented here.
 _INFER_OPENAPI: dict[str, Any] = {
     "parameters": [
         {
@@ -366,7 +337,6 @@ _REQUEST_SCHEMAS = (InferenceRequest, InferenceResponse)
 def _v2_router(gateway: Gateway, auth: list[Any]) -> APIRouter:
     responses: dict[int | str, dict[str, Any]] = {401: _error("Missing or wrong bearer token.")} if auth else {}
     router = APIRouter(prefix="/v2", dependencies=auth, responses=responses)
-    settings = gateway.settings
     server = ServerMetadata(name="inferq", version=metadata.version("inferq"), extensions=["binary_tensor_data"])
 
     @router.get("", response_model=None, responses={200: {"model": ServerMetadata, "description": "This server."}})
@@ -376,14 +346,9 @@ def _v2_router(gateway: Gateway, auth: list[Any]) -> APIRouter:
 
     async def infer_at(request: Request, model: str, version: str) -> Response:
         headers = request.headers
-        body, encoding = read_request(await request.body(), headers.get(HEADER_LENGTH))
-        prefer = preference(headers.getlist("prefer"))
-        wait_s = prefer.wait(settings.http_wait_s, settings.max_prefer_wait_s)
-        answer = await gateway.submit(model, version_ref(version), body, headers.get("idempotency-key"), wait_s)
+        read = InferHeaders(headers.getlist("prefer"), headers.get("idempotency-key"), headers.get(HEADER_LENGTH))
         root_path = request.scope.get("root_path", "")
-        if prefer.respond_async:
-            return _operation_response(answer, root_path, {"Preference-Applied": "respond-async"})
-        return _inference_response(answer, encoding, root_path)
+        return _response(await hot_path.infer(gateway, model, version, await request.body(), read, root_path))
 
     @router.post(
         "/models/{model_name}/infer",
@@ -420,8 +385,7 @@ def _v2_router(gateway: Gateway, auth: list[Any]) -> APIRouter:
     )
     async def operation(request: Request, operation_id: str) -> Response:
         """The status of an operation and, once finished, its result or error."""
-        answer = await gateway.operation(operation_id)
-        return _operation_response(answer, request.scope.get("root_path", ""))
+        return _response(await hot_path.operation(gateway, operation_id, request.scope.get("root_path", "")))
 
     _add_model_routes(router, gateway)
     return router

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -22,6 +24,7 @@ from inferq.gateway.protocol import (
 from inferq.gateway.records import OperationRecord
 from inferq.model_store.manifest import Manifest
 from inferq.model_store.signature import Limits, prepare_inputs
+from inferq.producer.client import Encoded
 from inferq.shared.contract.codec import describe_validation_error
 from inferq.shared.contract.messages import (
     Job,
@@ -35,6 +38,8 @@ from inferq.shared.contract.messages import (
 )
 from inferq.shared.errors import ErrorCode
 
+_encode_job = Job.__pydantic_serializer__.to_json
+"""A job's JSON as bytes: what ``model_dump_json`` writes, without the round trip through ``str``."""
 _WAIT_VALUE = re.compile(r"\"?(\d{1,9}(?:\.\d{1,9})?)\"?")
 
 
@@ -46,25 +51,63 @@ def version_ref(raw: str) -> VersionRef:
         raise bad_request(f"version: {exc}") from None
 
 
+class _TimeOrderedIds:
+    """New job ids: uuids of version 7 (RFC 9562), the time in milliseconds then 74 random bits.
+
+    Why: ids that grow with time land side by side in the operation records' index (and in a SQL result
+    store's), so a group of claims writes one or two pages instead of one page per id; on SQLite a
+    record costs a third of the CPU of one under a random (version 4) uuid. The random bits come from
+    the system's source 256 ids' worth at a time (one system call per id otherwise): still unguessable."""
+
+    BATCH = 256
+    _RANDOM_BYTES = 10
+
+    def __init__(self) -> None:
+        self._random: list[int] = []
+
+    def next(self) -> str:
+        """A new id, as text (list.pop is atomic: threads may share it)."""
+        try:
+            bits = self._random.pop()
+        except IndexError:
+            size = self._RANDOM_BYTES
+            raw = os.urandom(size * self.BATCH)
+            self._random = [int.from_bytes(raw[i : i + size], "big") for i in range(0, len(raw), size)]
+            bits = self._random.pop()
+        value = (time.time_ns() // 1_000_000) << 80 | bits
+        value = (value & ~_VERSION_MASK) | _VERSION_7  # the version and variant bits over random ones
+        return str(uuid.UUID(int=value & ~_VARIANT_MASK | _VARIANT_RFC))
+
+
+_VERSION_MASK = 0xF << 76
+_VERSION_7 = 0x7 << 76
+_VARIANT_MASK = 0x3 << 62
+_VARIANT_RFC = 0x2 << 62
+_new_id = _TimeOrderedIds().next
+
+
 def job_id_for(request: InferenceRequest, idempotency_key: str | None) -> str:
-    """The body's ``id``, else the ``Idempotency-Key`` header, else a new uuid."""
-    job_id = request.id or idempotency_key or str(uuid.uuid4())
+    """The body's ``id``, else the ``Idempotency-Key`` header, else a new uuid (time-ordered)."""
+    job_id = request.id or idempotency_key or _new_id()
     if not is_valid_job_id(job_id):
         raise bad_request("the job id (body 'id' or Idempotency-Key) must be 1-128 characters of [A-Za-z0-9._:-]")
     return job_id
 
 
-def build_job(model: str, ref: VersionRef, request: InferenceRequest, job_id: str, max_message_bytes: int) -> Job:
-    """The job the request asks for, held to the wire contract (the size limit included)."""
+def build_job(
+    model: str, ref: VersionRef, request: InferenceRequest, job_id: str, max_message_bytes: int
+) -> tuple[Job, Encoded]:
+    """The job the request asks for, held to the wire contract (the size limit included), and its
+    encoding: the message published, as it was measured."""
     try:
         inputs = [tensor.tensor() for tensor in request.inputs]
         job = Job(id=job_id, model=model, version=ref, inputs=inputs, parameters=request.parameters)
     except ValidationError as exc:
         raise bad_request(describe_validation_error(exc)) from None
-    size = len(job.model_dump_json(exclude_none=True))
-    if size > max_message_bytes:
-        raise bad_request(f"the job is {size} bytes, above the limit of {max_message_bytes}", ApiCode.TOO_LARGE)
-    return job
+    body = _encode_job(job, exclude_none=True)
+    if len(body) > max_message_bytes:
+        raise bad_request(f"the job is {len(body)} bytes, above the limit of {max_message_bytes}", ApiCode.TOO_LARGE)
+    return job, Encoded(job_id, body)
 
 
 def check_job(job: Job, request: InferenceRequest, manifest: Manifest, limits: Limits) -> None:
@@ -87,7 +130,8 @@ def digest(job: Job, request: InferenceRequest) -> str:
     content = {
         "model": job.model,
         "version": job.version,
-        "inputs": [t.model_dump(mode="json") for t in job.inputs],
+        # What model_dump(mode="json") writes for a tensor, built by hand (a tenth of the time).
+        "inputs": [{"name": t.name, "shape": t.shape, "datatype": t.datatype, "data": t.data} for t in job.inputs],
         "parameters": job.parameters,
         "outputs": None if request.outputs is None else [o.model_dump(mode="json") for o in request.outputs],
     }

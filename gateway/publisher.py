@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from inferq.producer import Producer
+from inferq.producer.client import Encoded
 from inferq.shared.config.logging import get_logger
 from inferq.shared.config.settings import ProducerSettings
-from inferq.shared.contract.messages import Job
 from inferq.shared.errors import BrokerUnavailable, ConfigError, PublishError
 
 log = get_logger(__name__)
@@ -84,7 +84,7 @@ class _Group:
 
 @dataclass(frozen=True, slots=True)
 class _Request:
-    job: Job
+    job: Encoded
     waiter: _Waiter
 
 
@@ -97,7 +97,7 @@ class _Round:
         self._waiting: dict[str, list[_Waiter]] = {}
         self.stop_seen = False
 
-    def jobs(self) -> Iterator[Job]:
+    def jobs(self) -> Iterator[Encoded]:
         """The first job, then whatever is queued; ends when the queue is empty (later jobs start the
         next round once this one is confirmed)."""
         item = self._first
@@ -107,10 +107,10 @@ class _Round:
                 if item is None:
                     return
             if item.waiter.start():  # False: withdrawn by its request
-                if item.job.id in self._waiting:  # the same id twice at once: one publish answers both
-                    self._waiting[item.job.id].append(item.waiter)
+                if item.job.job_id in self._waiting:  # the same id twice at once: one publish answers both
+                    self._waiting[item.job.job_id].append(item.waiter)
                 else:
-                    self._waiting[item.job.id] = [item.waiter]
+                    self._waiting[item.job.job_id] = [item.waiter]
                     yield item.job
             item = None
 
@@ -163,7 +163,7 @@ class Publisher:
         if self._start_error is not None:
             raise self._start_error
 
-    def submit(self, job: Job) -> Future[None]:
+    def submit(self, job: Encoded) -> Future[None]:
         """Hand ``job`` over; the future resolves once the broker confirmed it, or fails with
         :class:`PublishError` (refused: queue full) or :class:`BrokerUnavailable`. Cancelling the
         future before the publish started withdraws the job."""
@@ -174,7 +174,7 @@ class Publisher:
         self._requests.put(_Request(job, _FutureWaiter(future)))
         return future
 
-    def submit_group(self, jobs: list[Job], done: Callable[[Outcomes], None]) -> None:
+    def submit_group(self, jobs: list[Encoded], done: Callable[[Outcomes], None]) -> None:
         """Hand ``jobs`` over together; ``done`` (called once, on the publisher's thread) gets each job's
         outcome: ``None`` when the broker confirmed it, else :class:`PublishError` (refused: queue full)
         or :class:`BrokerUnavailable`."""
@@ -184,7 +184,7 @@ class Publisher:
         if self._stopping.is_set():
             error = BrokerUnavailable("the gateway is stopping")
             for job in jobs:
-                group.settle(job.id, error)
+                group.settle(job.job_id, error)
             return
         for job in jobs:
             self._requests.put(_Request(job, group))
@@ -275,7 +275,7 @@ class Publisher:
             except queue.Empty:
                 return
             if item is not None and item.waiter.start():
-                item.waiter.settle(item.job.id, error)
+                item.waiter.settle(item.job.job_id, error)
 
     def _mark_down(self, error: Exception) -> None:
         if not self.broker_down:

@@ -8,10 +8,10 @@ with the result of the job admitted (its job digest), or its dead letter, which 
 
 Admission goes at the speed of the HTTP stack by grouping what concurrent requests share: the checks,
 the result look-ups and the record writes of every request that arrived while the previous group was
-being written run together on the records thread, in one transaction (claims and confirms alike), with
-one hand-over to that thread and back per group; the jobs of one turn of the event loop go to the
-publisher together and come back together, their confirms in flight at once. Blocking work (stores, the
-model catalog) never runs on the event loop.
+being written run together on the records thread, in one transaction (claims and confirms alike, flushed
+to disk when it holds claims), with one hand-over to that thread and back per group; the jobs of one turn
+of the event loop go to the publisher together and come back together, their confirms in flight at once.
+Blocking work (stores, the model catalog) never runs on the event loop.
 
 A request that waits for its result is woken by the result itself: every replica consumes the results
 exchange on a queue of its own (:class:`Waiters`), registered before the job is published. The store
@@ -55,6 +55,7 @@ from inferq.gateway.records import OperationRecord, OperationStore
 from inferq.gateway.settings import GatewaySettings
 from inferq.model_store.manifest import TensorSpec
 from inferq.model_store.signature import Limits
+from inferq.producer.client import Encoded
 from inferq.shared.config.logging import get_logger
 from inferq.shared.contract.messages import LATEST, Job, Result, VersionRef, is_valid_job_id
 from inferq.shared.errors import BrokerUnavailable, JobError, PublishError, ResultNotFound, StoreError
@@ -87,12 +88,22 @@ class Claim:
     """What one request asks the records thread for: its job checked and its record claimed."""
 
     job: Job
+    encoded: Encoded
+    """The job as it is published (encoded once, when its size was checked)."""
     request: InferenceRequest
     record: OperationRecord
     published: asyncio.Future[None] | None
     """For an id this gateway made up (nobody else can have used it): the job is published as soon as it
     passed its checks, while its record is written, and this future answers the publish. ``None`` for
     an id the client chose: published only once the claim said the id is free."""
+
+
+@dataclass(frozen=True, slots=True)
+class Confirm:
+    """What one request asks the records thread for once the broker confirmed its job: its record
+    marked confirmed."""
+
+    job_id: str
 
 
 ClaimOutcome = OperationRecord | ApiError
@@ -169,9 +180,9 @@ class PublishGroups:
 
     def __init__(self, publisher: Publisher) -> None:
         self._publisher = publisher
-        self._next: list[tuple[Job, asyncio.Future[None]]] = []
+        self._next: list[tuple[Encoded, asyncio.Future[None]]] = []
 
-    def publish(self, job: Job) -> asyncio.Future[None]:
+    def publish(self, job: Encoded) -> asyncio.Future[None]:
         """A future that resolves once the broker confirmed ``job`` (on the event loop), or fails with
         :class:`PublishError` or :class:`BrokerUnavailable`."""
         loop = asyncio.get_running_loop()
@@ -181,13 +192,13 @@ class PublishGroups:
         self._next.append((job, future))
         return future
 
-    def hand_over(self, group: list[tuple[Job, asyncio.Future[None]]], loop: asyncio.AbstractEventLoop) -> None:
+    def hand_over(self, group: list[tuple[Encoded, asyncio.Future[None]]], loop: asyncio.AbstractEventLoop) -> None:
         """Publish ``group`` now (any thread); its futures are answered on ``loop``."""
         if not group:
             return
         futures: dict[str, list[asyncio.Future[None]]] = {}
         for job, future in group:
-            futures.setdefault(job.id, []).append(future)
+            futures.setdefault(job.job_id, []).append(future)
 
         def done(outcomes: Outcomes) -> None:  # on the publisher's thread
             try:
@@ -263,8 +274,9 @@ class Gateway:
         self.dead_letters = RecentDeadLetters()
         self.waiters = Waiters()
         self.limits = Limits(settings.max_rows_per_job, settings.max_elements_per_tensor)
-        self.claims: Lane[Claim, OperationRecord] = Lane(self._claim_group, "inferq-claims")
-        self.confirms: Lane[str, None] = Lane(self._confirm_group, "inferq-confirms")
+        # Claims and confirms share one lane, and each group one transaction: a confirm costs no
+        # transaction of its own, and the flush the claims need anyway carries it.
+        self.records: Lane[Claim | Confirm, OperationRecord | None] = Lane(self._write_group, "inferq-records")
         self.publishes = PublishGroups(publisher)
         self.stopping = threading.Event()
         """Set on SIGTERM: requests waiting for a result answer 202 at once, so the stop is not held up."""
@@ -279,13 +291,13 @@ class Gateway:
         self._refuse_while_the_broker_does()
         chosen = request.id is not None or idempotency_key is not None
         job_id = job_id_for(request, idempotency_key)
-        job = build_job(model, ref, request, job_id, self.settings.max_message_bytes)
+        job, encoded = build_job(model, ref, request, job_id, self.settings.max_message_bytes)
         record = record_for(job, request, time.time())
         published = None if chosen else asyncio.get_running_loop().create_future()
         # Registered before any publish: the result's notification may come before the confirm does.
         waiting = self.waiters.expect(job.id) if wait_s > 0 else None
         try:
-            stored = await self.claims.run(Claim(job, request, record, published))
+            stored = await self._claim(Claim(job, encoded, request, record, published))
             if stored.digest != record.digest:
                 self.metrics.jobs_refused.labels("id_conflict").inc()
                 message = f"job id {job_id!r} was already used for a different request"
@@ -295,9 +307,9 @@ class Gateway:
             if not resubmitted:
                 # Claimed but not (yet) confirmed: new, or a publish whose fate is unknown. Publishing the
                 # same body again is safe: a job id gets one result, whoever runs it.
-                await self._confirmed(published if published is not None else self.publishes.publish(job))
+                await self._confirmed(published if published is not None else self.publishes.publish(encoded))
                 # Marked while the job runs; done before any answer, so a read after it finds the record queued.
-                confirming = self.confirms.submit(job.id)
+                confirming = self.records.submit(Confirm(job.id))
                 self.metrics.jobs_accepted.inc()
             operation = None
             if waiting is not None:
@@ -323,13 +335,25 @@ class Gateway:
                 429, ApiCode.QUEUE_FULL, "the jobs queue is full, try again later", retry_after_s=RETRY_AFTER_S
             )
 
-    def _claim_group(self, claims: list[Claim]) -> list[ClaimOutcome]:
-        """On the claims thread: check each job; publish at once those under ids made up here (nobody
-        else can hold them); look for results under the ids clients chose; then claim the records of
-        the jobs that passed, in one transaction."""
+    async def _claim(self, claim: Claim) -> OperationRecord:
+        stored = await self.records.run(claim)
+        assert stored is not None  # a claim is answered with its record (a confirm with None)
+        return stored
+
+    def _write_group(self, writes: list[Claim | Confirm]) -> list[OperationRecord | ApiError | None]:
+        """On the records thread: the claims and confirms of a group, in one transaction."""
+        claims = [write for write in writes if isinstance(write, Claim)]
+        confirms = [write.job_id for write in writes if isinstance(write, Confirm)]
+        claimed = iter(self._claim_group(claims, confirms))
+        return [next(claimed) if isinstance(write, Claim) else None for write in writes]
+
+    def _claim_group(self, claims: list[Claim], confirms: list[str]) -> list[ClaimOutcome]:
+        """Check each job; publish at once those under ids made up here (nobody else can hold them); look
+        for results under the ids clients chose; then claim the records of the jobs that passed and
+        mark ``confirms`` confirmed, in one transaction."""
         outcomes: list[ClaimOutcome | None] = [self._check(claim) for claim in claims]
         passed = [claim for claim, outcome in zip(claims, outcomes, strict=True) if outcome is None]
-        early = [(claim.job, claim.published) for claim in passed if claim.published is not None]
+        early = [(claim.encoded, claim.published) for claim in passed if claim.published is not None]
         if early:
             # NOTE: published before its record is written, to overlap the two round trips (the broker's
             # confirm, the disk's flush). Should the write then fail, the request is answered 503 and the
@@ -345,21 +369,16 @@ class Gateway:
                 outcomes[i] = ApiError(409, ApiCode.ID_CONFLICT, id_conflict_message(claim.job.id))
         admitted = [i for i, outcome in enumerate(outcomes) if outcome is None]
         try:
-            stored = dict(zip(admitted, self.operations.write([claims[i].record for i in admitted], []), strict=True))
+            records = self.operations.write([claims[i].record for i in admitted], confirms)
         except OSError as exc:
+            if confirms:
+                # Those jobs are queued and will run; only their "queued" status is missing until their
+                # results are stored. A resubmission with the same id publishes again, harmlessly.
+                log.warning("operation_confirm_failed", jobs=len(confirms), error=str(exc))
             refused = store_unavailable("the operations store", exc)
             return [refused if outcome is None else outcome for outcome in outcomes]
+        stored = dict(zip(admitted, records, strict=True))
         return [stored[i] if outcome is None else outcome for i, outcome in enumerate(outcomes)]
-
-    def _confirm_group(self, job_ids: list[str]) -> list[None]:
-        """On the confirms thread: mark the records of ``job_ids`` confirmed, in one transaction."""
-        try:
-            self.operations.write([], job_ids)
-        except OSError as exc:
-            # The jobs are queued and will run; only their "queued" status is missing until their results
-            # are stored. A resubmission with the same id publishes again, harmlessly.
-            log.warning("operation_confirm_failed", jobs=len(job_ids), error=str(exc))
-        return [None] * len(job_ids)
 
     def _check(self, claim: Claim) -> ApiError | None:
         """Why the job of ``claim`` cannot run, as a worker would say it; ``None`` when it can."""
@@ -557,8 +576,7 @@ class Gateway:
     def close(self) -> None:
         """Stop in order: publish and confirm what was handed in, stop listening (it writes records), then
         close the stores."""
-        self.claims.close()
-        self.confirms.close()
+        self.records.close()
         self.publisher.stop(self.settings.shutdown_grace_s)
         if self.listener is not None:
             self.listener.stop(self.settings.shutdown_grace_s)
