@@ -6,12 +6,15 @@ STAMP  := $(VENV)/.installed-stamp
 STORE  ?= file
 BENCH_STAMP := $(VENV)/.bench-stamp
 BENCH_ARGS ?=
+BENCH_HTTP_ARGS ?=
+BENCH_VENV := .bench-venv
+BENCH_VENV_STAMP := $(BENCH_VENV)/.installed-stamp
 DURATION ?= 10m
 SEED ?= 7
 
 # The tests need PostgreSQL too (the PostgreSQL result store) and promtool (the alert rules' tests);
 # `make test` starts or installs them.
-.PHONY: help env lock broker postgres promtool demo test test-fast lint format bench bench-backfill chaos clean
+.PHONY: help env lock broker postgres promtool demo test test-fast lint format bench bench-backfill bench-http chaos clean
 
 help:
 	@echo "make demo   run the end-to-end demo (RabbitMQ, a model directory, SQLite results)"
@@ -21,6 +24,7 @@ help:
 	@echo "make lock   re-resolve every dependency and rewrite constraints.txt (the versions env and images install)"
 	@echo "make bench  inferq vs the ideal pipeline, a naive worker and Celery (BENCH_ARGS='--jobs 20000' for a shorter run)"
 	@echo "make bench-backfill  inferq backfill --out vs a pandas script on 2,000,000 rows (BENCH_BACKFILL_ARGS='--rows 200000' for less)"
+	@echo "make bench-http  inferq serve under wrk: health route, admission, the synchronous round trip, MLServer"
 	@echo "make chaos DURATION=10m [SEED=7]  soak on a private 3-node RabbitMQ cluster under random faults, then the audit"
 
 # The package folders: a module added or removed there changes its folder, and the link tree is rebuilt.
@@ -93,5 +97,18 @@ BENCH_BACKFILL_ARGS ?=
 bench-backfill: env broker
 	$(BIN)/python -m bench.backfill $(BENCH_BACKFILL_ARGS)
 
+# MLServer, the peer of `make bench-http`, in a virtual environment of its own (its pins stay out of ours).
+$(BENCH_VENV_STAMP): bench/mlserver-requirements.txt
+	scripts/ensure-python.sh $(PYTHON)
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet -r bench/mlserver-requirements.txt
+	touch $(BENCH_VENV_STAMP)
+
+# wrk (Debian's package, installed when missing) against one `inferq serve`, then MLServer; about 2 minutes.
+bench-http: env broker $(BENCH_VENV_STAMP)
+	scripts/ensure-wrk.sh
+	$(BIN)/python -m bench.http_load $(BENCH_HTTP_ARGS)
+
 clean:
-	rm -rf var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache $(BENCH_VENV)

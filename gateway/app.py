@@ -1,17 +1,20 @@
 """The ASGI app: routes, the OpenAPI schema, errors as JSON, the token check, body limit and metrics.
 
-Every answer that is not a success is ``{"error": message, "code": code}`` with a status from the list in
-the README; the schema at ``/openapi.json`` documents each one, so clients (and the schema fuzzer in
-the tests) can hold the server to it.
+An inference request is answered the Open Inference Protocol way by default: it waits for its job's
+result (``INFERQ_HTTP_WAIT_S``, or ``Prefer: wait=N``) and answers 200 with the inference response (JSON,
+or JSON then binary outputs), or the job's error. ``Prefer: respond-async``, or a wait that runs out,
+answers 202 with the operation to read at ``Operation-Location``. Every answer that is not a success is
+``{"error": message, "code": code}`` with a status from the list in the README; the schema at
+``/openapi.json`` documents each one, so clients (and the schema fuzzer in the tests) can hold the
+server to it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from importlib import metadata
 from typing import Any
 
 from anyio import to_thread
@@ -24,18 +27,40 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from inferq.gateway.errors import ApiCode, ApiError
+from inferq.gateway import hot_path
+from inferq.gateway.binary import BINARY_MEDIA_TYPE, HEADER_LENGTH
+from inferq.gateway.errors import ApiCode, ApiError, describe_validation, from_job_error, store_unavailable
+from inferq.gateway.hot_path import (
+    JSON,
+    BearerToken,
+    HotPath,
+    InferHeaders,
+    Reply,
+    error_reply,
+    json_reply,
+    too_large,
+)
 from inferq.gateway.jobs import version_ref
 from inferq.gateway.metrics import UNMATCHED_ROUTE
-from inferq.gateway.protocol import ErrorBody, InferenceRequest, Liveness, ModelMetadata, Operation, Readiness
-from inferq.gateway.service import Answer, Gateway
-from inferq.shared.config.logging import get_logger, redact_text
-from inferq.shared.contract.messages import JOB_ID_PATTERN
+from inferq.gateway.probe import model_not_ready
+from inferq.gateway.protocol import (
+    ErrorBody,
+    InferenceRequest,
+    InferenceResponse,
+    Liveness,
+    ModelMetadata,
+    ModelReadiness,
+    Operation,
+    Readiness,
+    ServerMetadata,
+)
+from inferq.gateway.service import Gateway
+from inferq.shared.config.logging import get_logger
+from inferq.shared.contract.messages import JOB_ID_PATTERN, LATEST, VersionRef
+from inferq.shared.errors import JobError, StoreError
 
 log = get_logger(__name__)
 
-JSON = "application/json"
-MAX_VALIDATION_DETAILS = 3
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before asking again.", "schema": {"type": "integer"}}}
 _OPERATION_HEADERS = {
     "Operation-Location": {"description": "Where to read the operation.", "schema": {"type": "string"}},
@@ -51,51 +76,17 @@ def _error(description: str, *, retry: bool = False) -> dict[str, Any]:
     return doc
 
 
-def _json(status: int, body: BaseModel, headers: dict[str, str] | None = None) -> Response:
-    return Response(body.model_dump_json(exclude_none=True), status_code=status, media_type=JSON, headers=headers)
+def _json(status: int, body: BaseModel) -> Response:
+    return _response(json_reply(status, body))
+
+
+def _response(reply: Reply) -> Response:
+    return Response(reply.body, status_code=reply.status, media_type=reply.media_type, headers=dict(reply.headers))
 
 
 def error_response(error: ApiError) -> Response:
     """The JSON answer of an :class:`ApiError` (messages are redacted: a store URL may carry a password)."""
-    headers: dict[str, str] = {}
-    if error.retry_after_s is not None:
-        headers["Retry-After"] = str(error.retry_after_s)
-    if error.status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="inferq"'
-    return _json(error.status, ErrorBody(error=redact_text(error.message), code=error.code), headers)
-
-
-def _operation_response(answer: Answer, root_path: str) -> Response:
-    location = f"{root_path}/v2/operations/{answer.operation.id}"
-    headers = {"Operation-Location": location, "Location": location}
-    if answer.operation.status == "queued":
-        headers["Retry-After"] = "1"
-    return _json(answer.status, answer.operation, headers)
-
-
-_UNION_MEMBERS = frozenset({"bool", "int", "float", "str"})
-
-
-def _describe(errors: list[Any], content_type: str) -> str:
-    """One short line naming what was wrong, e.g. ``inputs.0.shape: ...`` (as the workers say it)."""
-    seen: dict[str, str] = {}
-    for error in errors:
-        if error.get("type") == "json_invalid":
-            return f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'decode error')})"
-        loc = [str(p) for p in error.get("loc", ())]
-        if loc[:1] == ["body"]:
-            loc = loc[1:]
-            if not loc and "json" not in content_type:
-                return "the body must be a JSON object, sent with Content-Type: application/json"
-        member = loc.pop() if loc and loc[-1] in _UNION_MEMBERS else None
-        where = ".".join(loc) or "body"
-        # One line per field, not one per union member tried; the number's complaint says most.
-        if where not in seen or member == "float":
-            seen[where] = error.get("msg", "invalid")
-    parts = [f"{where}: {msg}" for where, msg in list(seen.items())[:MAX_VALIDATION_DETAILS]]
-    if len(seen) > MAX_VALIDATION_DETAILS:
-        parts.append(f"and {len(seen) - MAX_VALIDATION_DETAILS} more")
-    return "; ".join(parts) or "invalid request"
+    return _response(error_reply(error))
 
 
 # -- middleware ------------------------------------------------------------------------------------
@@ -143,8 +134,7 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = f"the request body is above the limit of {self.max_bytes} bytes"
-        await error_response(ApiError(400, ApiCode.TOO_LARGE, message))(scope, receive, send)
+        await error_response(too_large(self.max_bytes))(scope, receive, send)
 
 
 class RequestMetrics:
@@ -184,22 +174,24 @@ def _token_check(gateway: Gateway) -> list[Any]:
     token = gateway.settings.api_token
     if token is None:
         return []
-    # Both sides hashed first: the comparison takes the same time whatever the length of the guess.
-    expected = hashlib.sha256(token.get_secret_value().encode()).digest()
+    bearer_token = BearerToken(token)
     bearer = HTTPBearer(auto_error=False, description="INFERQ_API_TOKEN")
 
     def check(request: Request) -> None:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        digest = hashlib.sha256(given.strip().encode()).digest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, expected):
-            raise ApiError(401, ApiCode.UNAUTHORIZED, "missing or wrong bearer token (Authorization: Bearer …)")
+        bearer_token.check(request.headers.get("authorization", ""))
 
     # The HTTPBearer dependency only documents the scheme in the OpenAPI schema; ``check`` decides.
     return [Depends(bearer), Depends(check)]
 
 
-def create_app(gateway: Gateway) -> FastAPI:
-    """The ASGI app over a built :class:`Gateway`; stopping the app stops the gateway, in order."""
+def create_app(gateway: Gateway) -> ASGIApp:
+    """The ASGI app over a built :class:`Gateway`: the hot routes answered straight from ASGI
+    (:class:`HotPath`), the rest by FastAPI; stopping the app stops the gateway, in order."""
+    return HotPath(create_fastapi_app(gateway), gateway)
+
+
+def create_fastapi_app(gateway: Gateway) -> FastAPI:
+    """The FastAPI app: every route and the OpenAPI schema (the hot routes' included)."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -210,7 +202,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     app = FastAPI(
         title="inferq",
-        summary="Open Inference Protocol requests in, asynchronous operations out.",
+        summary="Open Inference Protocol requests in: results, or asynchronous operations on request.",
         version="1",
         lifespan=lifespan,
         docs_url=None,
@@ -230,10 +222,11 @@ def _add_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, ApiError)
         return error_response(exc)
 
-    async def invalid_request(request: Request, exc: Exception) -> Response:
+    async def invalid_request(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        message = _describe(list(exc.errors()), request.headers.get("content-type", ""))
-        return error_response(ApiError(400, ApiCode.INVALID_PAYLOAD, message))
+        # FastAPI's locations start with where the value came from (path, query, header).
+        errors = [{**error, "loc": tuple(error.get("loc", ()))[1:]} for error in exc.errors()]
+        return error_response(ApiError(400, ApiCode.INVALID_PAYLOAD, describe_validation(errors)))
 
     async def http_error(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -252,15 +245,21 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
 
 
-# The two headers are read straight from the request (FastAPI's header parameters cost more per request
-# than the rest of the routing) and documented here for the schema.
-_INFER_HEADERS = {
+# The infer routes and the operation read are answered by :class:`HotPath` before FastAPI sees them; their
+# FastAPI routes describe them in the schema (and answer the same way, through the same functions). The
+# headers and the body (JSON whatever its content type, or JSON then binary tensors) are read by hand, so
+# they are documented here.
+_INFER_OPENAPI: dict[str, Any] = {
     "parameters": [
         {
             "name": "Prefer",
             "in": "header",
             "required": False,
-            "description": "RFC 7240: `wait=N` waits up to N seconds (at most 60) for the result before answering.",
+            "description": (
+                "RFC 7240. `respond-async`: answer 202 with the operation at once (with `wait=N`: after up to "
+                "N seconds). `wait=N`: wait up to N seconds (at most 60) for the result instead of "
+                "INFERQ_HTTP_WAIT_S; a wait that runs out answers 202 with the operation."
+            ),
             "schema": {"type": "string"},
         },
         {
@@ -270,69 +269,106 @@ _INFER_HEADERS = {
             "description": "The job id when the body has none: a retry with it is safe.",
             "schema": {"type": "string", "pattern": JOB_ID_PATTERN},
         },
-    ]
+        {
+            "name": HEADER_LENGTH,
+            "in": "header",
+            "required": False,
+            "description": (
+                "Binary tensor data extension: the length of the JSON at the start of the body; the bytes "
+                "of the inputs with parameters.binary_data_size follow it, in input order."
+            ),
+            "schema": {"type": "integer", "minimum": 0},
+        },
+    ],
+    "requestBody": {
+        "required": True,
+        "description": "JSON (any content type or none), or JSON then binary inputs (Inference-Header-Content-Length).",
+        "content": {
+            JSON: {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
+            BINARY_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
 }
-
+_BINARY_BODY = {"schema": {"type": "string", "format": "binary"}}
 _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "model": Operation,
-        "description": "Finished (Prefer: wait, or the id was accepted before).",
-        "headers": _OPERATION_HEADERS,
+        "description": (
+            "The job finished: the inference response (application/json), or its JSON then the binary outputs "
+            "asked for (application/octet-stream, with Inference-Header-Content-Length). With Prefer: "
+            "respond-async, the finished operation of an id accepted before."
+        ),
+        "headers": {
+            HEADER_LENGTH: {
+                "description": "The length of the JSON before the binary outputs.",
+                "schema": {"type": "integer"},
+            },
+            **_OPERATION_HEADERS,
+        },
+        "content": {
+            JSON: {
+                "schema": {
+                    "anyOf": [
+                        {"$ref": "#/components/schemas/InferenceResponse"},
+                        {"$ref": "#/components/schemas/Operation"},
+                    ]
+                }
+            },
+            BINARY_MEDIA_TYPE: _BINARY_BODY,
+        },
     },
     202: {
         "model": Operation,
-        "description": "Accepted and queued: the broker confirmed the job.",
+        "description": "Accepted and queued (the broker confirmed it): Prefer: respond-async, or the wait ran out.",
         "headers": _OPERATION_HEADERS,
     },
-    400: _error("The body breaks the contract: invalid_payload, input_mismatch or too_large."),
+    400: _error(
+        "The body breaks the contract, or the job failed for it: invalid_payload, input_mismatch or too_large."
+    ),
     404: _error("No such model or version: unknown_model, unknown_version."),
     409: _error("The id was already used for a different request, or holds another job's result: id_conflict."),
     429: _error("The jobs queue is full: queue_full.", retry=True),
+    500: _error("The job failed on the worker: inference_error, model_load_error, dead_lettered, ..."),
     503: _error("The broker or a store is unreachable.", retry=True),
 }
+_REQUEST_SCHEMAS = (InferenceRequest, InferenceResponse)
+"""Models the schema names that no route declares as such (the infer routes read their body themselves)."""
 
 
 def _v2_router(gateway: Gateway, auth: list[Any]) -> APIRouter:
     responses: dict[int | str, dict[str, Any]] = {401: _error("Missing or wrong bearer token.")} if auth else {}
     router = APIRouter(prefix="/v2", dependencies=auth, responses=responses)
+    server = ServerMetadata(name="inferq", version=metadata.version("inferq"), extensions=["binary_tensor_data"])
 
-    async def submit(request: Request, model: str, version: str, body: InferenceRequest) -> Response:
+    @router.get("", response_model=None, responses={200: {"model": ServerMetadata, "description": "This server."}})
+    async def server_metadata() -> Response:
+        """Open Inference Protocol server metadata: name, version and extensions."""
+        return _json(200, server)
+
+    async def infer_at(request: Request, model: str, version: str) -> Response:
         headers = request.headers
-        answer = await gateway.submit(
-            model, version_ref(version), body, headers.get("idempotency-key"), headers.get("prefer")
-        )
-        return _operation_response(answer, request.scope.get("root_path", ""))
+        read = InferHeaders(headers.getlist("prefer"), headers.get("idempotency-key"), headers.get(HEADER_LENGTH))
+        root_path = request.scope.get("root_path", "")
+        return _response(await hot_path.infer(gateway, model, version, await request.body(), read, root_path))
 
     @router.post(
         "/models/{model_name}/infer",
-        status_code=202,
         response_model=None,
         responses=_INFER_RESPONSES,
-        openapi_extra=_INFER_HEADERS,
+        openapi_extra=_INFER_OPENAPI,
     )
-    async def infer(
-        request: Request,
-        model_name: str,
-        body: InferenceRequest,
-    ) -> Response:
-        """Submit a job to the latest version of a model."""
-        return await submit(request, model_name, "latest", body)
+    async def infer(request: Request, model_name: str) -> Response:
+        """Run the latest version of a model on a request: its result, or its operation (asynchronous)."""
+        return await infer_at(request, model_name, LATEST)
 
     @router.post(
         "/models/{model_name}/versions/{model_version}/infer",
-        status_code=202,
         response_model=None,
         responses=_INFER_RESPONSES,
-        openapi_extra=_INFER_HEADERS,
+        openapi_extra=_INFER_OPENAPI,
     )
-    async def infer_version(
-        request: Request,
-        model_name: str,
-        model_version: str,
-        body: InferenceRequest,
-    ) -> Response:
-        """Submit a job to a version of a model: a number, `latest` or an alias."""
-        return await submit(request, model_name, model_version, body)
+    async def infer_version(request: Request, model_name: str, model_version: str) -> Response:
+        """Run a version of a model (a number, `latest` or an alias) on a request: its result, or its operation."""
+        return await infer_at(request, model_name, model_version)
 
     @router.get(
         "/operations/{operation_id}",
@@ -349,9 +385,13 @@ def _v2_router(gateway: Gateway, auth: list[Any]) -> APIRouter:
     )
     async def operation(request: Request, operation_id: str) -> Response:
         """The status of an operation and, once finished, its result or error."""
-        answer = await gateway.operation(operation_id)
-        return _operation_response(answer, request.scope.get("root_path", ""))
+        return _response(await hot_path.operation(gateway, operation_id, request.scope.get("root_path", "")))
 
+    _add_model_routes(router, gateway)
+    return router
+
+
+def _add_model_routes(router: APIRouter, gateway: Gateway) -> None:
     metadata_responses: dict[int | str, dict[str, Any]] = {
         200: {"model": ModelMetadata, "description": "From the manifest of the version."},
         400: _error("The version is not a number, latest or an alias name."),
@@ -369,7 +409,39 @@ def _v2_router(gateway: Gateway, auth: list[Any]) -> APIRouter:
         """Model metadata of a version: a number, `latest` or an alias."""
         return _json(200, await gateway.metadata(model_name, version_ref(model_version)))
 
-    return router
+    ready_responses: dict[int | str, dict[str, Any]] = {
+        200: {"model": ModelReadiness, "description": "The version exists and a worker consumes the jobs queue."},
+        400: _error("The version is not a number, latest or an alias name."),
+        404: _error("No such model or version: unknown_model, unknown_version."),
+        503: _error(
+            "Not ready: not_ready (no worker, or the broker cannot be read), or store_unavailable.", retry=True
+        ),
+    }
+
+    async def ready_at(name: str, ref: VersionRef) -> Response:
+        problem = await to_thread.run_sync(_model_problem, gateway, name, ref)
+        if problem is not None:
+            raise ApiError(503, ApiCode.NOT_READY, problem, retry_after_s=1)
+        return _json(200, ModelReadiness(name=name, ready=True))
+
+    @router.get("/models/{model_name}/ready", response_model=None, responses=ready_responses)
+    async def model_ready(model_name: str) -> Response:
+        """Whether the latest version of a model can be served now."""
+        return await ready_at(model_name, LATEST)
+
+    @router.get("/models/{model_name}/versions/{model_version}/ready", response_model=None, responses=ready_responses)
+    async def model_version_ready(model_name: str, model_version: str) -> Response:
+        """Whether a version of a model (a number, `latest` or an alias) can be served now."""
+        return await ready_at(model_name, version_ref(model_version))
+
+
+def _model_problem(gateway: Gateway, name: str, ref: VersionRef) -> str | None:
+    try:
+        return model_not_ready(gateway.catalog, gateway.probe, name, ref)
+    except JobError as exc:
+        raise from_job_error(exc) from None
+    except (OSError, StoreError) as exc:
+        raise store_unavailable("the model store", exc) from None
 
 
 def _service_router(gateway: Gateway) -> APIRouter:
@@ -409,7 +481,8 @@ def _service_router(gateway: Gateway) -> APIRouter:
 
 
 def _openapi_without_422(app: FastAPI) -> Callable[[], dict[str, Any]]:
-    """FastAPI documents a 422 for every route with parameters; this app answers those with 400."""
+    """FastAPI documents a 422 for every route with parameters (this app answers those with 400), and
+    not the models of bodies a route reads itself."""
     original = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -418,9 +491,14 @@ def _openapi_without_422(app: FastAPI) -> Callable[[], dict[str, Any]]:
             for path in schema.get("paths", {}).values():
                 for operation in path.values():
                     operation.get("responses", {}).pop("422", None)
-            schemas = schema.get("components", {}).get("schemas", {})
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(name, None)
+            for model in _REQUEST_SCHEMAS:
+                described = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, definition in described.pop("$defs", {}).items():
+                    schemas.setdefault(name, definition)
+                schemas.setdefault(model.__name__, described)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -7,6 +7,7 @@ refused at the door carries the code a worker would have given it; the rest belo
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from inferq.shared.errors import (
     ErrorCode,
@@ -73,6 +74,25 @@ def from_job_error(error: JobError) -> ApiError:
     return ApiError(400, ApiCode.INVALID_PAYLOAD, str(error))
 
 
+# What a job that failed after admission answers on the synchronous path, after the Open Inference
+# Protocol's habits (KServe, Triton): the caller's fault is 400, a model that is not there 404, the id
+# holding another job's result 409 (as at the door); the rest (inference_error, model_load_error,
+# dead_lettered, result_refused, expired, no_result) is the server's, 500.
+_FAILED_JOB_STATUS: dict[str, int] = {
+    ErrorCode.INVALID_PAYLOAD: 400,
+    ErrorCode.INPUT_MISMATCH: 400,
+    ErrorCode.TOO_LARGE: 400,
+    ErrorCode.UNKNOWN_MODEL: 404,
+    ErrorCode.UNKNOWN_VERSION: 404,
+    ApiCode.ID_CONFLICT: 409,
+}
+
+
+def failed_job_status(code: str) -> int:
+    """The HTTP status of a job that failed with ``code``, answered synchronously."""
+    return _FAILED_JOB_STATUS.get(code, 500)
+
+
 def bad_request(message: str, code: ApiCode = ApiCode.INVALID_PAYLOAD) -> ApiError:
     """A body or parameter that breaks the contract."""
     return ApiError(400, code, message)
@@ -81,3 +101,26 @@ def bad_request(message: str, code: ApiCode = ApiCode.INVALID_PAYLOAD) -> ApiErr
 def store_unavailable(what: str, error: BaseException) -> ApiError:
     """A store (results, operations, models) could not be read or written; a retry may succeed."""
     return ApiError(503, ApiCode.STORE_UNAVAILABLE, f"{what} is unavailable: {error}", retry_after_s=RETRY_AFTER_S)
+
+
+MAX_VALIDATION_DETAILS = 3
+_UNION_MEMBERS = frozenset({"bool", "int", "float", "str"})
+
+
+def describe_validation(errors: list[Any]) -> str:
+    """One short line naming what was wrong in a body, e.g. ``inputs.0.shape: ...`` (as the workers say
+    it), from pydantic's errors."""
+    seen: dict[str, str] = {}
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            return f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'decode error')})"
+        loc = [str(p) for p in error.get("loc", ())]
+        member = loc.pop() if loc and loc[-1] in _UNION_MEMBERS else None
+        where = ".".join(loc) or "body"
+        # One line per field, not one per union member tried; the number's complaint says most.
+        if where not in seen or member == "float":
+            seen[where] = error.get("msg", "invalid")
+    parts = [f"{where}: {msg}" for where, msg in list(seen.items())[:MAX_VALIDATION_DETAILS]]
+    if len(seen) > MAX_VALIDATION_DETAILS:
+        parts.append(f"and {len(seen) - MAX_VALIDATION_DETAILS} more")
+    return "; ".join(parts) or "invalid request"

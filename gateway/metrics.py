@@ -40,6 +40,12 @@ class GatewayMetrics:
         self.waiting = Gauge(
             "inferq_http_waiting_requests", "Requests waiting for a result (Prefer: wait).", registry=r
         )
+        self.waits_answered = Counter(
+            "inferq_http_waits_answered",
+            "Waiting requests answered with their result, by what brought it: notification or store (the fallback).",
+            ["by"],
+            registry=r,
+        )
         self.broker_connected = Gauge(
             "inferq_http_broker_connected", "1 while the gateway's publisher is connected to the broker.", registry=r
         )

@@ -1,5 +1,6 @@
 """Readiness: can the gateway accept jobs? Its broker connection is up and the jobs queue is below its
-bound. The queue's depth is read with a passive declare on a short-lived connection of its own (the
+bound. Can a model be served? Its version exists and a worker consumes the jobs queue. The queue's
+depth and consumers are read with a passive declare on a short-lived connection of its own (the
 publisher's connection belongs to its thread) and cached, so probes cost the broker little."""
 
 from __future__ import annotations
@@ -11,17 +12,20 @@ from dataclasses import dataclass
 
 import pika
 
+from inferq.gateway.catalog import Catalog
 from inferq.shared.config.settings import InferqSettings
+from inferq.shared.contract.messages import VersionRef
 
 PROBE_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
 class QueueReading:
-    """The jobs queue's depth, or why it could not be read."""
+    """The jobs queue's depth and consumer count, or why they could not be read."""
 
     depth: int | None
     problem: str | None = None
+    consumers: int | None = None
 
 
 class QueueProbe:
@@ -56,7 +60,7 @@ class QueueProbe:
             return QueueReading(None, f"broker unreachable ({exc.strerror or type(exc).__name__})")
         try:
             frame = connection.channel().queue_declare(self._settings.jobs_queue, passive=True)
-            return QueueReading(int(frame.method.message_count))
+            return QueueReading(int(frame.method.message_count), consumers=int(frame.method.consumer_count))
         except pika.exceptions.ChannelClosedByBroker as exc:
             return QueueReading(None, f"queue {self._settings.jobs_queue} not declared ({exc.reply_code})")
         except pika.exceptions.AMQPError as exc:
@@ -64,3 +68,16 @@ class QueueProbe:
         finally:
             with contextlib.suppress(pika.exceptions.AMQPError):  # already closed by the broker or the network
                 connection.close()
+
+
+def model_not_ready(catalog: Catalog, probe: QueueProbe, name: str, ref: VersionRef) -> str | None:
+    """Why version ``ref`` of model ``name`` cannot be served now (no worker consumes the jobs queue, or
+    it cannot be read), or ``None`` when it can; raises ``UnknownModel``/``UnknownVersion`` when it does
+    not exist, and the catalog's store errors."""
+    catalog.manifest(name, ref)
+    reading = probe.read()
+    if reading.consumers is None:
+        return reading.problem or "the jobs queue cannot be read"
+    if reading.consumers == 0:
+        return "no worker consumes the jobs queue"
+    return None

@@ -1,5 +1,7 @@
 """One long-lived publisher for every request: a thread owns the producer (pika is not thread-safe),
-request handlers hand it jobs through a queue and get a future that resolves when the broker confirmed.
+request handlers hand it jobs through a queue and learn when the broker confirmed: a future per job
+(:meth:`Publisher.submit`), or one callback per group of jobs (:meth:`Publisher.submit_group`: the jobs of
+many requests handed over at once, and answered at once, one hand-over between threads each way).
 
 Jobs handed in while a publish is under way join it: the producer pulls them while it has room in its
 window of confirms, so under load one round of confirms carries many requests (a group commit) instead
@@ -13,14 +15,15 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Protocol
 
 from inferq.producer import Producer
+from inferq.producer.client import Encoded
 from inferq.shared.config.logging import get_logger
 from inferq.shared.config.settings import ProducerSettings
-from inferq.shared.contract.messages import Job
 from inferq.shared.errors import BrokerUnavailable, ConfigError, PublishError
 
 log = get_logger(__name__)
@@ -32,10 +35,57 @@ IDLE_S = 1.0
 """How often an idle publisher runs the connection's I/O (heartbeats) and checks the broker."""
 
 
+Outcomes = dict[str, Exception | None]
+"""Each job id of a group and how its publish ended: ``None`` confirmed, else the error."""
+
+
+class _Waiter(Protocol):
+    def start(self) -> bool: ...
+    def settle(self, job_id: str, error: Exception | None) -> None: ...
+
+
+class _FutureWaiter:
+    """One job's future (withdrawn when cancelled before its publish started)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: Future[None]) -> None:
+        self.future = future
+
+    def start(self) -> bool:
+        return self.future.set_running_or_notify_cancel()
+
+    def settle(self, _job_id: str, error: Exception | None) -> None:
+        if error is None:
+            self.future.set_result(None)
+        else:
+            self.future.set_exception(error)
+
+
+class _Group:
+    """The jobs of one :meth:`Publisher.submit_group`: ``done`` is called once, when each has an outcome."""
+
+    __slots__ = ("done", "outcomes", "pending")
+
+    def __init__(self, size: int, done: Callable[[Outcomes], None]) -> None:
+        self.pending = size
+        self.outcomes: Outcomes = {}
+        self.done = done
+
+    def start(self) -> bool:
+        return True
+
+    def settle(self, job_id: str, error: Exception | None) -> None:
+        self.outcomes[job_id] = error
+        self.pending -= 1
+        if self.pending == 0:
+            self.done(self.outcomes)
+
+
 @dataclass(frozen=True, slots=True)
 class _Request:
-    job: Job
-    future: Future[None]
+    job: Encoded
+    waiter: _Waiter
 
 
 class _Round:
@@ -44,10 +94,10 @@ class _Round:
     def __init__(self, requests: queue.SimpleQueue[_Request | None], first: _Request | None) -> None:
         self._requests = requests
         self._first = first
-        self._waiting: dict[str, list[Future[None]]] = {}
+        self._waiting: dict[str, list[_Waiter]] = {}
         self.stop_seen = False
 
-    def jobs(self) -> Iterator[Job]:
+    def jobs(self) -> Iterator[Encoded]:
         """The first job, then whatever is queued; ends when the queue is empty (later jobs start the
         next round once this one is confirmed)."""
         item = self._first
@@ -56,11 +106,11 @@ class _Round:
                 item = self._take()
                 if item is None:
                     return
-            if item.future.set_running_or_notify_cancel():  # False: withdrawn by its request
-                if item.job.id in self._waiting:  # the same id twice at once: one publish answers both
-                    self._waiting[item.job.id].append(item.future)
+            if item.waiter.start():  # False: withdrawn by its request
+                if item.job.job_id in self._waiting:  # the same id twice at once: one publish answers both
+                    self._waiting[item.job.job_id].append(item.waiter)
                 else:
-                    self._waiting[item.job.id] = [item.future]
+                    self._waiting[item.job.job_id] = [item.waiter]
                     yield item.job
             item = None
 
@@ -75,15 +125,15 @@ class _Round:
 
     def confirmed(self, job_id: str) -> None:
         """The broker confirmed ``job_id``: its requests are answered."""
-        for future in self._waiting.pop(job_id, []):
-            future.set_result(None)
+        for waiter in self._waiting.pop(job_id, []):
+            waiter.settle(job_id, None)
 
     def fail_unconfirmed(self, error: Exception) -> None:
         """The round ended with these jobs not confirmed."""
-        for futures in self._waiting.values():
-            for future in futures:
-                future.set_exception(error)
-        self._waiting.clear()
+        waiting, self._waiting = self._waiting, {}
+        for job_id, waiters in waiting.items():
+            for waiter in waiters:
+                waiter.settle(job_id, error)
 
 
 class Publisher:
@@ -113,7 +163,7 @@ class Publisher:
         if self._start_error is not None:
             raise self._start_error
 
-    def submit(self, job: Job) -> Future[None]:
+    def submit(self, job: Encoded) -> Future[None]:
         """Hand ``job`` over; the future resolves once the broker confirmed it, or fails with
         :class:`PublishError` (refused: queue full) or :class:`BrokerUnavailable`. Cancelling the
         future before the publish started withdraws the job."""
@@ -121,8 +171,23 @@ class Publisher:
         if self._stopping.is_set():
             future.set_exception(BrokerUnavailable("the gateway is stopping"))
             return future
-        self._requests.put(_Request(job, future))
+        self._requests.put(_Request(job, _FutureWaiter(future)))
         return future
+
+    def submit_group(self, jobs: list[Encoded], done: Callable[[Outcomes], None]) -> None:
+        """Hand ``jobs`` over together; ``done`` (called once, on the publisher's thread) gets each job's
+        outcome: ``None`` when the broker confirmed it, else :class:`PublishError` (refused: queue full)
+        or :class:`BrokerUnavailable`."""
+        if not jobs:
+            return
+        group = _Group(len(jobs), done)
+        if self._stopping.is_set():
+            error = BrokerUnavailable("the gateway is stopping")
+            for job in jobs:
+                group.settle(job.job_id, error)
+            return
+        for job in jobs:
+            self._requests.put(_Request(job, group))
 
     def refusing(self) -> bool:
         """True shortly after the broker refused a publish because the jobs queue was full."""
@@ -209,8 +274,8 @@ class Publisher:
                 item = self._requests.get_nowait()
             except queue.Empty:
                 return
-            if item is not None and item.future.set_running_or_notify_cancel():
-                item.future.set_exception(error)
+            if item is not None and item.waiter.start():
+                item.waiter.settle(item.job.job_id, error)
 
     def _mark_down(self, error: Exception) -> None:
         if not self.broker_down:

@@ -75,6 +75,10 @@ class OperationStore(Protocol):
     def confirm(self, job_id: str) -> None:
         """The broker confirmed the job: the operation is queued."""
 
+    def write(self, claims: list[OperationRecord], confirms: list[str]) -> list[OperationRecord]:
+        """:meth:`claim` each of ``claims`` and :meth:`confirm` each of ``confirms``, in one transaction;
+        the record stored for each claim, in order."""
+
     def mark_dead_lettered(self, letters: list[DeadLetter]) -> None:
         """Note each dead letter on the record of exactly its job (same id and job digest; the first
         reason stays); dead letters of other jobs change nothing."""
@@ -126,6 +130,8 @@ def _values(record: OperationRecord) -> tuple[Any, ...]:
 
 _COLUMNS = "id, model, requested_version, digest, outputs, accepted_at, confirmed, job_sha256, dead_letter"
 _CLAIMED = "id, model, requested_version, digest, outputs, accepted_at, job_sha256"
+_IN_CHUNK = 500
+"""Ids per ``IN (...)`` list (SQLite allows 999 parameters by default)."""
 _MARK_DEAD = f"UPDATE {TABLE} SET dead_letter = {{0}} WHERE id = {{0}} AND job_sha256 = {{0}} AND dead_letter IS NULL"
 
 
@@ -246,11 +252,19 @@ class SqliteOperationStore:
     def describe(self) -> str:
         return f"sqlite:{self.path}"
 
-    def _run(self, action: Callable[[sqlite3.Connection], T]) -> T:
+    def _run(self, action: Callable[[sqlite3.Connection], T], *, flush: bool = True) -> T:
+        """``action`` in one transaction; without ``flush``, committed without waiting for the disk
+        (kept through a crash of the process, not through a power loss)."""
         with self._lock:
             try:
-                with self._db:  # one transaction
-                    return action(self._db)
+                if not flush:
+                    self._db.execute("PRAGMA synchronous=NORMAL")
+                try:
+                    with self._db:
+                        return action(self._db)
+                finally:
+                    if not flush:
+                        self._db.execute("PRAGMA synchronous=FULL")
             except sqlite3.Error as exc:
                 raise StoreUnreachable(f"operations database {self.path}: {exc}") from None
 
@@ -267,6 +281,30 @@ class SqliteOperationStore:
 
     def confirm(self, job_id: str) -> None:
         self._writes.run(lambda db: db.execute(f"UPDATE {TABLE} SET confirmed = 1 WHERE id = ?", (job_id,)))
+
+    def write(self, claims: list[OperationRecord], confirms: list[str]) -> list[OperationRecord]:
+        def action(db: sqlite3.Connection) -> list[OperationRecord]:
+            before = db.total_changes
+            insert = f"INSERT OR IGNORE INTO {TABLE} ({_CLAIMED}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+            db.executemany(insert, map(_values, claims))
+            inserted = db.total_changes - before
+            db.executemany(f"UPDATE {TABLE} SET confirmed = 1 WHERE id = ?", [(job_id,) for job_id in confirms])
+            if inserted == len(claims):  # every id was free: each record stored is the one claimed
+                return claims
+            stored: dict[str, OperationRecord] = {}
+            ids = [record.id for record in claims]
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                for row in db.execute(f"SELECT {_COLUMNS} FROM {TABLE} WHERE id IN ({marks})", chunk):
+                    stored[row[0]] = _record(row)
+            return [stored[record.id] for record in claims]
+
+        # NOTE: confirms alone are not flushed to disk (claims are: a claim is what stops a second body
+        # under an id). A power loss may forget a confirm: the operation then reads 404 until its result
+        # is stored (the job itself is in the broker), never a wrong answer; the flush is a disk round
+        # trip on the path of every request.
+        return self._writes.run(action) if claims else self._run(action, flush=False)
 
     def mark_dead_lettered(self, letters: list[DeadLetter]) -> None:
         rows = [(letter.reason, letter.job_id, letter.job_sha256) for letter in letters]
@@ -355,6 +393,28 @@ class PostgresOperationStore:
 
     def confirm(self, job_id: str) -> None:
         self._writes.run(lambda conn: conn.execute(f"UPDATE {TABLE} SET confirmed = true WHERE id = %s", (job_id,)))
+
+    def write(self, claims: list[OperationRecord], confirms: list[str]) -> list[OperationRecord]:
+        def action(conn: Any) -> list[OperationRecord]:
+            if confirms:
+                if not claims:  # as on SQLite: confirms alone do not wait for the disk
+                    conn.execute("SET LOCAL synchronous_commit = off")
+                conn.execute(f"UPDATE {TABLE} SET confirmed = true WHERE id = ANY(%s)", (confirms,))
+            if not claims:
+                return []
+            cursor = conn.cursor()
+            cursor.executemany(
+                f"INSERT INTO {TABLE} ({_CLAIMED}) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                [_values(record) for record in claims],
+            )
+            if cursor.rowcount == len(claims):  # every id was free: each record stored is the one claimed
+                return claims
+            ids = [record.id for record in claims]
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM {TABLE} WHERE id = ANY(%s)", (ids,)).fetchall()
+            stored = {row[0]: _record(row) for row in rows}
+            return [stored[record.id] for record in claims]
+
+        return self._writes.run(action)
 
     def mark_dead_lettered(self, letters: list[DeadLetter]) -> None:
         rows = [(letter.reason, letter.job_id, letter.job_sha256) for letter in letters]

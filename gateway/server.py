@@ -2,7 +2,7 @@
 
 On SIGTERM (or SIGINT) uvicorn stops accepting connections and lets the requests in flight finish
 (each waits for its broker confirm), for at most ``shutdown_grace_s``; requests waiting for a result
-(``Prefer: wait``) answer 202 at once instead of holding the stop up. Then the app's lifespan ends:
+are woken and answer 202 at once instead of holding the stop up. Then the app's lifespan ends:
 the publisher publishes and confirms whatever was handed to it, and the stores are closed.
 """
 
@@ -23,7 +23,7 @@ from inferq.gateway.metrics import GatewayMetrics
 from inferq.gateway.probe import QueueProbe
 from inferq.gateway.publisher import Publisher
 from inferq.gateway.records import default_location, open_operation_store
-from inferq.gateway.service import Gateway
+from inferq.gateway.service import FALLBACK_POLL_S, Gateway
 from inferq.gateway.settings import GatewaySettings
 from inferq.model_store.stores import open_model_store
 from inferq.shared.broker.topology import dead_letters_exchange
@@ -33,9 +33,9 @@ from inferq.shared.results.stores import open_result_store
 log = get_logger(__name__)
 
 
-def build_gateway(settings: GatewaySettings) -> Gateway:
-    """Open the stores, start the publisher, then listen for dead letters; raises ``ConfigError`` for a
-    configuration that cannot work."""
+def build_gateway(settings: GatewaySettings, *, fallback_poll_s: float = FALLBACK_POLL_S) -> Gateway:
+    """Open the stores, start the publisher, then listen for dead letters and results; raises
+    ``ConfigError`` for a configuration that cannot work."""
     operations = open_operation_store(settings.operations_store or default_location(settings.result_store))
     publisher = Publisher(settings)
     gateway = Gateway(
@@ -46,6 +46,7 @@ def build_gateway(settings: GatewaySettings) -> Gateway:
         catalog=Catalog(open_model_store(settings.model_store), settings.alias_refresh_s),
         probe=QueueProbe(settings, settings.ready_cache_s),
         metrics=GatewayMetrics(),
+        fallback_poll_s=fallback_poll_s,
     )
     try:
         publisher.start(timeout_s=settings.connect_timeout_s + 5)
@@ -55,7 +56,13 @@ def build_gateway(settings: GatewaySettings) -> Gateway:
     # Every replica hears every dead letter on a queue of its own and notes those of the jobs this API
     # admitted in the shared records: any replica then answers for them.
     dead_letters = Subscription("gateway-dead-letters", dead_letters_exchange(settings), gateway.hear_dead_letters)
-    gateway.listener = Listener(settings, [dead_letters], name="inferq-gateway-listener")
+    # And every result notification, to wake the requests of this replica waiting for theirs (only those
+    # are decoded). After a reconnect, what was published meanwhile went unheard: the waiting requests
+    # look in the store.
+    results = Subscription("gateway-results", settings.results_exchange_name, gateway.hear_results)
+    gateway.listener = Listener(
+        settings, [dead_letters, results], name="inferq-gateway-listener", on_listening=gateway.waiters.wake_all
+    )
     gateway.listener.start()
     return gateway
 
@@ -84,7 +91,7 @@ class GatewayServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.gateway.stopping.is_set():
             log.info("gateway_stopping", signal=sig)
-        self.gateway.stopping.set()
+        self.gateway.begin_stop()
         super().handle_exit(sig, frame)
 
 

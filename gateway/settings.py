@@ -33,7 +33,12 @@ class GatewaySettings(ProducerSettings):
     publish_retry_s: Annotated[float, Field(gt=0)] = 0.1
     publish_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     """Longest a request waits for its job's confirm before it is answered 503."""
+    http_wait_s: Annotated[float, Field(ge=0, le=MAX_PREFER_WAIT_S)] = 30.0
+    """How long an inference request waits for its result before it is answered 202 with its operation
+    (``Prefer: wait=N`` sets it per request; ``Prefer: respond-async`` answers 202 at once); 0 makes
+    every request asynchronous."""
     max_prefer_wait_s: Annotated[float, Field(ge=0, le=MAX_PREFER_WAIT_S)] = MAX_PREFER_WAIT_S
+    """The longest any request waits for its result, whatever its ``Prefer`` header asks."""
     alias_refresh_s: Annotated[float, Field(ge=0)] = 5.0
     # The same per-job bounds as the workers' (WorkerSettings): a job accepted here must not be
     # refused there for its size.

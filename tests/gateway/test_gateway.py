@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from gateway_support import GatewayProcess, oip_request
+from gateway_support import ASYNC, GatewayProcess, oip_request
 from support import BackgroundWorker, Env, Models, wait_for
 
 from inferq.model_store.base import publish
@@ -58,24 +58,28 @@ def test_outputs_equal_scikit_learns_for_every_version_form(
     cases = [("versions/champion/", models.forest), ("versions/2/", models.logistic), ("", models.logistic)]
     for i, (path, estimator) in enumerate(cases):
         rows = models.X[i * 7 : i * 7 + 5]
-        # When each is submitted with Prefer: wait
-        response = http.post(f"/v2/models/iris/{path}infer", json=oip_request(rows), headers={"Prefer": "wait=30"})
-        # Then the finished operation comes back at once, with scikit-learn's answers
+        # When each is submitted as an Open Inference Protocol client does (no Prefer header)
+        response = http.post(f"/v2/models/iris/{path}infer", json=oip_request(rows))
+        # Then the inference response comes back, with scikit-learn's answers and the version that ran
         assert response.status_code == 200, response.text
-        operation = response.json()
-        assert operation["status"] == "succeeded"
-        outputs = {o["name"]: o for o in operation["result"]["outputs"]}
+        answer = response.json()
+        assert set(answer) == {"model_name", "model_version", "id", "parameters", "outputs"}
+        outputs = {o["name"]: o for o in answer["outputs"]}
         np.testing.assert_array_equal(outputs["label"]["data"], estimator.predict(rows))
         probabilities = np.asarray(outputs["probabilities"]["data"]).reshape(outputs["probabilities"]["shape"])
         np.testing.assert_allclose(probabilities, estimator.predict_proba(rows), atol=1e-5)
-        assert operation["result"]["model_version"] == ("1" if estimator is models.forest else "2")
+        assert answer["model_name"] == "iris"
+        assert answer["model_version"] == ("1" if estimator is models.forest else "2")
 
 
 def test_a_job_is_accepted_with_202_and_its_operation_finishes(http: httpx.Client, worker: BackgroundWorker) -> None:
     job_id = new_id()
-    response = http.post("/v2/models/iris/versions/champion/infer", json=oip_request([[5.1, 3.5, 1.4, 0.2]], id=job_id))
+    response = http.post(
+        "/v2/models/iris/versions/champion/infer", json=oip_request([[5.1, 3.5, 1.4, 0.2]], id=job_id), headers=ASYNC
+    )
 
     assert response.status_code == 202, response.text
+    assert response.headers["Preference-Applied"] == "respond-async"
     assert response.headers["Operation-Location"] == f"/v2/operations/{job_id}"
     assert response.headers["Location"] == response.headers["Operation-Location"]
     assert response.headers["Retry-After"] == "1"
@@ -102,9 +106,9 @@ def poll(http: httpx.Client, location: str, timeout_s: float = 30) -> dict:
 
 def test_requested_outputs_are_the_only_ones_returned(http: httpx.Client, worker: BackgroundWorker) -> None:
     body = oip_request([[6.0, 3.0, 5.0, 2.0]], outputs=[{"name": "label"}])
-    response = http.post("/v2/models/iris/infer", json=body, headers={"Prefer": "wait=30"})
+    response = http.post("/v2/models/iris/infer", json=body)
     assert response.status_code == 200, response.text
-    assert [o["name"] for o in response.json()["result"]["outputs"]] == ["label"]
+    assert [o["name"] for o in response.json()["outputs"]] == ["label"]
 
 
 def test_the_same_id_again_returns_the_existing_operation_and_never_a_second_job(
@@ -114,12 +118,16 @@ def test_the_same_id_again_returns_the_existing_operation_and_never_a_second_job
     body = oip_request([[5.0, 3.4, 1.5, 0.2]], id=job_id)
     # Given 20 concurrent submissions of one body under one id, and then one more after it finished
     with ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(lambda _: http.post("/v2/models/iris/infer", json=body).status_code, range(20)))
+        statuses = list(
+            pool.map(lambda _: http.post("/v2/models/iris/infer", json=body, headers=ASYNC).status_code, range(20))
+        )
     assert set(statuses) <= {200, 202}
     finished = poll(http, f"/v2/operations/{job_id}")
-    again = http.post("/v2/models/iris/infer", json=body)
-    # Then the resubmission answers with the finished operation
+    again = http.post("/v2/models/iris/infer", json=body, headers=ASYNC)
+    # Then the resubmission answers with the finished operation, or its result when waited for
     assert again.status_code == 200 and again.json() == finished
+    waited = http.post("/v2/models/iris/infer", json=body)
+    assert waited.status_code == 200 and waited.json() == finished["result"]
     # And a different body under that id is refused, in either place it can carry the id
     other = oip_request([[9.9, 3.4, 1.5, 0.2]], id=job_id)
     conflict = http.post("/v2/models/iris/infer", json=other)
@@ -136,12 +144,9 @@ def test_the_same_id_again_returns_the_existing_operation_and_never_a_second_job
 
 def test_the_idempotency_key_is_the_job_id_when_the_body_has_none(http: httpx.Client, worker: BackgroundWorker) -> None:
     key = new_id()
-    first = http.post(
-        "/v2/models/iris/infer", json=oip_request([[5.1, 3.5, 1.4, 0.2]]), headers={"Idempotency-Key": key}
-    )
-    second = http.post(
-        "/v2/models/iris/infer", json=oip_request([[5.1, 3.5, 1.4, 0.2]]), headers={"Idempotency-Key": key}
-    )
+    headers = {"Idempotency-Key": key, **ASYNC}
+    first = http.post("/v2/models/iris/infer", json=oip_request([[5.1, 3.5, 1.4, 0.2]]), headers=headers)
+    second = http.post("/v2/models/iris/infer", json=oip_request([[5.1, 3.5, 1.4, 0.2]]), headers=headers)
     assert first.status_code == 202 and first.json()["id"] == key
     assert second.status_code in (200, 202) and second.json()["id"] == key
 
@@ -226,7 +231,7 @@ def test_thousands_of_concurrent_requests_each_get_one_accepted_job_and_one_resu
         body = oip_request(models.X[i % 150 : i % 150 + 1], id=ids[i])
         for attempt in range(3):
             try:
-                response = http.post("/v2/models/iris/infer", json=body)
+                response = http.post("/v2/models/iris/infer", json=body, headers=ASYNC)
                 break
             except httpx.TransportError:
                 # As a client should: the same request again, under the same id (the gateway answers

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from gateway_support import GatewayProcess, oip_request
+from gateway_support import ASYNC, GatewayProcess, oip_request
 from private_broker import PrivateBroker
 from support import Env, wait_for
 
@@ -33,7 +33,7 @@ def test_a_stopped_broker_gets_503_with_retry_after_and_the_gateway_recovers(
     env = dataclasses.replace(iris_store, amqp_url=private_broker.url)
     extra = {"INFERQ_CONNECT_TIMEOUT_S": "2", "INFERQ_PUBLISH_TIMEOUT_S": "5"}
     with GatewayProcess(env, env.tmp, **extra) as gateway, gateway.client() as http:
-        assert http.post("/v2/models/iris/infer", json=oip_request(ROW, id="before")).status_code == 202
+        assert http.post("/v2/models/iris/infer", json=oip_request(ROW, id="before"), headers=ASYNC).status_code == 202
         private_broker.ctl("stop_app")
         # While the broker is down: 503 with Retry-After, within the connect timeout, never a hang
         started = time.monotonic()
@@ -47,7 +47,9 @@ def test_a_stopped_broker_gets_503_with_retry_after_and_the_gateway_recovers(
         private_broker.wait_ready()
 
         def accepted() -> bool:
-            return http.post("/v2/models/iris/infer", json=oip_request(ROW, id="during")).status_code == 202
+            return (
+                http.post("/v2/models/iris/infer", json=oip_request(ROW, id="during"), headers=ASYNC).status_code == 202
+            )
 
         wait_for(accepted, timeout_s=30)
         wait_for(lambda: http.get("/v2/health/ready").status_code == 200, timeout_s=10)

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from gateway_support import GatewayProcess, oip_request
+from gateway_support import ASYNC, GatewayProcess, oip_request
 from support import Env, wait_for
 
 from inferq.model_store.base import publish
@@ -35,7 +35,12 @@ def test_with_a_token_set_requests_without_it_get_401_and_probes_stay_open(iris_
         assert http.get("/v2/operations/x").status_code == 401
         assert http.get("/v2/models/iris").status_code == 401
         good = {"Authorization": f"Bearer {TOKEN}"}
-        assert http.post("/v2/models/iris/infer", json=oip_request(ROW), headers=good).status_code == 202
+        assert http.post("/v2/models/iris/infer", json=oip_request(ROW), headers={**good, **ASYNC}).status_code == 202
+        # (no worker: the synchronous path's wait runs out, into the same 202)
+        waited = http.post("/v2/models/iris/infer", json=oip_request(ROW), headers={**good, "Prefer": "wait=0.2"})
+        assert waited.status_code == 202, waited.text
+        assert http.get("/v2/models/iris/ready").status_code == 401 and http.get("/v2").status_code == 401
+        assert http.get("/v2", headers=good).json()["name"] == "inferq"
         assert http.get("/v2/models/iris", headers=good).status_code == 200
         assert http.get("/v2/health/live").status_code == 200 and http.get("/v2/health/ready").status_code == 200
         assert http.get("/metrics").status_code == 200
@@ -48,7 +53,7 @@ def test_a_full_jobs_queue_gets_429_with_retry_after_and_nothing_refused_is_queu
         ids = [f"full-{i}" for i in range(300)]
 
         def submit(job_id: str) -> httpx.Response:
-            return http.post("/v2/models/iris/infer", json=oip_request(ROW, id=job_id))
+            return http.post("/v2/models/iris/infer", json=oip_request(ROW, id=job_id), headers=ASYNC)
 
         with ThreadPoolExecutor(16) as pool:
             responses = dict(zip(ids, pool.map(submit, ids), strict=True))
@@ -85,7 +90,9 @@ def test_sigterm_lets_requests_in_flight_finish_and_every_202_is_queued(iris_sto
                 job_id = f"term-{n}-{i}"
                 i += 1
                 try:
-                    status = http.post("/v2/models/iris/infer", json=oip_request(ROW, id=job_id)).status_code
+                    status = http.post(
+                        "/v2/models/iris/infer", json=oip_request(ROW, id=job_id), headers=ASYNC
+                    ).status_code
                 except httpx.TransportError:
                     status = 0  # refused or closed before a response: not accepted
                 with lock:
@@ -126,7 +133,7 @@ def test_a_second_replica_sees_the_first_ones_operations(iris_store: Env, models
         first.client() as a,
         second.client() as b,
     ):
-        assert a.post("/v2/models/iris/infer", json=oip_request(ROW, id="shared-id")).status_code == 202
+        assert a.post("/v2/models/iris/infer", json=oip_request(ROW, id="shared-id"), headers=ASYNC).status_code == 202
         assert b.get("/v2/operations/shared-id").json()["status"] == "queued"
         other = oip_request([[1.0, 1.0, 1.0, 1.0]], id="shared-id")
         assert b.post("/v2/models/iris/infer", json=other).status_code == 409

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from gateway_support import GatewayProcess, oip_request
+from gateway_support import ASYNC, GatewayProcess, oip_request
 from support import Env
 
 pytestmark = [pytest.mark.broker, pytest.mark.postgres]
@@ -36,9 +36,10 @@ def test_replicas_on_postgres_share_operations(iris_store: Env, operations_db: s
         second.client() as b,
     ):
         body = oip_request([[5.1, 3.5, 1.4, 0.2]], id="pg-shared")
-        assert a.post("/v2/models/iris/infer", json=body).status_code == 202
+        assert a.post("/v2/models/iris/infer", json=body, headers=ASYNC).status_code == 202
         assert b.get("/v2/operations/pg-shared").json()["status"] == "queued"
-        assert b.post("/v2/models/iris/infer", json=body).status_code == 202  # the same body: the same operation
+        # the same body: the same operation
+        assert b.post("/v2/models/iris/infer", json=body, headers=ASYNC).status_code == 202
         other = oip_request([[1.0, 1.0, 1.0, 1.0]], id="pg-shared")
         assert b.post("/v2/models/iris/infer", json=other).json()["code"] == "id_conflict"
     assert iris_store.depth(iris_store.jobs_queue) == 1

@@ -1,5 +1,5 @@
 """The operation record, on SQLite and on the real PostgreSQL: one body per job id, whoever claims it,
-and the pure pieces of admission (Prefer parsing, where records go by default, the content digest)."""
+and the pure pieces of admission (where records go by default, the content digest)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from inferq.gateway.dead_letters import DeadLetter
-from inferq.gateway.jobs import digest, prefer_wait_s
+from inferq.gateway.jobs import digest
 from inferq.gateway.protocol import InferenceRequest
 from inferq.gateway.records import (
     OperationRecord,
@@ -108,28 +108,12 @@ def test_records_go_beside_the_results_by_default() -> None:
     assert isinstance(open_operation_store("sqlite:/tmp/inferq-test-ops.db"), SqliteOperationStore)
 
 
-@pytest.mark.parametrize(
-    ("header", "expected"),
-    [
-        (None, 0.0),
-        ("wait=5", 5.0),
-        ("respond-async, wait=10", 10.0),
-        ("wait=2.5;foo", 2.5),
-        ("wait=600", 60.0),
-        ("handling=lenient", 0.0),
-        ("wait=abc", 0.0),
-        ("nowait=5", 0.0),
-    ],
-)
-def test_prefer_wait_is_read_as_rfc_7240_says_and_capped(header: str | None, expected: float) -> None:
-    assert prefer_wait_s(header, 60.0) == expected
-
-
 def test_the_digest_covers_what_the_job_asks_for_not_its_id() -> None:
     tensor = {"name": "X", "shape": [1, 2], "datatype": "FP32", "data": [1.0, 2.0]}
     request = InferenceRequest.model_validate({"inputs": [tensor], "parameters": {"b": 1, "a": 2}})
     reordered = InferenceRequest.model_validate({"inputs": [tensor], "parameters": {"a": 2, "b": 1}})
-    job = Job(id="one", model="iris", version="latest", inputs=request.inputs, parameters=request.parameters)
+    inputs = [t.tensor() for t in request.inputs]
+    job = Job(id="one", model="iris", version="latest", inputs=inputs, parameters=request.parameters)
     same_under_other_id = job.model_copy(update={"id": "two"})
     other_version = job.model_copy(update={"version": 2})
     assert digest(job, request) == digest(same_under_other_id, reordered)

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pika
 import pytest
-from gateway_support import GatewayProcess, oip_request
+from gateway_support import ASYNC, GatewayProcess, oip_request
 from id_conflicts import audit_id_conflict
 from support import Env, audit, make_job, wait_for
 
@@ -70,10 +70,10 @@ def test_an_admitted_job_whose_id_got_another_jobs_result_is_a_conflict_never_it
     with GatewayProcess(env, env.tmp) as gateway, gateway.client() as http:
         # And the API admitting another job under the same id (no result is stored yet), and jobs of its own
         body = oip_request([[5.1, 3.5, 1.4, 0.2]], id=theirs.id)
-        assert http.post("/v2/models/iris/versions/2/infer", json=body).status_code == 202
+        assert http.post("/v2/models/iris/versions/2/infer", json=body, headers=ASYNC).status_code == 202
         own = {f"own-{i}": oip_request([[5.0 + i / 10, 3.0, 1.5, 0.2]], id=f"own-{i}") for i in range(20)}
         for request in own.values():
-            assert http.post("/v2/models/iris/infer", json=request).status_code == 202
+            assert http.post("/v2/models/iris/infer", json=request, headers=ASYNC).status_code == 202
 
         # When a worker runs them in order: the first job's result is stored under the id, the API's job is
         # refused
@@ -144,8 +144,11 @@ def test_a_job_dead_lettered_by_the_broker_is_reported_failed_by_every_replica_a
         _return_until_dead_lettered(env, poison["id"])
         caller.join(timeout=60)
 
-        # Then the waiting caller and both replicas answer: failed, dead_lettered, with the reason
-        for response in (waited["r"], a.get(f"/v2/operations/{poison['id']}"), b.get(f"/v2/operations/{poison['id']}")):
+        # Then the waiting caller is answered the job's error (500: the server's fault, not the caller's)
+        assert waited["r"].status_code == 500, waited["r"].text
+        assert waited["r"].json()["code"] == "dead_lettered" and "delivery_limit" in waited["r"].json()["error"]
+        # And both replicas answer its operation: failed, dead_lettered, with the reason
+        for response in (a.get(f"/v2/operations/{poison['id']}"), b.get(f"/v2/operations/{poison['id']}")):
             assert response.status_code == 200, response.text
             operation = response.json()
             assert operation["status"] == "failed" and operation["error"]["code"] == "dead_lettered", operation
@@ -153,7 +156,7 @@ def test_a_job_dead_lettered_by_the_broker_is_reported_failed_by_every_replica_a
         # And jobs admitted after it run as usual
         own = {f"after-{i}": oip_request([[5.0 + i / 10, 3.0, 1.5, 0.2]], id=f"after-{i}") for i in range(20)}
         for request in own.values():
-            assert b.post("/v2/models/iris/infer", json=request).status_code == 202
+            assert b.post("/v2/models/iris/infer", json=request, headers=ASYNC).status_code == 202
         env.drain(max_deliveries=2)
         assert all(a.get(f"/v2/operations/{i}").json()["status"] == "succeeded" for i in own)
 
