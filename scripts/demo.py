@@ -56,6 +56,10 @@ def inferq(*args: str, env: dict[str, str], quiet: bool = False) -> str:
     return done.stdout
 
 
+CHAMPION_BACKFILL = ("--model", "churn", "--version", "champion", "--id-column", "id", "--batch-rows", "1")
+"""The champion's backfill: one row per job, so each row's job id names its row (the demo shows a few)."""
+
+
 def purge_queues(env: dict[str, str]) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(env["INFERQ_AMQP_URL"]))
     channel = connection.channel()
@@ -189,7 +193,7 @@ def rerun_with_out(env: dict[str, str]) -> None:
     step("rerun the backfill with --out: every job already has a result, nothing is published, predictions.csv")
     out = WORK / "predictions.csv"
     v1 = str(WORK / "v1.csv")
-    inferq("backfill", v1, "--model", "churn", "--version", "champion", "--id-column", "id", "--out", str(out), env=env)
+    inferq("backfill", v1, *CHAMPION_BACKFILL, "--out", str(out), env=env)
     print("".join(out.read_text().splitlines(keepends=True)[:3]), end="")
 
 
@@ -206,7 +210,7 @@ def backfill(env: dict[str, str], X: np.ndarray, y: np.ndarray) -> np.ndarray:
     write_data(WORK / "v2.csv", rng.normal(size=(ROWS_V2, FEATURES)), None)
     truth: np.ndarray = y[picks]
     submit_labels(env, truth, "early", 0)  # before the predictions exist
-    inferq("backfill", str(WORK / "v1.csv"), "--model", "churn", "--version", "champion", "--id-column", "id", env=env)
+    inferq("backfill", str(WORK / "v1.csv"), *CHAMPION_BACKFILL, env=env)
     inferq("backfill", str(WORK / "v2.csv"), "--model", "churn", "--batch-rows", "10", env=env)
     return truth
 
