@@ -60,7 +60,8 @@ def main() -> None:
             rows = features + rng.normal(scale=0.05, size=features.shape) if copy else features
             for number, row in enumerate(rows):
                 writer.writerow([f"iris-{copy:04d}-{number:03d}", *(f"{v:.4f}" for v in row)])
-    inferq("backfill", str(data), "--model", MODEL, "--version", "champion", "--id-column", "id")
+    # One job per row: the stack's dashboards then show the traffic of many small jobs, as services send.
+    inferq("backfill", str(data), "--model", MODEL, "--version", "champion", "--id-column", "id", "--batch-rows", "1")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ IMAGES = {"worker": "build", "api": "build-api", "producer": "build-producer"}
 EXTRAS = {
     "build": {"s3", "postgres"},
     "build-api": {"s3", "postgres", "http"},
-    "build-producer": {"s3", "postgres", "sklearn"},
+    "build-producer": {"s3", "postgres", "sklearn", "tables"},
 }
 """The extras each build stage installs: only what its image's process imports."""
 

@@ -35,6 +35,7 @@ EXTRAS = {
     "http": {"fastapi", "uvicorn", "httptools", "uvloop"},
     "sklearn": {"scikit-learn", "skl2onnx", "joblib"},
     "monitor": {"matplotlib", "scipy"},
+    "tables": {"pyarrow", "pandas"},
 }
 
 
