@@ -131,12 +131,13 @@ def conflicting_s3(seaweedfs: SeaweedFS) -> Iterator[ConflictingS3]:
 
 
 RACER = """
-import json, sys
+import json, sys, time
 from inferq.shared.results.stores import open_result_store
 from inferq.shared.contract.messages import Result, Status, Tensor
-location, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+location, name, count, start_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 ids = [f"race-{i}" for i in range(count)]  # the same order in every racer: they meet on every id
 store = open_result_store(location)
+time.sleep(max(0.0, start_at - time.time()))  # all start together, whatever their imports cost
 seen = {}
 for start in range(0, count, 100):
     batch = [
@@ -156,9 +157,10 @@ def test_writers_racing_through_409_conflicts_agree_on_one_result_per_id(conflic
     # answers 409 to a write racing another still in progress
     location = f"s3://{S3_BUCKET}/race-{uuid.uuid4().hex[:8]}/results"
     environ = {**os.environ, "AWS_ENDPOINT_URL": conflicting_s3.endpoint}
+    start_at = str(time.time() + 10)
     racers = [
         subprocess.Popen(
-            [sys.executable, "-c", RACER, location, f"racer-{n}", str(IDS)],
+            [sys.executable, "-c", RACER, location, f"racer-{n}", str(IDS), start_at],
             env=environ,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -83,18 +83,18 @@ def test_wrong_labels_arriving_after_the_jobs_roll_the_move_back_once_across_two
     settings = env.worker_settings(alias_refresh_s=REFRESH_S, max_batch_rows=4)
     with BackgroundWorker(settings) as first, BackgroundWorker(settings) as second:
         # Given 30 jobs of champion run on version 2
-        wait_for(lambda: send_wave(env, models, 4)[-1].version == 2, timeout_s=10)
+        wait_for(lambda: send_wave(env, models, 4)[-1].version == 2, timeout_s=60)
         results = run_on_champion(env, models, [f"bad-{n}" for n in range(30)])
         assert {r.version for r in results.values()} == {2}
         # When labels saying 10 of them were wrong arrive: fewer than the window, nothing is decided
         labels = wrong(results)
         submit_labels(env, tmp_path / "first.csv", labels[:10])
-        wait_for(lambda: read_guards(env.store, "iris")["champion"].labeled == 10, timeout_s=10)
+        wait_for(lambda: read_guards(env.store, "iris")["champion"].labeled == 10, timeout_s=60)
         assert guard_of(env) is GuardState.WATCHING and champion(env) == 2
         # and then 15 more, with no job running
         submit_labels(env, tmp_path / "more.csv", labels[10:25])
         # Then champion is back on version 1 within seconds
-        wait_for(lambda: champion(env) == 1, timeout_s=15)
+        wait_for(lambda: champion(env) == 1, timeout_s=60)
         for background in (first, second):
             assert background.worker.processor.guards.settle(10)
         rollbacks = [b.worker.processor.guards.rollbacks for b in (first, second)]
@@ -117,13 +117,13 @@ def test_right_labels_keep_the_move_and_the_history_lists_the_rollback_and_the_k
     with BackgroundWorker(env.worker_settings(alias_refresh_s=REFRESH_S)):
         # Given a guarded move rolled back by wrong labels
         accuracy_move(env, 2)
-        wait_for(lambda: send_wave(env, models, 1)[-1].version == 2, timeout_s=10)
+        wait_for(lambda: send_wave(env, models, 1)[-1].version == 2, timeout_s=60)
         submit_labels(env, tmp_path / "bad.csv", wrong(run_on_champion(env, models, [f"b-{n}" for n in range(25)])))
-        wait_for(lambda: champion(env) == 1, timeout_s=15)
+        wait_for(lambda: champion(env) == 1, timeout_s=60)
         # When champion is guarded onto version 2 again, and labels of 24 of its next 25 predictions agree
         # with them, half sent before the predictions exist (by the ids the caller will use)
         accuracy_move(env, 2)
-        wait_for(lambda: send_wave(env, models, 1)[-1].version == 2, timeout_s=10)
+        wait_for(lambda: send_wave(env, models, 1)[-1].version == 2, timeout_s=60)
         ids = [f"g-{n}" for n in range(25)]
         expected = [int(v) for v in models.logistic.predict(models.X[:25].astype(float))]
         early = [(i, expected[n]) for n, i in enumerate(ids[:12])]
@@ -131,7 +131,7 @@ def test_right_labels_keep_the_move_and_the_history_lists_the_rollback_and_the_k
         results = run_on_champion(env, models, ids)
         late = [(i, predicted(results[i]) if n != 20 else (predicted(results[i]) + 1) % 3) for n, i in enumerate(ids)]
         submit_labels(env, tmp_path / "late.csv", late[12:])
-        wait_for(lambda: guard_of(env) is GuardState.PASSED, timeout_s=15)
+        wait_for(lambda: guard_of(env) is GuardState.PASSED, timeout_s=60)
 
     # Then champion stays on version 2: the first move's wrong labels count for its own guard only
     assert champion(env) == 2
