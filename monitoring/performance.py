@@ -324,7 +324,17 @@ def guard_accuracy(
     models: ModelStore, store: LabelStore, model: str, alias: str, version: int, since_s: float
 ) -> tuple[int, int]:
     """What a guard on accuracy judges: the labeled predictions of ``version`` from jobs that asked for
-    ``alias`` and were stored at or after ``since_s`` (Unix seconds), and how many of them were right."""
+    ``alias`` and were stored at or after ``since_s`` (Unix seconds: when the guarded move was made), and
+    how many of them were right.
+
+    Only predictions stored since the move count: those of an earlier guard of the same alias and version
+    (a move rolled back and made again a moment later) are not this guard's. ``since_s`` is rounded down to
+    the store's time resolution (S3 keeps whole seconds), so there a move made again within the second of
+    an earlier guard's predictions counts them too.
+    """
+    resolution_s = store.time_resolution_s
+    if resolution_s > 0:
+        since_s = math.floor(since_s / resolution_s) * resolution_s
     rows = [
         row
         for row in join(store, Rules(models, model), model).labeled

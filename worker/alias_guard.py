@@ -217,10 +217,10 @@ class AliasGuards:
                 log.error("alias_guard_failed", model=model, alias=record.alias, error=f"{type(exc).__name__}: {exc}")
 
     def _judge_accuracy(self, labels: LabelStore, model: str, record: GuardRecord) -> None:
-        # NOTE: S3 keeps object times to the second: the guard's start is rounded down to match.
-        since_s = float(int(record.started_at.timestamp()))
         store = self.registry.store
-        labeled, correct = guard_accuracy(store, labels, model, record.alias, record.to_version, since_s)
+        labeled, correct = guard_accuracy(
+            store, labels, model, record.alias, record.to_version, record.started_at.timestamp()
+        )
         decided = observe_accuracy(store, model, record.alias, record.id, labeled, correct)
         if decided is not None:
             self._carry_out(model, decided)

@@ -170,6 +170,8 @@ class FileLabelStore:
     """One file per label, ``<dir>/_labels/<model>/<digest of the id>.json`` (linked into place: the first
     wins), and one file per backfill job, ``<dir>/_rows/<model>/<job id>.json``, listing its rows' ids."""
 
+    time_resolution_s = 0.0
+
     def __init__(self, results: FileResultStore) -> None:
         self._results = results
         self.root = results.root

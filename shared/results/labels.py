@@ -47,6 +47,10 @@ class StoredResult:
 class LabelStore(Protocol):
     """Labels and backfill row ids of one result store, and its results with the time they were stored."""
 
+    time_resolution_s: float
+    """How finely the store keeps the time a result was stored (0 when exactly enough to order events a
+    fraction of a second apart; 1 for S3, whose object times are whole seconds)."""
+
     def put_labels(self, model: str, labels: Sequence[tuple[str, LabelValue]]) -> int:
         """Store each ``(id, label)`` of ``model`` unless that id has a label already (the first wins);
         returns how many were new. Atomic as a whole where the store allows (SQLite, PostgreSQL)."""

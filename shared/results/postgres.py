@@ -258,6 +258,8 @@ _STORED = "SELECT id, result::text, extract(epoch FROM created_at)::float8 FROM 
 class PostgresLabelStore:
     """Labels (``inferq_labels``) and backfill row ids (``inferq_row_ids``) beside ``inferq_results``."""
 
+    time_resolution_s = 0.0
+
     def __init__(self, results: PostgresResultStore) -> None:
         self._results = results
         self._schema_ready = False

@@ -303,6 +303,8 @@ class S3LabelStore:
     labels is not stored atomically: a submit cut short stores the rest when it is run again.
     """
 
+    time_resolution_s = 1.0
+
     def __init__(self, results: S3ResultStore) -> None:
         self._results = results
         self._client = results._client

@@ -298,6 +298,8 @@ def _since_text(since_s: float | None) -> str:
 class SQLiteLabelStore:
     """Labels (table ``labels``) and backfill row ids (``row_ids``) in the results database file."""
 
+    time_resolution_s = 0.0
+
     def __init__(self, results: SQLiteResultStore) -> None:
         self._results = results
         self._schema_ready = False

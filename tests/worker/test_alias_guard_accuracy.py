@@ -15,7 +15,9 @@ from test_alias_guard import champion, renamed_input_onnx, send_wave
 from inferq.model_store.base import publish
 from inferq.model_store.guard import GuardState, read_guards
 from inferq.model_store.history import read_history
+from inferq.monitoring.performance import guard_accuracy
 from inferq.shared.contract.messages import Result, Status
+from inferq.shared.results.stores import open_result_store
 from inferq.worker import alias_guard
 
 pytestmark = pytest.mark.broker
@@ -145,6 +147,33 @@ def test_right_labels_keep_the_move_and_the_history_lists_the_rollback_and_the_k
     assert re.search(r"champion\s+2\s+1\s+guard of move \w{8}\s+rolled back: accuracy 0\.0% on 25 labeled", rows[2])
     assert re.search(r"champion\s+1\s+2\s+\S+@\S+\s+try it on live accuracy; guarded: accuracy < 80%", rows[3])
     assert re.search(rf"champion\s+2\s+2\s+guard of move \w{{8}}\s+kept: accuracy {right / 25:.1%} on 25", rows[4])
+
+
+def test_a_move_made_again_counts_none_of_the_earlier_moves_predictions_even_a_moment_later(
+    two_versions: Env, models: Models, tmp_path: Path
+) -> None:
+    env = two_versions
+    moved = env.inferq("models", "alias", "iris", "champion", "2")
+    assert moved.returncode == 0, moved.stderr
+    # Given 25 predictions of champion on version 2, all labeled wrong
+    with BackgroundWorker(env.worker_settings(alias_refresh_s=REFRESH_S)):
+        wait_for(lambda: send_wave(env, models, 1)[-1].version == 2, timeout_s=60)
+        results = run_on_champion(env, models, [f"b-{n}" for n in range(25)])
+    submit_labels(env, tmp_path / "bad.csv", wrong(results))
+    assert env.result_location is not None
+    store = open_result_store(env.result_location)
+    try:
+        labels = store.labels()
+        stored_at = [stored.stored_at_s for stored in labels.stored_results(list(results)).values()]
+        # When a guard is judged that started before them, and one that started a millisecond after the last
+        # (within the same second: a move rolled back and made again at once)
+        before = guard_accuracy(env.store, labels, "iris", "champion", 2, min(stored_at) - 0.001)
+        after = guard_accuracy(env.store, labels, "iris", "champion", 2, max(stored_at) + 0.001)
+    finally:
+        store.close()
+    # Then the first counts all 25, the second none of them
+    assert before == (25, 0)
+    assert after == (0, 0)
 
 
 def test_a_guard_on_accuracy_needs_a_classifier(two_versions: Env) -> None:
