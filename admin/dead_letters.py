@@ -29,7 +29,7 @@ from pika.spec import BasicProperties
 from inferq.admin.status import QueueStatus, management_queues
 from inferq.shared.broker.amqp import PUBLISHED_MS_HEADER, forwarded_properties
 from inferq.shared.broker.connection import open_blocking
-from inferq.shared.broker.topology import ALL_RESULTS, REASON_HEADER, dead_letters_exchange, retry_queue
+from inferq.shared.broker.topology import ALL_RESULTS, REASON_HEADER, dead_letters_exchange, death_of, retry_queue
 from inferq.shared.config.logging import get_logger
 from inferq.shared.config.settings import OperatorSettings
 from inferq.shared.errors import (
@@ -72,26 +72,6 @@ class DeadLetter:
     model: str | None
 
 
-def _reason(headers: dict[str, Any]) -> tuple[str, str | None]:
-    """Why the message was dead-lettered, and from which queue: inferq's own header first, then the
-    broker's ``x-death`` (e.g. ``delivery_limit`` for a job redelivered too often)."""
-    if REASON_HEADER in headers:
-        return _text(headers[REASON_HEADER]), None
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-        death = deaths[0]
-        queue = death.get("queue")
-        return _text(death.get("reason", "unknown")), None if queue is None else _text(queue)
-    if "x-first-death-reason" in headers:
-        queue = headers.get("x-first-death-queue")
-        return _text(headers["x-first-death-reason"]), None if queue is None else _text(queue)
-    return "unknown", None
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
 def _body_field(body: bytes, name: str) -> str | None:
     try:
         value = orjson.loads(body)
@@ -104,7 +84,7 @@ def _body_field(body: bytes, name: str) -> str | None:
 def describe(properties: BasicProperties, body: bytes) -> DeadLetter:
     """What an operator needs to know about one dead letter; its id from the AMQP message id or, failing
     that, from the body."""
-    reason, source = _reason(dict(properties.headers or {}))
+    reason, source = death_of(dict(properties.headers or {}))
     message_id = properties.message_id or _body_field(body, "id")
     return DeadLetter(message_id, reason, source, len(body), _body_field(body, "model"))
 

@@ -6,15 +6,13 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 from pika.spec import BasicProperties
 
-from inferq.shared.broker.topology import REASON_HEADER
+from inferq.shared.broker.topology import death_of
 from inferq.shared.contract.codec import decode_job
 from inferq.shared.contract.messages import Job, job_digest
 
-UNKNOWN_REASON = "unknown"
 REMEMBERED = 65_536
 """Dead letters a replica keeps in memory (the newest), to answer callers waiting on ``Prefer: wait``."""
 
@@ -28,30 +26,13 @@ class DeadLetter:
     reason: str
 
 
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def reason_of(headers: dict[str, Any]) -> str:
-    """Why a message was dead-lettered: inferq's own header (the worker's), else the broker's
-    ``x-death`` (``delivery_limit`` for a job redelivered too often, ``expired``, ``rejected``)."""
-    if REASON_HEADER in headers:
-        return _text(headers[REASON_HEADER])
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) and "reason" in deaths[0]:
-        return _text(deaths[0]["reason"])
-    if "x-first-death-reason" in headers:
-        return _text(headers["x-first-death-reason"])
-    return UNKNOWN_REASON
-
-
 def read_dead_letter(properties: BasicProperties, body: bytes, max_message_bytes: int) -> DeadLetter | None:
     """The dead letter of a job, or ``None`` for a message that is not a readable job (the API publishes
     only jobs that decode, so such a message is never one of its operations)."""
     decoded = decode_job(body, properties.message_id, max_message_bytes)
     if not isinstance(decoded, Job):
         return None
-    return DeadLetter(decoded.id, job_digest(decoded), reason_of(dict(properties.headers or {})))
+    return DeadLetter(decoded.id, job_digest(decoded), death_of(dict(properties.headers or {}))[0])
 
 
 class RecentDeadLetters:

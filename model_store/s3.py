@@ -22,7 +22,7 @@ from inferq.model_store.base import ALIASES_FILE, MANIFEST_FILE, MODEL_FILE, SHA
 from inferq.model_store.manifest import Manifest
 from inferq.shared.contract.messages import is_valid_name
 from inferq.shared.errors import ModelLoadError, StoreError, UnknownModel, UnknownVersion, VersionExists
-from inferq.shared.s3.client import is_not_found, is_precondition_failed, make_client, translate
+from inferq.shared.s3.client import is_not_found, make_client, put_if, translate
 from inferq.shared.s3.location import S3Location
 
 CLAIM_FILE = ".claim"
@@ -136,14 +136,10 @@ class S3ModelStore:
     def _put(self, key: str, body: bytes, *, if_absent: bool, content_type: str, if_match: str | None = None) -> bool:
         """Write one object; with ``if_absent``, only if no object has that key, with ``if_match`` only if
         the object still has that ETag (False when the condition did not hold)."""
-        extra = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": if_match} if if_match else {}
-        try:
-            self._client.put_object(Bucket=self.location.bucket, Key=key, Body=body, ContentType=content_type, **extra)
-        except Exception as exc:  # see _list
-            if extra and is_precondition_failed(exc):
-                return False
-            raise translate(exc, f"put s3://{self.location.bucket}/{key}") from None
-        return True
+        return put_if(
+            self._client, self.location.bucket, key, body, if_none_match=if_absent, if_match=if_match,
+            content_type=content_type,
+        )  # fmt: skip
 
     def update_aliases(self, name: str, change: Callable[[dict[str, int]], dict[str, int]]) -> None:
         # Optimistic concurrency: write only over the object we read (If-Match its ETag, or

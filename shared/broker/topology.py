@@ -27,6 +27,8 @@ from inferq.shared.contract.messages import Status
 
 REASON_HEADER = "x-inferq-reason"
 """Header naming why a message was dead-lettered by inferq itself."""
+UNKNOWN_REASON = "unknown"
+"""The reason of a dead letter whose headers say none."""
 RESENT_HEADER = "x-inferq-resent"
 """Set by a producer on a job it publishes again because the first publish was never confirmed: the
 job may already be queued, so the worker looks for a stored result first. A worker sets it too on a job it
@@ -73,6 +75,26 @@ def dead_letters_exchange(settings: InferqSettings) -> str:
     """The topic exchange every dead letter goes through (the broker's and the worker's own): it routes
     to the dead-letter queue and to any listener bound with ``#``."""
     return settings.dlq_queue
+
+
+def death_of(headers: dict[str, Any]) -> tuple[str, str | None]:
+    """Why a message was dead-lettered, and from which queue when the broker says: inferq's own header
+    (the worker's) first, then the broker's ``x-death`` (``delivery_limit`` for a job redelivered too often,
+    ``expired``, ``rejected``), then its ``x-first-death-*`` headers; ``unknown`` when none says."""
+    if REASON_HEADER in headers:
+        return _text(headers[REASON_HEADER]), None
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        queue = deaths[0].get("queue")
+        return _text(deaths[0].get("reason", UNKNOWN_REASON)), None if queue is None else _text(queue)
+    if "x-first-death-reason" in headers:
+        queue = headers.get("x-first-death-queue")
+        return _text(headers["x-first-death-reason"]), None if queue is None else _text(queue)
+    return UNKNOWN_REASON, None
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _dead_lettering(settings: InferqSettings) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from inferq.shared.results.labels import (
     StoredResult,
     id_key,
 )
-from inferq.shared.s3.client import is_not_found, is_precondition_failed, make_client, translate
+from inferq.shared.s3.client import is_not_found, make_client, put_if, translate
 from inferq.shared.s3.location import S3Location
 from inferq.shared.s3.put import PutOutcome, SignedPutter, lean_putter
 
@@ -159,37 +159,14 @@ class S3ResultStore:
         return outcome
 
     def _put(self, result: Result) -> PutOutcome:
-        key = self._key(result.id)
-        try:
-            self._client.put_object(
-                Bucket=self.location.bucket,
-                Key=key,
-                Body=result.to_json(),
-                ContentType="application/json",
-                IfNoneMatch="*",  # the first result of an id wins
-            )
-        except Exception as exc:  # boto3 raises ClientError, BotoCoreError and urllib3 errors
-            if is_precondition_failed(exc):
-                return PutOutcome.EXISTS
-            raise translate(exc, f"put s3://{self.location.bucket}/{key}") from None
-        return PutOutcome.STORED
+        # the first result of an id wins
+        stored = put_if(self._client, self.location.bucket, self._key(result.id), result.to_json(), if_none_match=True)
+        return PutOutcome.STORED if stored else PutOutcome.EXISTS
 
     def _replace(self, result: Result, etag: str) -> bool:
-        """Write ``result`` over the object whose ETag is ``etag``; false if it changed meanwhile."""
-        key = self._key(result.id)
-        try:
-            self._client.put_object(
-                Bucket=self.location.bucket,
-                Key=key,
-                Body=result.to_json(),
-                ContentType="application/json",
-                IfMatch=etag,  # only the rejection read: a concurrent replacement wins
-            )
-        except Exception as exc:  # see _put
-            if is_precondition_failed(exc):
-                return False
-            raise translate(exc, f"put s3://{self.location.bucket}/{key}") from None
-        return True
+        """Write ``result`` over the object whose ETag is ``etag``; false if it changed meanwhile (only the
+        rejection read is replaced: a concurrent replacement wins)."""
+        return put_if(self._client, self.location.bucket, self._key(result.id), result.to_json(), if_match=etag)
 
     def _read(self, job_id: str) -> tuple[Result, str]:
         """The stored result of ``job_id`` and its object's ETag; raises :class:`ResultNotFound`."""
@@ -336,25 +313,15 @@ class S3LabelStore:
         write is under way) does not prove the other write will succeed: the object is looked for until it
         shows, and the PUT tried again meanwhile, for up to ``VISIBLE_WAIT_S``."""
         deadline = time.monotonic() + VISIBLE_WAIT_S
-        what = f"put s3://{self.location.bucket}/{key}"
         while True:
-            try:
-                self._client.put_object(
-                    Bucket=self.location.bucket,
-                    Key=key,
-                    Body=body,
-                    ContentType="application/json",
-                    IfNoneMatch="*",  # the first label of an id wins
-                )
-            except Exception as exc:  # boto3 raises ClientError, BotoCoreError and urllib3 errors
-                if not is_precondition_failed(exc):
-                    raise translate(exc, what) from None
-            else:
+            if put_if(self._client, self.location.bucket, key, body, if_none_match=True):  # the first label wins
                 return True
             if self._exists(key):
                 return False
             if time.monotonic() > deadline:
-                raise StoreUnreachable(f"{what}: exists but stayed unreadable for {VISIBLE_WAIT_S:g}s")
+                raise StoreUnreachable(
+                    f"put s3://{self.location.bucket}/{key}: exists but stayed unreadable for {VISIBLE_WAIT_S:g}s"
+                )
             time.sleep(VISIBLE_POLL_S)
 
     def _exists(self, key: str) -> bool:

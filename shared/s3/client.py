@@ -108,6 +108,29 @@ def is_precondition_failed(exc: BaseException) -> bool:
     return isinstance(exc, ClientError) and error_code(exc) in PRECONDITION_CODES
 
 
+def put_if(
+    client: Any,
+    bucket: str,
+    key: str,
+    body: bytes,
+    *,
+    if_none_match: bool = False,
+    if_match: str | None = None,
+    content_type: str = "application/json",
+) -> bool:
+    """Write one object: with ``if_none_match`` only if no object has ``key``, with ``if_match`` only if the
+    object still has that ETag, else unconditionally. False when the condition did not hold (412, or 409
+    while another conditional write of the key is under way); any other failure raises as :func:`translate`."""
+    condition = {"IfNoneMatch": "*"} if if_none_match else {"IfMatch": if_match} if if_match else {}
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type, **condition)
+    except Exception as exc:  # boto3 raises ClientError, BotoCoreError and urllib3 errors
+        if condition and is_precondition_failed(exc):
+            return False
+        raise translate(exc, f"put s3://{bucket}/{key}") from None
+    return True
+
+
 def translate(exc: BaseException, what: str, *, always_transient: bool = False) -> Exception:
     """``exc`` from boto3 as :class:`StoreUnreachable` (retry), :class:`StoreRefused` (the store refuses
     us), :class:`ValueRefused` (this object's content) or :class:`StoreError` (give up); with
