@@ -4,38 +4,10 @@ wins, a confirm marks only its own record)."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
+from inferq.gateway.records import OperationRecord, OperationStore
 
-import psycopg
-import pytest
-
-from inferq.gateway.records import OperationRecord, OperationStore, open_operation_store
-
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 GROUP = 1200
 """More ids than one ``IN (...)`` list holds."""
-
-
-@pytest.fixture
-def postgres_schema() -> Iterator[str]:
-    schema = f"test_ops_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(POSTGRES, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OperationStore]:
-    location = f"sqlite:{tmp_path}/ops.db" if request.param == "sqlite" else request.getfixturevalue("postgres_schema")
-    opened = open_operation_store(location)
-    yield opened
-    opened.close()
 
 
 def record(job_id: str, body_digest: str = "d1") -> OperationRecord:

@@ -15,30 +15,7 @@ import pytest
 from gateway_support import ASYNC, GatewayProcess, oip_request
 from support import BackgroundWorker, Env, Models, wait_for
 
-from inferq.model_store.base import publish
-
 pytestmark = pytest.mark.broker
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Iterator[Env]:
-    env = Env(tmp_path_factory.mktemp("gateway"), f"test.gw.{uuid.uuid4().hex[:12]}")
-    publish(env.store, "iris", models.forest_onnx, alias="champion")
-    publish(env.store, "iris", models.logistic_onnx)
-    yield env
-    env.delete_queues()
-
-
-@pytest.fixture(scope="module")
-def gateway(world: Env) -> Iterator[GatewayProcess]:
-    with GatewayProcess(world, world.tmp) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def worker(world: Env, gateway: GatewayProcess) -> Iterator[BackgroundWorker]:
-    with BackgroundWorker(world.worker_settings()) as running:
-        yield running
 
 
 @pytest.fixture

@@ -3,32 +3,16 @@ by one is queued (and conflicts) on the other, and the job is published once."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-
 import psycopg
 import pytest
 from gateway_support import ASYNC, GatewayProcess, oip_request
 from support import Env
 
 pytestmark = [pytest.mark.broker, pytest.mark.postgres]
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 
 
-@pytest.fixture
-def operations_db() -> Iterator[str]:
-    schema = f"test_gw_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(POSTGRES, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
-
-
-def test_replicas_on_postgres_share_operations(iris_store: Env, operations_db: str) -> None:
-    extra = {"INFERQ_OPERATIONS_STORE": operations_db}
+def test_replicas_on_postgres_share_operations(iris_store: Env, postgres_url: str) -> None:
+    extra = {"INFERQ_OPERATIONS_STORE": postgres_url}
     with (
         GatewayProcess(iris_store, iris_store.tmp, **extra) as first,
         GatewayProcess(iris_store, iris_store.tmp, **extra) as second,
@@ -43,6 +27,6 @@ def test_replicas_on_postgres_share_operations(iris_store: Env, operations_db: s
         other = oip_request([[1.0, 1.0, 1.0, 1.0]], id="pg-shared")
         assert b.post("/v2/models/iris/infer", json=other).json()["code"] == "id_conflict"
     assert iris_store.depth(iris_store.jobs_queue) == 1
-    with psycopg.connect(operations_db) as conn:
+    with psycopg.connect(postgres_url) as conn:
         rows = conn.execute("SELECT id, model, requested_version, confirmed FROM inferq_operations").fetchall()
     assert rows == [("pg-shared", "iris", "latest", True)]

@@ -12,35 +12,13 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from gateway_support import ASYNC, GatewayProcess, failing_model, oip_request
+from gateway_support import ASYNC, GatewayProcess, oip_request
 from support import BackgroundWorker, Env, Models
 from tritonclient.utils import InferenceServerException
 
 from inferq.model_store.base import publish
 
 pytestmark = pytest.mark.broker
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, models: Models) -> Iterator[Env]:
-    env = Env(tmp_path_factory.mktemp("oip"), f"test.oip.{uuid.uuid4().hex[:12]}")
-    publish(env.store, "iris", models.forest_onnx, alias="champion")
-    publish(env.store, "iris", models.logistic_onnx)
-    publish(env.store, "broken", failing_model())
-    yield env
-    env.delete_queues()
-
-
-@pytest.fixture(scope="module")
-def gateway(world: Env) -> Iterator[GatewayProcess]:
-    with GatewayProcess(world, world.tmp) as process:
-        yield process
-
-
-@pytest.fixture(scope="module")
-def worker(world: Env, gateway: GatewayProcess) -> Iterator[BackgroundWorker]:
-    with BackgroundWorker(world.worker_settings()) as running:
-        yield running
 
 
 @pytest.fixture

@@ -4,11 +4,8 @@ and the pure pieces of admission (where records go by default, the content diges
 from __future__ import annotations
 
 import threading
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from inferq.gateway.dead_letters import DeadLetter
@@ -24,28 +21,6 @@ from inferq.gateway.records import (
 )
 from inferq.shared.contract.messages import Job
 from inferq.shared.errors import ConfigError, StoreUnreachable
-
-POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture
-def postgres_schema() -> Iterator[str]:
-    schema = f"test_ops_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
-    finally:
-        with psycopg.connect(POSTGRES, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OperationStore]:
-    location = f"sqlite:{tmp_path}/ops.db" if request.param == "sqlite" else request.getfixturevalue("postgres_schema")
-    opened = open_operation_store(location)
-    yield opened
-    opened.close()
 
 
 def record(job_id: str, body_digest: str = "d1") -> OperationRecord:
@@ -82,8 +57,8 @@ def test_racing_claims_of_one_id_all_see_the_same_winner(store: OperationStore) 
 
 
 @pytest.mark.postgres
-def test_two_stores_on_one_database_share_claims(tmp_path: Path, postgres_schema: str) -> None:
-    for location in (f"sqlite:{tmp_path}/shared.db", postgres_schema):
+def test_two_stores_on_one_database_share_claims(tmp_path: Path, postgres_url: str) -> None:
+    for location in (f"sqlite:{tmp_path}/shared.db", postgres_url):
         first, second = open_operation_store(location), open_operation_store(location)
         first.claim(record("shared"))
         assert second.claim(record("shared", "different")).digest == "d1"
@@ -102,7 +77,7 @@ def test_records_go_beside_the_results_by_default() -> None:
     assert default_location("sqlite:///srv/inferq/results.db") == "sqlite:/srv/inferq/results-operations.db"
     assert default_location("sqlite:var/results.db") == "sqlite:var/results-operations.db"
     assert default_location("file:///data/results") == "sqlite:/data/results-operations.db"
-    assert default_location(POSTGRES) == POSTGRES
+    assert default_location("postgresql://postgres@db:5432/inferq") == "postgresql://postgres@db:5432/inferq"
     with pytest.raises(ConfigError, match="INFERQ_OPERATIONS_STORE"):
         default_location("s3://bucket/results")
     assert isinstance(open_operation_store("sqlite:/tmp/inferq-test-ops.db"), SqliteOperationStore)
