@@ -12,6 +12,8 @@ thread-safe (use one client per thread).
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 import uuid
 from collections import deque
@@ -38,6 +40,10 @@ from inferq.shared.results.stores import open_result_store
 
 log = get_logger(__name__)
 
+CLOSE_TIMEOUT_S = 10.0
+"""How long closing the connection waits for the broker's answer."""
+INTERRUPT_CHECK_S = 0.1
+"""How soon the I/O loop stops after Ctrl-C (see ``Producer._ctrl_c_between_events``)."""
 REPLY_QUEUE_PREFIX = "inferq.reply."
 REPLY_QUEUE_GRACE_S = 60.0
 """How long a reply queue outlives its producer's connection: replies that arrive while it reconnects
@@ -250,7 +256,16 @@ class Producer:
         self._closed = False
         self._link.close()  # calls on_closed at once when there is nothing to close
         if not self._closed:
-            self._ioloop.start()  # returns once the close completed (see on_closed)
+            # Returns once the close completed (see on_closed), or after CLOSE_TIMEOUT_S without an answer:
+            # the socket then goes with the process (or the collector), and the broker drops the connection.
+            timer = self._ioloop.call_later(CLOSE_TIMEOUT_S, self._ioloop.stop)
+            try:
+                with self._ctrl_c_between_events():
+                    self._ioloop.start()
+            finally:
+                self._ioloop.remove_timeout(timer)
+            if not self._closed:
+                log.warning("broker_close_unanswered", timeout_s=CLOSE_TIMEOUT_S)
         self._ioloop.close()
 
     # -- the I/O loop -----------------------------------------------------------------------------
@@ -261,17 +276,54 @@ class Producer:
         and again after every reconnect."""
         self._error = None
         self._on_ready = on_ready
-        if self._link.session is None:
-            self._link.open()
-        elif if_open:
-            self._ioloop.call_later(0, self._ready_again)
         self._calling = True
         try:
-            self._ioloop.start()
+            with self._ctrl_c_between_events():
+                if self._link.session is None:
+                    self._link.open()
+                elif if_open:
+                    self._ioloop.call_later(0, self._ready_again)
+                self._ioloop.start()
         finally:
             self._calling = False
         if self._error is not None:
             raise self._error
+
+    @contextmanager
+    def _ctrl_c_between_events(self) -> Iterator[None]:
+        """Ctrl-C (SIGINT) while the I/O loop runs stops the loop and raises :class:`KeyboardInterrupt` once it
+        has stopped, never from inside pika's handling of an event: raised there, it can leave the connection
+        half-updated (a close that never ends) or be lost in a callback (the call goes on as if nothing
+        happened). Only in the main thread, and only where SIGINT still has Python's own handler."""
+        if (
+            threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        ):
+            yield
+            return
+        interrupted = False
+        timer: Any = None
+
+        def noted(_signum: int, _frame: object) -> None:
+            nonlocal interrupted
+            interrupted = True
+
+        def check() -> None:
+            nonlocal timer
+            if interrupted:
+                self._ioloop.stop()
+            else:
+                timer = self._ioloop.call_later(INTERRUPT_CHECK_S, check)
+
+        timer = self._ioloop.call_later(INTERRUPT_CHECK_S, check)
+        previous = signal.signal(signal.SIGINT, noted)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            self._ioloop.remove_timeout(timer)
+        if interrupted:
+            raise KeyboardInterrupt
 
     def _ready_again(self) -> None:
         if self._link.session is not None:  # else the next session calls it

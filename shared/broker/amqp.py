@@ -278,7 +278,10 @@ def topology_error(reason: BaseException) -> BrokerRefused | None:
 
 def declare_queues(channel: Channel, specs: list[QueueSpec], on_done: Callable[[], None]) -> None:
     """Declare ``specs`` one after the other (durable, with their arguments, and bound to their topic
-    exchanges, declared durable too), then call ``on_done``."""
+    exchanges, declared durable too), then call ``on_done``. Stops, without calling it, once the channel is
+    closing (its close handler takes over)."""
+    if not channel.is_open:
+        return
     if not specs:
         on_done()
         return
@@ -294,12 +297,16 @@ def declare_queues(channel: Channel, specs: list[QueueSpec], on_done: Callable[[
 
 
 def _bind(channel: Channel, queue: str, exchanges: list[str], on_done: Callable[[], None]) -> None:
+    if not channel.is_open:
+        return
     if not exchanges:
         on_done()
         return
     exchange, rest = exchanges[0], exchanges[1:]
 
     def bind(_frame: Any) -> None:
+        if not channel.is_open:
+            return
         channel.queue_bind(queue, exchange, ALL_RESULTS, callback=lambda _f: _bind(channel, queue, rest, on_done))
 
     channel.exchange_declare(exchange, exchange_type="topic", durable=True, callback=bind)

@@ -414,8 +414,11 @@ class Link:
         if connection is None or connection.is_closed:
             self._closing = False
             self._handler.on_closed()
-        elif not connection.is_closing:
+        elif connection.is_open:
             connection.close()
+        # NOTE: a connection still opening is closed once it opens (_on_open), or ends when its opening
+        # fails (_retry): pika cannot close one mid-handshake (its connection workflow then fails an
+        # assertion instead of reporting the close).
 
     def redeclare(self, on_done: Callable[[], None]) -> None:
         """Declare the queues again on the open session (the broker cancelled a consumer: its queue was
@@ -470,6 +473,9 @@ class Link:
         self._timer = self._ioloop.call_later(delay, self._attempt)
 
     def _on_open(self, connection: pika.SelectConnection) -> None:
+        if self._closing:  # closed while it was opening
+            connection.close()
+            return
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_channel_open(self, channel: Channel) -> None:

@@ -171,21 +171,21 @@ def test_ctrl_c_while_publishing_then_a_rerun_publishes_nothing_twice(churn_env:
     data = churn_env.tmp / "customers.csv"
     churn_frame(40_000, seed=5).to_csv(data, index=False)
     command = [sys.executable, "-m", "inferq", "backfill", str(data), "--model", "churn", "--batch-rows", "10"]
-    first = subprocess.Popen(
+    with subprocess.Popen(
         command,
         env=churn_env.environ(INFERQ_MAX_QUEUE_LENGTH="40"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    )
-    try:
-        wait_for(lambda: churn_env.depth(churn_env.jobs_queue) >= 40, timeout_s=60)
-        # When the user presses Ctrl-C while it waits for room
-        first.send_signal(signal.SIGINT)
-        _stdout, stderr = first.communicate(timeout=30)
-    finally:
-        if first.poll() is None:
-            first.kill()
+    ) as first:
+        try:
+            wait_for(lambda: churn_env.depth(churn_env.jobs_queue) >= 40, timeout_s=60)
+            # When the user presses Ctrl-C while it waits for room
+            first.send_signal(signal.SIGINT)
+            _stdout, stderr = first.communicate(timeout=30)
+        finally:
+            if first.poll() is None:
+                first.kill()
     # Then it stops with one line on how to resume
     assert first.returncode == 130, stderr
     last = stderr.strip().splitlines()[-1]
