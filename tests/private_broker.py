@@ -55,7 +55,11 @@ def free_port() -> int:
 class PrivateBroker:
     """A RabbitMQ node of its own (node name, ports, data directory), controlled with rabbitmqctl."""
 
-    def __init__(self, config: str = "", plugins: str = "[]", name: str = "inferq-fault") -> None:
+    def __init__(
+        self, config: str = "", plugins: str = "[]", name: str = "inferq-fault", advanced: str = "[]"
+    ) -> None:
+        """``config``: lines of rabbitmq.conf; ``advanced``: the Erlang terms of advanced.config (settings
+        rabbitmq.conf does not know, e.g. ``[{rabbit, [{channel_tick_interval, 1000}]}]``)."""
         self.port = free_port()
         self.node = f"{name}-{uuid.uuid4().hex[:8]}@localhost"
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
@@ -63,6 +67,7 @@ class PrivateBroker:
         (self.dir / "plugins").write_text(f"{plugins}.\n")
         # The machine-wide config names port 5672: this node gets its own config file.
         (self.dir / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n{config}")
+        (self.dir / "advanced.config").write_text(f"{advanced}.\n")
         self.cookie: str | None = None  # set while the node is cut off (see PrivateCluster.isolate)
         shutil.chown(self.dir, "rabbitmq", "rabbitmq")  # the server drops to user rabbitmq
         for path in self.dir.iterdir():
@@ -73,6 +78,7 @@ class PrivateBroker:
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(free_port()),
             "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.dir / "advanced.config"),
             "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
             "RABBITMQ_LOG_BASE": str(self.dir / "log"),
             "RABBITMQ_PID_FILE": str(self.dir / "pid"),

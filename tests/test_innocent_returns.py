@@ -3,8 +3,8 @@ returned by lost connections, never move to the retry queue or toward the dead-l
 flight at two crashes is suspected. Each test runs against a private RabbitMQ node whose
 ``consumer_timeout`` is shorter than the outage, and ends in the audit.
 
-The outage test holds 2,000 jobs for two minutes (it takes about two and a half); the others take well
-under a minute each."""
+The node looks for deliveries unacked too long every second (its default: every minute), so the outage
+test holds 2,000 jobs through five consumer timeouts in 40 s; the others take well under a minute each."""
 
 from __future__ import annotations
 
@@ -29,15 +29,20 @@ from inferq.worker.worker import VERDICT_WAIT_S, Worker, build_worker
 
 pytestmark = pytest.mark.broker
 
-CONSUMER_TIMEOUT_S = 20
+CONSUMER_TIMEOUT_S = 8
 """The private broker's ``consumer_timeout``: it closes the channel of a delivery unacked this long."""
-OUTAGE_S = 120.0
+CHECK_MS = 1000
+"""How often the private broker looks for such deliveries (``channel_tick_interval``)."""
+OUTAGE_S = 5 * CONSUMER_TIMEOUT_S
 JOBS = 2_000
 
 
 @pytest.fixture(scope="module")
 def broker() -> Iterator[PrivateBroker]:
-    node = PrivateBroker(f"consumer_timeout = {CONSUMER_TIMEOUT_S * 1000}\n")
+    node = PrivateBroker(
+        f"consumer_timeout = {CONSUMER_TIMEOUT_S * 1000}\n",
+        advanced=f"[{{rabbit, [{{channel_tick_interval, {CHECK_MS}}}]}}]",
+    )
     node.start()
     yield node
     node.stop()
@@ -61,7 +66,7 @@ class Running:
 
     def __init__(self, env: Env, **overrides: object) -> None:
         settings = env.worker_settings(
-            broker_consumer_timeout_s=CONSUMER_TIMEOUT_S, job_timeout_s=10, store_retry_max_s=1, **overrides
+            broker_consumer_timeout_s=CONSUMER_TIMEOUT_S, job_timeout_s=4, store_retry_max_s=1, **overrides
         )
         self.worker: Worker = build_worker(settings, drain=False)
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
