@@ -174,11 +174,12 @@ def _republish(channel: BlockingChannel, jobs_queue: str, original: BasicPropert
 MANAGEMENT_QUIET_S = 12.0
 """How long the management API must show the jobs and retry queues empty, nothing ready and nothing
 unacked, before no job can be in flight: its numbers are samples (every 5 s by default), so two of them."""
-AMQP_QUIET_S = 30.0
-"""The same without the management API, where a passive declare tells only ready messages and consumers:
-the queues must show nothing ready and no consumer for this long. A consumer holds every unacked
-delivery, except a stopping worker's, which cancels first and then finishes its in-flight batch within
-its shutdown grace (25 s by default), storing each result before its ack."""
+AMQP_QUIET_MARGIN_S = 5.0
+"""Without the management API, where a passive declare tells only ready messages and consumers, the queues
+must show nothing ready and no consumer for the workers' shutdown grace (``INFERQ_SHUTDOWN_GRACE_S``,
+25 s by default) and this much more: a consumer holds every unacked delivery, except a stopping worker's,
+which cancels first and then finishes its in-flight batch within its grace, storing each result before
+its ack."""
 LOOK_EVERY_S = 1.0
 """How often the queues are looked at while a job is missing."""
 LOOK_IDLE_S = 2.0
@@ -267,7 +268,7 @@ class DeadLetterWatch:
 
     def nothing_in_flight(self) -> bool:
         """True once no job can still be queued or unacked (see :data:`MANAGEMENT_QUIET_S`,
-        :data:`AMQP_QUIET_S`); from then on, true. When it turns true, the DLQ is looked at once more."""
+        :data:`AMQP_QUIET_MARGIN_S`); from then on, true. When it turns true, the DLQ is looked at once more."""
         now = self._clock()
         if self._settled or now - self._last_look < LOOK_EVERY_S:
             return self._settled
@@ -343,7 +344,8 @@ class DeadLetterWatch:
 
     def _looked(self, empty: bool) -> bool:
         if self._look is None:
-            self._look = QueueLook(MANAGEMENT_QUIET_S if self._source == "management" else AMQP_QUIET_S)
+            amqp_quiet_s = self.settings.shutdown_grace_s + AMQP_QUIET_MARGIN_S
+            self._look = QueueLook(MANAGEMENT_QUIET_S if self._source == "management" else amqp_quiet_s)
         return empty
 
     def _amqp_empty(self, name: str) -> bool:

@@ -145,6 +145,9 @@ class OperatorSettings(InferqSettings):
     """RabbitMQ management API, e.g. ``http://user:pass@rabbitmq:15672``; unset: the AMQP host on port
     15672 with the AMQP credentials. When it cannot be reached, ``status`` falls back to AMQP."""
     management_timeout_s: Annotated[float, Field(gt=0)] = 3.0
+    shutdown_grace_s: Annotated[float, Field(gt=0)] = 25.0
+    """The workers' shutdown grace: without the management API, ``backfill --out`` counts a job as vanished
+    only once the queues showed nothing ready and no consumer for longer than this."""
 
 
 def known_variables() -> set[str]:

@@ -106,8 +106,10 @@ def _backfill(env: Env, data: Path, out: Path) -> subprocess.Popen[str]:
         "--batch-rows",
         "1",
     ]
+    # The workers here stop within 2 s: a job counts as vanished once the queues were quiet for 2 + 5 s
+    environ = env.environ(INFERQ_SHUTDOWN_GRACE_S="2")
     return subprocess.Popen(
-        [*command, "--out", str(out)], env=env.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*command, "--out", str(out)], env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
