@@ -55,9 +55,7 @@ def free_port() -> int:
 class PrivateBroker:
     """A RabbitMQ node of its own (node name, ports, data directory), controlled with rabbitmqctl."""
 
-    def __init__(
-        self, config: str = "", plugins: str = "[]", name: str = "inferq-fault", advanced: str = "[]"
-    ) -> None:
+    def __init__(self, config: str = "", plugins: str = "[]", name: str = "inferq-fault", advanced: str = "[]") -> None:
         """``config``: lines of rabbitmq.conf; ``advanced``: the Erlang terms of advanced.config (settings
         rabbitmq.conf does not know, e.g. ``[{rabbit, [{channel_tick_interval, 1000}]}]``)."""
         self.port = free_port()

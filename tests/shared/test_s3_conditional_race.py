@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from seaweedfs import SeaweedFS
-from support import S3_BUCKET
+from support import S3_BUCKET, wait_for
 
 from inferq.shared.results.stores import open_result_store
 
@@ -131,13 +131,15 @@ def conflicting_s3(seaweedfs: SeaweedFS) -> Iterator[ConflictingS3]:
 
 
 RACER = """
-import json, sys, time
+import json, pathlib, sys, time
 from inferq.shared.results.stores import open_result_store
 from inferq.shared.contract.messages import Result, Status, Tensor
-location, name, count, start_at = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+location, name, count, gate = sys.argv[1], sys.argv[2], int(sys.argv[3]), pathlib.Path(sys.argv[4])
 ids = [f"race-{i}" for i in range(count)]  # the same order in every racer: they meet on every id
 store = open_result_store(location)
-time.sleep(max(0.0, start_at - time.time()))  # all start together, whatever their imports cost
+(gate / f"{name}.ready").touch()
+while not (gate / "go").exists():  # all start together, whatever their imports cost
+    time.sleep(0.002)
 seen = {}
 for start in range(0, count, 100):
     batch = [
@@ -152,15 +154,16 @@ print(json.dumps(seen))
 """
 
 
-def test_writers_racing_through_409_conflicts_agree_on_one_result_per_id(conflicting_s3: ConflictingS3) -> None:
+def test_writers_racing_through_409_conflicts_agree_on_one_result_per_id(
+    conflicting_s3: ConflictingS3, tmp_path: Path
+) -> None:
     # Given three writers storing results of the same thousands of ids at once, through an S3 that
     # answers 409 to a write racing another still in progress
     location = f"s3://{S3_BUCKET}/race-{uuid.uuid4().hex[:8]}/results"
     environ = {**os.environ, "AWS_ENDPOINT_URL": conflicting_s3.endpoint}
-    start_at = str(time.time() + 10)
     racers = [
         subprocess.Popen(
-            [sys.executable, "-c", RACER, location, f"racer-{n}", str(IDS), start_at],
+            [sys.executable, "-c", RACER, location, f"racer-{n}", str(IDS), str(tmp_path)],
             env=environ,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -169,6 +172,8 @@ def test_writers_racing_through_409_conflicts_agree_on_one_result_per_id(conflic
         )
         for n in range(3)
     ]
+    wait_for(lambda: len(list(tmp_path.glob("*.ready"))) == len(racers) or any(r.poll() for r in racers), 120)
+    (tmp_path / "go").touch()
     views = []
     for racer in racers:
         out, err = racer.communicate(timeout=180)
