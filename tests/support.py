@@ -390,6 +390,15 @@ class BackgroundWorker:
         assert not self._thread.is_alive(), "worker did not stop"
 
 
+def hear_ctrl_c() -> None:
+    """In a child before it starts (``preexec_fn``): Ctrl-C as in a terminal, whatever this test process does
+    with SIGINT (an ignored signal is inherited: a suite started in the background of a non-interactive
+    shell, or one whose earlier test left SIGINT ignored, would give the child a Ctrl-C it never sees)."""
+    import signal  # noqa: PLC0415
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
     """Poll ``predicate`` until it holds (for conditions with no event to wait on)."""
     import time  # noqa: PLC0415

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from support import Env, Models, wait_for
+from support import Env, Models, hear_ctrl_c, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -39,13 +39,6 @@ def no_backfill_outlives_its_test() -> Iterator[None]:
         process.communicate()
 
 
-def _interruptible() -> None:
-    """In the child, before it starts: Ctrl-C as in a terminal, whatever this test process does with
-    SIGINT (an ignored signal is inherited: a suite started in the background of a non-interactive shell,
-    or one whose earlier test left SIGINT ignored, would give the backfill a Ctrl-C it never sees)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _backfill(env: Env, *args: str) -> subprocess.Popen[str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "inferq", "backfill", *args],
@@ -54,7 +47,7 @@ def _backfill(env: Env, *args: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_interruptible,  # noqa: PLW1509 (it only resets one signal disposition, no lock)
+        preexec_fn=hear_ctrl_c,  # noqa: PLW1509 (it only resets one signal disposition, no lock)
     )
     _running.append(process)
     return process

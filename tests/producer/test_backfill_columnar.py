@@ -22,7 +22,7 @@ from sklearn.compose import ColumnTransformer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
-from support import BackgroundWorker, Env, wait_for
+from support import BackgroundWorker, Env, hear_ctrl_c, wait_for
 
 from inferq.model_store.base import publish, read_table
 from inferq.model_store.model_file import load_model_file
@@ -177,6 +177,7 @@ def test_ctrl_c_while_publishing_then_a_rerun_publishes_nothing_twice(churn_env:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=hear_ctrl_c,  # noqa: PLW1509 (it only resets one signal disposition, no lock)
     ) as first:
         try:
             wait_for(lambda: churn_env.depth(churn_env.jobs_queue) >= 40, timeout_s=60)

@@ -9,6 +9,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from support import Env, Models, make_job
@@ -22,6 +23,16 @@ STOPPED_WITHIN_S = 5.0
 """Far above the producer's own bound (a look every 0.1 s): only a call that missed the signal takes longer."""
 
 
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in this process, as in any Python program run from a terminal (a suite
+    started in the background of a non-interactive shell ignores it)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_at_any_moment_of_a_publish_ends_it_at_once_and_loses_no_confirmed_job(env: Env, models: Models) -> None:
     # Given a jobs queue bounded at 20 that nobody consumes, and far more jobs than it takes (a quorum queue
     # applies its bound a little late: the first call may get a few hundred in)
