@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ import numpy as np
 import orjson
 import pika
 import pytest
+from onnx import TensorProto, helper
 from sklearn.datasets import load_iris
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
@@ -345,6 +347,20 @@ def _stored_in_s3(location: str) -> dict[str, Result]:
     return {job_id: store.get(job_id) for job_id in ids}
 
 
+def failing_model() -> bytes:
+    """Takes X [N, 4] like iris, and fails at run time, whatever the rows (column 10 does not exist)."""
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["X", "column"], ["probabilities"], axis=1)],
+        "fails",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 1])],
+        [helper.make_tensor("column", TensorProto.INT64, [1], [10])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
 def make_job(
     rows: np.ndarray | list[list[float]], model: str = "iris", version: int | str = "latest", **kw: Any
 ) -> Job:
@@ -394,8 +410,6 @@ def hear_ctrl_c() -> None:
     """In a child before it starts (``preexec_fn``): Ctrl-C as in a terminal, whatever this test process does
     with SIGINT (an ignored signal is inherited: a suite started in the background of a non-interactive
     shell, or one whose earlier test left SIGINT ignored, would give the child a Ctrl-C it never sees)."""
-    import signal  # noqa: PLC0415
-
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 

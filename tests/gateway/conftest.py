@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gateway_support import GatewayProcess, failing_model
-from support import BackgroundWorker, Env, Models
+from gateway_support import GatewayProcess
+from support import BackgroundWorker, Env, Models, failing_model
 
 from inferq.gateway.records import OperationStore, open_operation_store
 from inferq.model_store.base import publish

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from onnx import TensorProto, helper
 from private_broker import free_port
 from support import Env
 
@@ -24,20 +23,6 @@ def oip_request(rows: Any, **extra: Any) -> dict[str, Any]:
     """An Open Inference Protocol request body for the iris models (input ``X``, FP32, 4 columns)."""
     flat = [float(x) for row in rows for x in row]
     return {"inputs": [{"name": "X", "shape": [len(rows), 4], "datatype": "FP32", "data": flat}], **extra}
-
-
-def failing_model() -> bytes:
-    """Takes X [N, 4] like iris, and fails at run time, whatever the rows (column 10 does not exist)."""
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["X", "column"], ["probabilities"], axis=1)],
-        "fails",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 1])],
-        [helper.make_tensor("column", TensorProto.INT64, [1], [10])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
 
 
 class GatewayProcess:

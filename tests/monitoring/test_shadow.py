@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from onnx import TensorProto, helper
 from sklearn.linear_model import LogisticRegression
-from support import Env, Models, make_job
+from support import Env, Models, failing_model, make_job
 
 from inferq.model_store.base import publish
 from inferq.model_store.convert import estimator_to_onnx
@@ -92,20 +91,6 @@ def test_sampled_jobs_are_skipped_and_counted_while_the_queue_is_deep(iris_store
     report = orjson.loads(iris_store.inferq("monitor", "shadow", "iris", "--json").stdout)
     assert report["skipped"] > 0 and report["pairs"] > 0
     assert report["pairs"] + report["skipped"] == len(jobs)  # each sampled job either shadowed or counted
-
-
-def failing_model() -> bytes:
-    """Takes X [N, 4] like iris, and fails at run time, whatever the rows (column 10 does not exist)."""
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["X", "column"], ["probabilities"], axis=1)],
-        "fails",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 1])],
-        [helper.make_tensor("column", TensorProto.INT64, [1], [10])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
 
 
 def test_a_failing_shadow_model_never_touches_the_jobs_results(iris_store: Env, models: Models) -> None:
